@@ -1,0 +1,133 @@
+"""Model loading: ``load(name_or_path, dtype=None, device=None)``.
+
+Accepted names:
+
+- built-ins: ``mini`` (the committed CPU-trained toy-world model, see
+  :mod:`difstudy.models.mini`), ``tiny-sd15``, ``tiny-sd21``, ``tiny-sdxl``
+  (random weights, real block layouts, see :mod:`difstudy.models.tiny`);
+- aliases of real models: ``sd15``, ``sd21``, ``sdxl``, ``playground-v2``;
+- any Hugging Face hub id (``org/name``) of the SD1.x/2.x/SDXL/Playground v2
+  families, or a local diffusers pipeline folder (one with
+  ``model_index.json``).
+
+Everything loads through diffusers' ``from_pretrained``; nothing is patched.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelNotFoundError, closest
+from .tiny import TINY_MODELS, build_tiny
+
+MINI_PATH = Path(__file__).parent / "difstudy-mini"
+ALIASES = {
+    "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sd21": "stabilityai/stable-diffusion-2-1",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+    "playground-v2": "playgroundai/playground-v2-1024px-aesthetic",
+}
+BUILTINS = ("mini", *TINY_MODELS)
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
+_DTYPES |= {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def _dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)} or a torch.dtype")
+
+
+def _from_folder(path: Path, dtype):
+    from diffusers import DiffusionPipeline
+
+    if not path.is_dir():
+        raise ModelNotFoundError(f"model folder {str(path)!r} does not exist")
+    if not (path / "model_index.json").exists():
+        found = sorted(p.name for p in path.iterdir())[:10]
+        raise ModelNotFoundError(
+            f"{str(path)!r} is not a diffusers pipeline folder: model_index.json is missing (found: {found}). "
+            "Expected model_index.json with unet/, vae/, text_encoder/, tokenizer/, scheduler/ beside it, "
+            "as written by `pipe.save_pretrained(folder)` or `huggingface-cli download ID --local-dir folder`."
+        )
+    kw = {"torch_dtype": dtype} if dtype is not None else {}
+    try:
+        return DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **kw)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise ModelNotFoundError(f"could not load the pipeline folder {str(path)!r}: {str(e).splitlines()[0]}") from None
+
+
+def _from_hub(repo_id: str, dtype):
+    from diffusers import DiffusionPipeline
+
+    kw = {"torch_dtype": dtype} if dtype is not None else {}
+    try:
+        return DiffusionPipeline.from_pretrained(repo_id, **kw)
+    except Exception as e:  # hub/network errors come in many types; report them as one
+        cache = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ModelNotFoundError(
+            f"could not load {repo_id!r} from the Hugging Face hub or its local cache ({cache}): {reason}. "
+            f"On a machine with network run `huggingface-cli download {repo_id} --local-dir DIR` and pass DIR, "
+            "or point HF_HOME at a cache that holds it. Built-in models that need no download: "
+            f"{', '.join(BUILTINS)}."
+        ) from None
+
+
+def resolve_name(name_or_path: str | os.PathLike) -> str:
+    """Alias -> hub id; other names unchanged."""
+    return ALIASES.get(str(name_or_path), str(name_or_path))
+
+
+def load(name_or_path: str | os.PathLike, dtype=None, device=None):
+    """Load a diffusers pipeline (see module doc for accepted names).
+
+    ``dtype``: None (as stored), a torch dtype or ``"fp16"``/``"bf16"``/``"fp32"``.
+    ``device``: e.g. ``"cuda"``; default CPU. Half precision on CPU is allowed
+    but slow and warned about.
+    """
+    dtype = _dtype(dtype)
+    name = str(name_or_path)
+    if name == "mini":
+        if not (MINI_PATH / "model_index.json").exists():
+            raise ModelNotFoundError(
+                f"the mini model is missing from {MINI_PATH}; it is committed with difstudy. "
+                "Restore it with `git checkout -- difstudy/models/difstudy-mini` or retrain it with "
+                "`python -m difstudy.models.train_mini --export difstudy/models/difstudy-mini`."
+            )
+        pipe = _from_folder(MINI_PATH, dtype)
+    elif name in TINY_MODELS:
+        pipe = build_tiny(name)
+        if dtype is not None:
+            pipe = pipe.to(dtype=dtype)
+    elif Path(name).expanduser().exists() or name.startswith((".", "/", "~")):
+        pipe = _from_folder(Path(name).expanduser(), dtype)
+    elif "/" in resolve_name(name):
+        pipe = _from_hub(resolve_name(name), dtype)
+    else:
+        hint = closest(name, list(BUILTINS) + list(ALIASES))
+        raise ModelNotFoundError(
+            f"unknown model {name!r}: not a built-in ({', '.join(BUILTINS)}), an alias ({', '.join(ALIASES)}), "
+            f"a hub id (org/name) or an existing folder. Did you mean: {', '.join(hint) or '-'}?"
+        )
+    if device is not None:
+        pipe = pipe.to(device)
+    dev = torch.device(device or "cpu")
+    if dev.type == "cpu" and pipe.unet.dtype in (torch.float16, torch.bfloat16):
+        warnings.warn(f"{name}: {pipe.unet.dtype} on CPU is slow and some ops may be unsupported; use fp32 on CPU")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def vae_scale_factor(pipe) -> int:
+    """Pixels per latent cell (8 for SD, 4 for the mini model)."""
+    return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
+__all__ = ["load", "BUILTINS", "ALIASES", "MINI_PATH", "vae_scale_factor", "build_tiny"]

@@ -1,0 +1,33 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15():
+    from difstudy.models import load
+
+    return load("tiny-sd15")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl():
+    from difstudy.models import load
+
+    return load("tiny-sdxl")
+
+
+def unet_inputs(pipe, batch=2, seed=0):
+    """Random (sample, timestep, kwargs) for one forward of a tiny pipeline's U-Net."""
+    g = torch.Generator().manual_seed(seed)
+    u = pipe.unet
+    s = u.config.sample_size
+    x = torch.randn(batch, 4, s, s, generator=g)
+    kw = dict(encoder_hidden_states=torch.randn(batch, 77, u.config.cross_attention_dim, generator=g))
+    if u.config.addition_embed_type == "text_time":
+        kw["added_cond_kwargs"] = dict(text_embeds=torch.randn(batch, 1280, generator=g), time_ids=torch.rand(batch, 6, generator=g))
+    return x, torch.tensor([10] * batch), kw
