@@ -82,7 +82,8 @@ class CaptureAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kw):
         got: dict[str, torch.Tensor] = {}
         handles = [
-            getattr(attn, f"to_{x}").register_forward_hook(lambda m, i, o, x=x: got.__setitem__(x, o)) for x in self.need
+            getattr(attn, f"to_{x}").register_forward_hook(lambda m, i, o, x=x: got.__setitem__(x, o))
+            for x in self.need
         ]
         try:
             out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kw)

@@ -199,7 +199,9 @@ class Catalog:
 
 def _token_dims(block: nn.Module) -> dict[str, int]:
     """Channel counts of a BasicTransformerBlock's captured activations."""
-    dims = {"out": block.norm1.normalized_shape[0] if hasattr(block.norm1, "normalized_shape") else block.attn1.query_dim}
+    dims = {
+        "out": block.norm1.normalized_shape[0] if hasattr(block.norm1, "normalized_shape") else block.attn1.query_dim
+    }
     dims["self-q"] = block.attn1.to_q.out_features
     dims["self-k"] = block.attn1.to_k.out_features
     dims["self-v"] = block.attn1.to_v.out_features
@@ -249,11 +251,22 @@ def _enumerate(unet: nn.Module, latent_hw: tuple[int, int], text_len: int):
     rows = []
 
     def add(name, module, kind, stage, level, repeat, block, shape):
-        rows.append(Activation(len(rows), name, module, kind, stage, level, repeat, block, tuple(int(s) for s in shape)))
+        rows.append(
+            Activation(len(rows), name, module, kind, stage, level, repeat, block, tuple(int(s) for s in shape))
+        )
 
     cfg = unet.config
     add("unet-in", "conv_in", "unet-in", "unet", None, None, None, (cfg.in_channels, *latent_hw))
-    add("unet-after-conv-in", "conv_in", "unet-after-conv-in", "unet", None, None, None, (unet.conv_in.out_channels, *latent_hw))
+    add(
+        "unet-after-conv-in",
+        "conv_in",
+        "unet-after-conv-in",
+        "unet",
+        None,
+        None,
+        None,
+        (unet.conv_in.out_channels, *latent_hw),
+    )
     hw = latent_hw
     res_by_level = []
     for L, blk in enumerate(unet.down_blocks):
@@ -269,7 +282,16 @@ def _enumerate(unet: nn.Module, latent_hw: tuple[int, int], text_len: int):
         for i, ds in enumerate(getattr(blk, "downsamplers", None) or []):
             hw = _half(hw)
             c = ds.out_channels if hasattr(ds, "out_channels") else ds.channels
-            add(f"down-level{L}-downsampler-out", f"down_blocks.{L}.downsamplers.{i}", "downsampler-out", "down", L, None, None, (c, *hw))
+            add(
+                f"down-level{L}-downsampler-out",
+                f"down_blocks.{L}.downsamplers.{i}",
+                "downsampler-out",
+                "down",
+                L,
+                None,
+                None,
+                (c, *hw),
+            )
     mid = unet.mid_block
     if mid is not None:
         attns = getattr(mid, "attentions", None) or []
@@ -293,6 +315,15 @@ def _enumerate(unet: nn.Module, latent_hw: tuple[int, int], text_len: int):
         for i, us in enumerate(getattr(blk, "upsamplers", None) or []):
             up_hw = res_by_level[len(unet.up_blocks) - 2 - L] if L < len(unet.up_blocks) - 1 else (hw[0] * 2, hw[1] * 2)
             c = us.out_channels if hasattr(us, "out_channels") else us.channels
-            add(f"up-level{L}-upsampler-out", f"up_blocks.{L}.upsamplers.{i}", "upsampler-out", "up", L, None, None, (c, *up_hw))
+            add(
+                f"up-level{L}-upsampler-out",
+                f"up_blocks.{L}.upsamplers.{i}",
+                "upsampler-out",
+                "up",
+                L,
+                None,
+                None,
+                (c, *up_hw),
+            )
     add("unet-out", "conv_out", "unet-out", "unet", None, None, None, (cfg.out_channels, *latent_hw))
     return rows

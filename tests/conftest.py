@@ -29,5 +29,7 @@ def unet_inputs(pipe, batch=2, seed=0):
     x = torch.randn(batch, 4, s, s, generator=g)
     kw = dict(encoder_hidden_states=torch.randn(batch, 77, u.config.cross_attention_dim, generator=g))
     if u.config.addition_embed_type == "text_time":
-        kw["added_cond_kwargs"] = dict(text_embeds=torch.randn(batch, 1280, generator=g), time_ids=torch.rand(batch, 6, generator=g))
+        kw["added_cond_kwargs"] = dict(
+            text_embeds=torch.randn(batch, 1280, generator=g), time_ids=torch.rand(batch, 6, generator=g)
+        )
     return x, torch.tensor([10] * batch), kw

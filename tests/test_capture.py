@@ -1,10 +1,9 @@
 import pytest
 import torch
+from conftest import unet_inputs
 
 from difstudy.capture import Capture, expand_batch, run_with_cache, split_batch
 from difstudy.catalog import Catalog
-
-from conftest import unet_inputs
 
 
 def _hook_count(unet):
@@ -15,9 +14,15 @@ def test_block_outputs_equal_plain_forward_hooks(tiny_sd15):
     unet = tiny_sd15.unet
     x, t, kw = unet_inputs(tiny_sd15)
     seen = {}
-    paths = {"up-level1-repeat2-res-out": "up_blocks.1.resnets.2", "up-level2-repeat0-vit-out": "up_blocks.2.attentions.0"}
+    paths = {
+        "up-level1-repeat2-res-out": "up_blocks.1.resnets.2",
+        "up-level2-repeat0-vit-out": "up_blocks.2.attentions.0",
+    }
     mods = dict(unet.named_modules())
-    hs = [mods[p].register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o[0] if isinstance(o, tuple) else o)) for n, p in paths.items()]
+    hs = [
+        mods[p].register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o[0] if isinstance(o, tuple) else o))
+        for n, p in paths.items()
+    ]
     with torch.no_grad():
         unet(x, t, **kw)
     for h in hs:
@@ -35,7 +40,9 @@ def test_qkv_equal_manual_projections_and_maps_are_probabilities(tiny_sd15):
     names = [f"{pre}-{k}" for k in ("self-q", "self-k", "self-v", "self-map", "cross-q", "cross-map", "out")]
     blk = unet.up_blocks[3].attentions[1].transformer_blocks[0]
     got = {}
-    h = blk.register_forward_pre_hook(lambda m, a, k: got.__setitem__("in", (a[0] if a else k["hidden_states"])), with_kwargs=True)
+    h = blk.register_forward_pre_hook(
+        lambda m, a, k: got.__setitem__("in", (a[0] if a else k["hidden_states"])), with_kwargs=True
+    )
     _, cache = run_with_cache(unet, names, x, t, **kw)
     h.remove()
     hidden = got["in"]
@@ -97,7 +104,11 @@ def test_early_stop_runs_no_later_module(tiny_sd15):
     unet = tiny_sd15.unet
     x, t, kw = unet_inputs(tiny_sd15)
     calls = {}
-    hs = [m.register_forward_hook(lambda m, i, o, n=n: calls.__setitem__(n, calls.get(n, 0) + 1)) for n, m in unet.named_modules() if n]
+    hs = [
+        m.register_forward_hook(lambda m, i, o, n=n: calls.__setitem__(n, calls.get(n, 0) + 1))
+        for n, m in unet.named_modules()
+        if n
+    ]
     try:
         out, cache = run_with_cache(unet, ["down-level1-repeat0-vit-block0-self-k", "mid-vit-out"], x, t, **kw)
     finally:

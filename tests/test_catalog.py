@@ -103,7 +103,9 @@ def test_cli_catalog_counts():
 
 def test_cli_unknown_name_is_a_clear_error():
     out = subprocess.run(
-        [sys.executable, "-m", "difstudy", "catalog", "tiny-sd15", "--only", "mid-vit-blok0-out"], capture_output=True, text=True
+        [sys.executable, "-m", "difstudy", "catalog", "tiny-sd15", "--only", "mid-vit-blok0-out"],
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 2
     assert "mid-vit-block0-out" in out.stderr and "Traceback" not in out.stderr

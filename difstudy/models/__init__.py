@@ -59,8 +59,10 @@ def _from_folder(path: Path, dtype):
     kw = {"torch_dtype": dtype} if dtype is not None else {}
     try:
         return DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **kw)
-    except (OSError, ValueError, EnvironmentError) as e:
-        raise ModelNotFoundError(f"could not load the pipeline folder {str(path)!r}: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError) as e:
+        raise ModelNotFoundError(
+            f"could not load the pipeline folder {str(path)!r}: {str(e).splitlines()[0]}"
+        ) from None
 
 
 def _from_hub(repo_id: str, dtype):

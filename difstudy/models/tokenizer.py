@@ -12,7 +12,6 @@ import json
 from functools import lru_cache
 
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
 from transformers import CLIPTokenizer
 
 

@@ -80,7 +80,9 @@ def make_data(out: Path, n: int, seed: int, tokenizer) -> dict:
         fine.append(s.fine_caption)
 
     def tok(texts):
-        return tokenizer(texts, padding="max_length", max_length=mini.TEXT_LENGTH, truncation=True, return_tensors="np").input_ids
+        return tokenizer(
+            texts, padding="max_length", max_length=mini.TEXT_LENGTH, truncation=True, return_tensors="np"
+        ).input_ids
 
     d = dict(
         images=np.stack(images),
@@ -155,7 +157,9 @@ def encode_latents(out: Path, vae, data: dict, batch: int = 256) -> dict:
     return d
 
 
-def train_unet(out: Path, data: dict, lat: dict, steps: int, batch: int, lr: float, seed: int, log: _Log, ckpt_every: int):
+def train_unet(
+    out: Path, data: dict, lat: dict, steps: int, batch: int, lr: float, seed: int, log: _Log, ckpt_every: int
+):
     from diffusers.training_utils import EMAModel
 
     torch.manual_seed(seed)
