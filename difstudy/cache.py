@@ -107,25 +107,41 @@ class FeatureCache:
                 _atomic_write_text(info, json.dumps(meta, indent=2, sort_keys=True))
         self.meta = json.loads(info.read_text()) if info.exists() else {}
         self._index: dict[Key, Path] = {}
+        self._sidecar_keys: dict[str, list[Key]] = {}
         self._verified: set[Path] = set()
         self.refresh()
 
     # -- index -----------------------------------------------------------
     def refresh(self) -> None:
-        """Re-read the sidecars (to see shards written by other processes)."""
-        index: dict[Key, Path] = {}
-        for side in sorted(self.shards_dir.glob("*.json")):
+        """See shards written (or quarantined) by other processes since the last call.
+
+        Incremental: only sidecars not seen before are parsed, so calling it
+        once per batch stays cheap on caches with thousands of shards."""
+        sides = {p.name: p for p in self.shards_dir.glob("*.json")}
+        gone = set(self._sidecar_keys) - set(sides)
+        if gone:  # quarantined elsewhere: drop their entries
+            for name in gone:
+                del self._sidecar_keys[name]
+            self._rebuild_index()
+        for name in sorted(set(sides) - set(self._sidecar_keys)):
+            side = sides[name]
             try:
-                info = json.loads(side.read_text())
-                keys = info["keys"]
-            except (json.JSONDecodeError, KeyError, OSError):
+                keys = [Key.decode(k) for k in json.loads(side.read_text())["keys"]]
+            except (json.JSONDecodeError, KeyError, ValueError, OSError):
                 warnings.warn(f"feature cache: unreadable sidecar {side}; quarantined, its entries will be recomputed")
                 self._quarantine(side.with_suffix(".safetensors"), side)
                 continue
+            self._sidecar_keys[name] = keys
             shard = side.with_suffix(".safetensors")
             for k in keys:
-                index.setdefault(Key.decode(k), shard)
-        self._index = index
+                self._index.setdefault(k, shard)
+
+    def _rebuild_index(self) -> None:
+        self._index = {}
+        for name in sorted(self._sidecar_keys):
+            shard = self.shards_dir / name.replace(".json", ".safetensors")
+            for k in self._sidecar_keys[name]:
+                self._index.setdefault(k, shard)
 
     def __contains__(self, key: Key) -> bool:
         return key in self._index
@@ -168,7 +184,8 @@ class FeatureCache:
             f"feature cache: shard {shard.name} is corrupt or truncated (checksum mismatch); quarantined, its entries will be recomputed"
         )
         self._quarantine(shard, side)
-        self._index = {k: p for k, p in self._index.items() if p != shard}
+        self._sidecar_keys.pop(side.name, None)
+        self._rebuild_index()
         return False
 
     def verify(self) -> list[str]:
@@ -215,6 +232,7 @@ class FeatureCache:
         info = dict(keys=sorted(payload), sha256=_sha256(shard), bytes=shard.stat().st_size, **(extra or {}))
         _atomic_write_text(shard.with_suffix(".json"), json.dumps(info))
         self._verified.add(shard)
+        self._sidecar_keys[shard.with_suffix(".json").name] = list(tensors)
         for k in tensors:
             self._index.setdefault(k, shard)
         return shard

@@ -55,16 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pairs", type=int, default=None, help="correspondence pairs per split (default: n)")
     t.set_defaults(fn=_toyworld)
 
-    for mod in ("extract", "probe", "bench", "run"):
-        try:
-            module = __import__(f"difstudy.{mod if mod != 'run' else 'study'}", fromlist=["add_cli"])
-        except ImportError:
-            continue
+    from . import bench, extract, study
+
+    for module in (extract, study, bench):
         module.add_cli(sub)
     return p
 
 
 def main(argv=None) -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # e.g. "requires torchvision" notices on import
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)

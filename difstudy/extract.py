@@ -99,7 +99,7 @@ def to_tensor(image: np.ndarray, size: int) -> torch.Tensor:
         raise DifstudyError(f"expected an RGB image (H, W, 3), got shape {tuple(image.shape)}")
     if image.shape[:2] != (size, size):
         image = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(127.5).sub(1)
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div(127.5).sub(1)
 
 
 def noise_for(image_id: str, t: int, seed: int, shape, dtype=torch.float32) -> torch.Tensor:
@@ -220,11 +220,16 @@ class Extractor:
 
 def cache_group(pipe, model_name: str, image_size: int, store_dtype: torch.dtype) -> tuple[str, dict]:
     """Group folder name and metadata: features of different models/sizes never mix."""
-    cfg = json.dumps(dict(pipe.unet.config), sort_keys=True, default=str)
-    # fingerprint of the weights: a few parameter sums, cheap and sensitive to retraining
-    params = list(pipe.unet.parameters())
-    fp = [float(params[i].detach().float().sum()) for i in range(0, len(params), max(1, len(params) // 8))]
-    digest = hashlib.sha1((cfg + json.dumps(fp)).encode()).hexdigest()[:12]
+    # private keys ("_use_default_values" is a list whose order changes from process to process,
+    # "_name_or_path", "_diffusers_version") do not describe the network: leave them out
+    cfg = {k: v for k, v in dict(pipe.unet.config).items() if not k.startswith("_")}
+    cfg = json.dumps(cfg, sort_keys=True, default=str)
+    # fingerprint of the weights: exact bytes of a strided sample of every parameter
+    # (independent of device and thread count, cheap even for SDXL)
+    h = hashlib.sha1(cfg.encode())
+    for p in pipe.unet.parameters():
+        h.update(p.detach().flatten()[::997].float().cpu().numpy().tobytes())
+    digest = h.hexdigest()[:12]
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(model_name))[-40:]
     meta = dict(
         model=str(model_name), unet_digest=digest, image_size=image_size, dtype=str(store_dtype).replace("torch.", "")

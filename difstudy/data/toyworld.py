@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -408,8 +409,11 @@ class ToyWorld:
         return out
 
 
+@lru_cache(maxsize=4096)
 def render(seed: int, split: str, index: int, size: int = 64) -> ToySample:
-    """Render sample ``index`` of ``split`` for ``seed`` (deterministic)."""
+    """Render sample ``index`` of ``split`` for ``seed`` (deterministic; the
+    last 4096 renders are memoised, about 16 kB each at 64 px). The arrays of
+    a returned sample are read-only: copy before modifying."""
     rng = np.random.default_rng([int(seed), SPLITS.index(split), int(index)])
     label = index % len(CLASSES)
     spec = CLASSES[label]
@@ -507,6 +511,8 @@ def render(seed: int, split: str, index: int, size: int = 64) -> ToySample:
         flip=flip,
         centre=(float(cx), float(cy)),
     )
+    for arr in (image, mask, kps, vis):
+        arr.setflags(write=False)
     return ToySample(
         image_id=f"{split}_{seed}_{index:06d}",
         image=image,

@@ -1,0 +1,59 @@
+"""Project-level checks: dependency lists agree, notebooks follow the house rules."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import tomllib
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _name(req: str) -> str:
+    return re.split(r"[<>=!~\[ ]", req.strip(), maxsplit=1)[0].lower()
+
+
+def test_environment_yml_matches_pyproject():
+    py = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    want = {_name(r) for r in py["dependencies"]}
+    for extra in py["optional-dependencies"].values():
+        want |= {_name(r) for r in extra}
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    got = {_name(r) for r in pip if not r.startswith("-e")}
+    assert got == want
+
+
+@pytest.mark.parametrize("nb", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.stem)
+def test_notebooks_have_one_parameters_cell_and_no_outputs(nb):
+    cells = json.loads(nb.read_text())["cells"]
+    tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1
+    assert all(not c.get("outputs") for c in cells if c["cell_type"] == "code")
+    # parameters hold plain literals only
+    for line in "".join(tagged[0]["source"]).splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, value = line.split("=", 1)
+            assert re.fullmatch(r"\s*[a-z_][a-z0-9_]*\s*", name)
+            eval(value, {"__builtins__": {}})  # literal: no names, no calls
+    # both parameter files exist and only set parameters the notebook declares
+    names = {ln.split("=")[0].strip() for ln in "".join(tagged[0]["source"]).splitlines() if "=" in ln}
+    for which in ("ci", "full"):
+        params = yaml.safe_load((nb.parent / f"{nb.stem}.{which}.yaml").read_text())
+        assert set(params) <= names, set(params) - names
+
+
+def test_notebooks_keep_logic_in_the_package():
+    for nb in (ROOT / "notebooks").glob("*.ipynb"):
+        for c in json.loads(nb.read_text())["cells"]:
+            src = "".join(c["source"])
+            assert len(re.findall(r"^\s*def ", src, re.M)) <= 1 and not re.search(r"^\s*class ", src, re.M), nb.name
+
+
+def test_book_toc_lists_every_notebook():
+    toc = yaml.safe_load((ROOT / "book" / "_toc.yml").read_text())
+    files = {c["file"] for c in toc["chapters"]}
+    for nb in (ROOT / "notebooks").glob("*.ipynb"):
+        assert f"book/_generated/{nb.stem}" in files
