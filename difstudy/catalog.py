@@ -247,6 +247,18 @@ def _half(hw):
     return (-(-hw[0] // 2), -(-hw[1] // 2))
 
 
+def _block_entries(add, stage: str, L: int, blk: nn.Module, hw: tuple[int, int], text_len: int) -> None:
+    """ResNets and transformers of one down/up block, interleaved in forward order."""
+    attns = getattr(blk, "attentions", None) or []
+    for r, res in enumerate(blk.resnets):
+        pre, path = f"{stage}-level{L}-repeat{r}", f"{stage}_blocks.{L}"
+        entries = list(_res_entries(pre, f"{path}.resnets.{r}", res, hw))
+        if r < len(attns):
+            entries += list(_vit_entries(pre, f"{path}.attentions.{r}", attns[r], hw, text_len))
+        for e in entries:
+            add(e[0], e[1], e[2], stage, L, r, e[3], e[4])
+
+
 def _enumerate(unet: nn.Module, latent_hw: tuple[int, int], text_len: int):
     rows = []
 
@@ -271,14 +283,7 @@ def _enumerate(unet: nn.Module, latent_hw: tuple[int, int], text_len: int):
     res_by_level = []
     for L, blk in enumerate(unet.down_blocks):
         res_by_level.append(hw)
-        attns = getattr(blk, "attentions", None) or []
-        for r, res in enumerate(blk.resnets):
-            pre = f"down-level{L}-repeat{r}"
-            for e in _res_entries(pre, f"down_blocks.{L}.resnets.{r}", res, hw):
-                add(e[0], e[1], e[2], "down", L, r, e[3], e[4])
-            if r < len(attns):
-                for e in _vit_entries(pre, f"down_blocks.{L}.attentions.{r}", attns[r], hw, text_len):
-                    add(e[0], e[1], e[2], "down", L, r, e[3], e[4])
+        _block_entries(add, "down", L, blk, hw, text_len)
         for i, ds in enumerate(getattr(blk, "downsamplers", None) or []):
             hw = _half(hw)
             c = ds.out_channels if hasattr(ds, "out_channels") else ds.channels
@@ -304,14 +309,7 @@ def _enumerate(unet: nn.Module, latent_hw: tuple[int, int], text_len: int):
                     add(e[0], e[1], e[2], "mid", None, None, e[3], e[4])
     for L, blk in enumerate(unet.up_blocks):
         hw = res_by_level[len(unet.up_blocks) - 1 - L]
-        attns = getattr(blk, "attentions", None) or []
-        for r, res in enumerate(blk.resnets):
-            pre = f"up-level{L}-repeat{r}"
-            for e in _res_entries(pre, f"up_blocks.{L}.resnets.{r}", res, hw):
-                add(e[0], e[1], e[2], "up", L, r, e[3], e[4])
-            if r < len(attns):
-                for e in _vit_entries(pre, f"up_blocks.{L}.attentions.{r}", attns[r], hw, text_len):
-                    add(e[0], e[1], e[2], "up", L, r, e[3], e[4])
+        _block_entries(add, "up", L, blk, hw, text_len)
         for i, us in enumerate(getattr(blk, "upsamplers", None) or []):
             up_hw = res_by_level[len(unet.up_blocks) - 2 - L] if L < len(unet.up_blocks) - 1 else (hw[0] * 2, hw[1] * 2)
             c = us.out_channels if hasattr(us, "out_channels") else us.channels

@@ -33,7 +33,7 @@ def _catalog(a) -> None:
 def _toyworld(a) -> None:
     from .data.export import export_all
 
-    export_all(a.out, n=a.n, size=a.size, seed=a.seed, n_pairs=a.pairs)
+    export_all(a.out, n=a.n, size=a.size, seed=a.seed, n_pairs=a.pairs if a.pairs is not None else a.n)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,9 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pairs", type=int, default=None, help="correspondence pairs per split (default: n)")
     t.set_defaults(fn=_toyworld)
 
-    from . import bench, extract, study
+    from . import bench, extract, real, study
 
-    for module in (extract, study, bench):
+    for module in (extract, study, real, bench):
         module.add_cli(sub)
     return p
 

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from .cache import Key
 from .catalog import NAMED_SETS
 from .data.toyworld import CLASS_NAMES, NUM_PARTS, ToyWorld
-from .extract import extract, variant_key
+from .extract import concat, extract, variant_key
 from .probes import (
     PixelMLPEnsemble,
     eval_seg_head,
@@ -141,11 +141,8 @@ class Features:
         return [m.float() / s for m, s in zip(self._get(split, i), self.scale)]
 
     def concat(self, split: str, i: int, size: int | None = None) -> torch.Tensor:
-        ms = self.maps(split, i)
-        size = size or max(m.shape[-1] for m in ms)
-        return torch.cat(
-            [F.interpolate(m[None], size=(size, size), mode="bilinear", align_corners=False)[0] for m in ms]
-        )
+        """Channels of all activations at one resolution (``size`` or the largest)."""
+        return concat(self.maps(split, i), size=size, norm=False)
 
     def pooled(self, split: str, i: int) -> torch.Tensor:
         return torch.cat([m.mean((1, 2)) for m in self.maps(split, i)])

@@ -21,6 +21,13 @@ import torch.nn.functional as F
 from ..data.toyworld import CLASS_NAMES, ToyWorld
 
 
+def model_folder(model: str) -> Path:
+    """The pipeline folder of ``model`` (``mini`` or a local path), where the training files are."""
+    from . import MINI_PATH
+
+    return MINI_PATH if model == "mini" else Path(model)
+
+
 def training_curves(log_csv: str | Path) -> pd.DataFrame:
     """Tidy training log (stage, step, loss, lr); a resumed run's repeated steps keep their last value."""
     df = pd.read_csv(log_csv)

@@ -20,12 +20,11 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditi
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..data.toyworld import vocabulary
+from .tiny import SD_DOWN, SD_UP
 from .tokenizer import build_clip_tokenizer
 
 IMAGE_SIZE = 64
 TEXT_LENGTH = 32
-SD15_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
-SD15_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
 SCHEDULER_KW = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
 
@@ -68,8 +67,8 @@ def build_unet() -> UNet2DConditionModel:
         sample_size=IMAGE_SIZE // 4,
         in_channels=4,
         out_channels=4,
-        down_block_types=SD15_DOWN,
-        up_block_types=SD15_UP,
+        down_block_types=SD_DOWN,
+        up_block_types=SD_UP,
         block_out_channels=(32, 64, 96, 96),
         layers_per_block=2,
         cross_attention_dim=64,

@@ -13,7 +13,8 @@ Stages (each resumable from its last checkpoint in ``--out``):
    so classifier-free guidance and empty-prompt feature extraction are in
    distribution). EMA of the weights (decay 0.999) is what gets exported.
 4. ``export``: write a diffusers ``StableDiffusionPipeline`` folder
-   (safetensors, fp32) that ``difstudy.models.load("mini")`` reads offline.
+   (safetensors, fp32) that ``difstudy.models.load("mini")`` reads offline,
+   with the training log (``training_log.csv``) and arguments beside it.
 
 Every ``--ckpt-every`` steps the stage's state (weights, optimiser, EMA, RNG,
 step) is written atomically, so a killed run resumes where it stopped. Losses
@@ -27,6 +28,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -264,6 +266,7 @@ def main(argv=None) -> None:
         meta = dict(vars(a), out=str(a.out), export=str(a.export), scaling_factor=float(lat["scaling"]))
         meta["wall_seconds_this_invocation"] = round(time.time() - t_start, 1)
         export(a.export, vae, unet, te, tokenizer, float(lat["scaling"]), meta)
+        shutil.copyfile(a.out / "log.csv", a.export / "training_log.csv")
         print(f"exported pipeline to {a.export}")
 
 

@@ -1,0 +1,98 @@
+import csv
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from difstudy.catalog import Catalog
+from difstudy.errors import ModelNotFoundError
+from difstudy.models import MINI_PATH, load
+
+
+def test_tiny_models_are_seeded_and_identical():
+    a, b = load("tiny-sd15"), load("tiny-sd15")
+    for (n, p), (_, q) in zip(a.unet.named_parameters(), b.unet.named_parameters()):
+        assert torch.equal(p, q), n
+    assert torch.equal(a.text_encoder.get_input_embeddings().weight, b.text_encoder.get_input_embeddings().weight)
+
+
+def test_tiny_layouts_match_the_real_ones():
+    sd21, xl = load("tiny-sd21"), load("tiny-sdxl")
+    assert sd21.unet.config.cross_attention_dim == 1024 and sd21.unet.config.use_linear_projection
+    assert sd21.scheduler.config.prediction_type == "v_prediction"
+    assert [b.attentions[0].transformer_blocks[0].attn1.heads for b in sd21.unet.down_blocks[:3]] == [5, 10, 20]
+    assert xl.unet.config.addition_embed_type == "text_time" and xl.unet.config.cross_attention_dim == 2048
+    assert [len(b.attentions[0].transformer_blocks) for b in xl.unet.down_blocks[1:]] == [2, 10]
+    assert len(xl.unet.mid_block.attentions[0].transformer_blocks) == 10
+    assert type(xl).__name__ == "StableDiffusionXLPipeline"
+
+
+def test_fp16_conversion():
+    p = load("tiny-sd15", dtype="fp16")
+    assert p.unet.dtype == torch.float16
+    with pytest.raises(ValueError, match="unknown dtype"):
+        load("tiny-sd15", dtype="fp8")
+
+
+def test_mini_loads_offline_with_the_sd15_catalogue():
+    assert (MINI_PATH / "model_index.json").exists(), "the committed mini model is missing"
+    pipe = load("mini")
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    assert len(Catalog(pipe.unet)) == 197
+    assert pipe.unet.config.sample_size == 16 and pipe.vae.config.latent_channels == 4
+    ids = pipe.tokenizer("a photo of a bird").input_ids
+    assert len(ids) == 7  # every caption word is one token
+    size = sum(f.stat().st_size for f in MINI_PATH.rglob("*") if f.is_file())
+    assert size < 60e6
+
+
+@pytest.mark.parametrize(
+    "name,match",
+    [
+        ("/nonexistent/model", "does not exist"),
+        ("tiny-sd51", "unknown model 'tiny-sd51'.*tiny-sd15"),
+        ("no-such-org/no-such-model", "huggingface-cli download no-such-org/no-such-model"),
+    ],
+)
+def test_bad_model_names_are_clear(name, match):
+    with pytest.raises(ModelNotFoundError, match=match):
+        load(name)
+
+
+def test_folder_without_model_index(tmp_path):
+    (tmp_path / "unet").mkdir()
+    with pytest.raises(ModelNotFoundError, match="model_index.json is missing"):
+        load(str(tmp_path))
+
+
+def test_saved_pipeline_folder_round_trips(tmp_path):
+    p = load("tiny-sd15")
+    p.save_pretrained(tmp_path / "m")
+    q = load(str(tmp_path / "m"))
+    assert torch.equal(next(p.unet.parameters()), next(q.unet.parameters()))
+
+
+def test_training_smoke_loss_goes_down_and_resumes(tmp_path):
+    from difstudy.models import train_mini
+
+    args = ["--out", str(tmp_path), "--n-train", "64", "--batch", "8", "--vae-steps", "40", "--unet-steps", "40", "--ckpt-every", "20", "--threads", "1"]
+    args += ["--vae-lr", "3e-3", "--unet-lr", "3e-3"]
+    train_mini.main(args + ["--export", str(tmp_path / "export")])
+    rows = list(csv.DictReader(open(tmp_path / "log.csv")))
+    for stage in ("vae", "unet"):
+        loss = [float(r["loss"]) for r in rows if r["stage"] == stage]
+        assert len(loss) == 40
+        assert sum(loss[-10:]) < sum(loss[:10]), stage
+    assert (tmp_path / "export" / "training_log.csv").exists()
+    pipe = load(str(tmp_path / "export"))
+    assert len(Catalog(pipe.unet)) == 197
+    # a rerun with more steps resumes from the checkpoint instead of starting over
+    train_mini.main(args[:-6] + ["--unet-steps", "50", "--vae-lr", "3e-3", "--unet-lr", "3e-3"])
+    rows = list(csv.DictReader(open(tmp_path / "log.csv")))
+    assert [int(r["step"]) for r in rows if r["stage"] == "unet"][-10:] == list(range(41, 51))
+
+
+def test_cli_missing_model_folder_message():
+    r = subprocess.run([sys.executable, "-m", "difstudy", "catalog", "./no/such/folder"], capture_output=True, text=True)
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
