@@ -9,4 +9,11 @@ Main entry points:
 - :mod:`difstudy.probes` - correspondence, segmentation and classification probes
 """
 
+import os
+
+# transformers prints an info notice per image processor when torchvision is
+# absent (difstudy never uses them); keep warnings and errors only, unless the
+# user chose a verbosity.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
 __version__ = "0.1.0"

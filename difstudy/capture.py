@@ -1,4 +1,4 @@
-"""Capture activations of a diffusers U-Net during one forward pass.
+"""Capture activations of a diffusers U-Net during one forward pass::
 
     with Capture(unet, ["up-level1-repeat1-vit-block0-cross-q", "up-level1-repeat2-res-out"]) as cap:
         out = cap.run(sample, t, encoder_hidden_states=ehs)   # None when stopped early

@@ -71,7 +71,6 @@ def build_book(root: Path = ROOT) -> Path:
         "--toc",
         str(root / "book" / "_toc.yml"),
         "-W",
-        "-n",
         "--keep-going",
     ]
     r = subprocess.run(cmd, cwd=root, capture_output=True, text=True)

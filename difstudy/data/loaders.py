@@ -11,18 +11,16 @@ raises it naming the file.
 The toy world can be written in the same layouts with
 :mod:`difstudy.data.export`, so every loader here also reads toy data.
 
-========================  ==================================================
-kind (``load_dataset``)   class
-========================  ==================================================
-``spair``                 :class:`SPair71k` (semantic correspondence pairs)
-``ddpmseg``               :class:`DDPMSeg` (few-shot segmentation folders)
-``horse21``/``bedroom28`` :meth:`DDPMSeg.horse21` / :meth:`DDPMSeg.bedroom28`
-``ade20k``                :class:`ADE20K` (SceneParsing, 150 classes)
-``cityscapes``            :class:`Cityscapes` (19 train ids)
-``cifar10``               :class:`CIFAR10` (python pickles)
-``classfolders``          :class:`ClassFolders` (``<split>/<class>/*.png``)
-``toyworld``              :class:`~difstudy.data.toyworld.ToyWorld`
-========================  ==================================================
+Kinds accepted by :func:`load_dataset`:
+
+- ``spair``: :class:`SPair71k` (semantic correspondence pairs)
+- ``ddpmseg``: :class:`DDPMSeg` (few-shot segmentation folders)
+- ``horse21`` / ``bedroom28``: :meth:`DDPMSeg.horse21` / :meth:`DDPMSeg.bedroom28`
+- ``ade20k``: :class:`ADE20K` (SceneParsing, 150 classes)
+- ``cityscapes``: :class:`Cityscapes` (19 train ids)
+- ``cifar10``: :class:`CIFAR10` (python pickles)
+- ``classfolders``: :class:`ClassFolders` (``<split>/<class>/*.png``)
+- ``toyworld``: :class:`~difstudy.data.toyworld.ToyWorld`
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -44,6 +45,21 @@ def _dtype(dtype) -> torch.dtype | None:
     raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)} or a torch.dtype")
 
 
+@contextmanager
+def _quiet_loading():
+    """No per-component progress bars while a pipeline loads (they clutter notebooks and logs)."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dlog.enable_progress_bar()
+        tlog.enable_progress_bar()
+
+
 def _from_folder(path: Path, dtype):
     from diffusers import DiffusionPipeline
 
@@ -58,7 +74,8 @@ def _from_folder(path: Path, dtype):
         )
     kw = {"torch_dtype": dtype} if dtype is not None else {}
     try:
-        return DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **kw)
+        with _quiet_loading():
+            return DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **kw)
     except (OSError, ValueError) as e:
         raise ModelNotFoundError(
             f"could not load the pipeline folder {str(path)!r}: {str(e).splitlines()[0]}"
@@ -70,7 +87,8 @@ def _from_hub(repo_id: str, dtype):
 
     kw = {"torch_dtype": dtype} if dtype is not None else {}
     try:
-        return DiffusionPipeline.from_pretrained(repo_id, **kw)
+        with _quiet_loading():
+            return DiffusionPipeline.from_pretrained(repo_id, **kw)
     except Exception as e:  # hub/network errors come in many types; report them as one
         cache = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__

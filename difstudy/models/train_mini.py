@@ -1,4 +1,4 @@
-"""Train ``difstudy-mini`` on the toy world, on CPU.
+"""Train ``difstudy-mini`` on the toy world, on CPU::
 
     python -m difstudy.models.train_mini --out runs/mini --export difstudy/models/difstudy-mini
 
