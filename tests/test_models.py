@@ -76,7 +76,22 @@ def test_saved_pipeline_folder_round_trips(tmp_path):
 def test_training_smoke_loss_goes_down_and_resumes(tmp_path):
     from difstudy.models import train_mini
 
-    args = ["--out", str(tmp_path), "--n-train", "64", "--batch", "8", "--vae-steps", "40", "--unet-steps", "40", "--ckpt-every", "20", "--threads", "1"]
+    args = [
+        "--out",
+        str(tmp_path),
+        "--n-train",
+        "64",
+        "--batch",
+        "8",
+        "--vae-steps",
+        "40",
+        "--unet-steps",
+        "40",
+        "--ckpt-every",
+        "20",
+        "--threads",
+        "1",
+    ]
     args += ["--vae-lr", "3e-3", "--unet-lr", "3e-3"]
     train_mini.main(args + ["--export", str(tmp_path / "export")])
     rows = list(csv.DictReader(open(tmp_path / "log.csv")))
@@ -94,5 +109,7 @@ def test_training_smoke_loss_goes_down_and_resumes(tmp_path):
 
 
 def test_cli_missing_model_folder_message():
-    r = subprocess.run([sys.executable, "-m", "difstudy", "catalog", "./no/such/folder"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "difstudy", "catalog", "./no/such/folder"], capture_output=True, text=True
+    )
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr

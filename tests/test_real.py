@@ -21,7 +21,9 @@ def exported(tmp_path_factory):
         (ade / "annotations" / folder).mkdir(parents=True)
         for s in ToyWorld(split, n=8):
             Image.fromarray(s.image).save(ade / "images" / folder / f"{s.image_id}.jpg", quality=95)
-            Image.fromarray(np.where(s.mask > 0, s.label + 1, 0).astype(np.uint8)).save(ade / "annotations" / folder / f"{s.image_id}.png")
+            Image.fromarray(np.where(s.mask > 0, s.label + 1, 0).astype(np.uint8)).save(
+                ade / "annotations" / folder / f"{s.image_id}.png"
+            )
     return paths, root
 
 
@@ -40,17 +42,39 @@ def test_spair_protocol(exported, tmp_path):
 
 def test_ddpmseg_protocol(exported, tmp_path):
     _, root = exported
-    df = real.ddpmseg_miou("tiny-sd15", root / "birds", ["up-level2-repeat2-res-out"], preset="horse21", seeds=(0, 1), res=16, mlp_hidden=(16,), mlp_models=2, epochs=1, cache_dir=tmp_path)
+    df = real.ddpmseg_miou(
+        "tiny-sd15",
+        root / "birds",
+        ["up-level2-repeat2-res-out"],
+        preset="horse21",
+        seeds=(0, 1),
+        res=16,
+        mlp_hidden=(16,),
+        mlp_models=2,
+        epochs=1,
+        cache_dir=tmp_path,
+    )
     assert len(_ok(df, "mIoU")) == 2
 
 
 def test_semseg_protocol(exported, tmp_path):
     _, root = exported
-    df = real.semseg_miou("tiny-sd15", "ade20k", root / "ADEChallengeData2016", ["up-level1-upsampler-out", "up-level2-upsampler-out"], seeds=(0,), epochs=2, label_size=32, cache_dir=tmp_path)
+    df = real.semseg_miou(
+        "tiny-sd15",
+        "ade20k",
+        root / "ADEChallengeData2016",
+        ["up-level1-upsampler-out", "up-level2-upsampler-out"],
+        seeds=(0,),
+        epochs=2,
+        label_size=32,
+        cache_dir=tmp_path,
+    )
     _ok(df, "mIoU")
 
 
 def test_classification_protocol(exported, tmp_path):
     paths, _ = exported
-    df = real.classification_accuracy("tiny-sd15", "classfolders", paths["classes"], ["up-level1-upsampler-out"], seeds=(0, 1), cache_dir=tmp_path)
+    df = real.classification_accuracy(
+        "tiny-sd15", "classfolders", paths["classes"], ["up-level1-upsampler-out"], seeds=(0, 1), cache_dir=tmp_path
+    )
     assert len(_ok(df, "accuracy")) == 2

@@ -149,6 +149,7 @@ def random_like(pipe, seed: int = 0):
     """A copy of ``pipe``'s U-Net with freshly initialised (random) weights:
     the "same architecture, random weights" baseline."""
     unet = pipe.unet
+
     def make():
         fresh = UNet2DConditionModel.from_config(unet.config).eval()
         return fresh if unet.dtype == torch.float32 else fresh.to(unet.dtype)
