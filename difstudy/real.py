@@ -150,6 +150,16 @@ def _seg_records(ds, n):
     return [(str(ds[i]["image_id"]), (lambda i=i: ds[i]["image"])) for i in range(n)], n
 
 
+def _split_run(
+    model, train, test, n_train, n_test, activations, t, variant, size, cache_dir, batch_size, dtype, device
+):
+    """Extract the first ``n_train`` / ``n_test`` images of a train and a test split in one run."""
+    rec_tr, n_tr = _seg_records(train, n_train)
+    rec_te, n_te = _seg_records(test, n_test)
+    run = _Run(model, _Images(rec_tr + rec_te), activations, t, variant, 0, size, cache_dir, batch_size, dtype, device)
+    return run, n_tr, n_te
+
+
 def ddpmseg_miou(
     model,
     root,
@@ -173,20 +183,8 @@ def ddpmseg_miou(
     """DDPM-seg protocol (Horse-21, Bedroom-28): pixel-MLP ensemble on upsampled features, mIoU over seeds."""
     make = {"horse21": loaders.DDPMSeg.horse21, "bedroom28": loaders.DDPMSeg.bedroom28}[preset]
     train, test = make(root, "train"), make(root, "test")
-    rec_tr, n_tr = _seg_records(train, n_train)
-    rec_te, n_te = _seg_records(test, n_test)
-    run = _Run(
-        model,
-        _Images(rec_tr + rec_te),
-        activations,
-        t,
-        variant,
-        seed=0,
-        size=size,
-        cache_dir=cache_dir,
-        batch_size=batch_size,
-        dtype=dtype,
-        device=device,
+    run, n_tr, n_te = _split_run(
+        model, train, test, n_train, n_test, activations, t, variant, size, cache_dir, batch_size, dtype, device
     )
 
     def pixels(ds, n):
@@ -198,7 +196,7 @@ def ddpmseg_miou(
             y = F.interpolate(mask[None, None].float(), size=hw, mode="nearest")[0, 0].long()
             yield f.flatten(1).T.contiguous(), y.flatten()
 
-    c = run.concat(rec_tr[0][0]).shape[0]
+    c = run.concat(str(train[0]["image_id"])).shape[0]
     rows = []
     for s in seeds:
         ens = PixelMLPEnsemble(
@@ -230,20 +228,8 @@ def semseg_miou(
     """ADE20K / Cityscapes: a light multi-scale decoder head on the activations, mIoU over seeds."""
     split_tr, split_te = ("training", "validation") if kind == "ade20k" else ("train", "val")
     train, test = loaders.load_dataset(kind, root, split=split_tr), loaders.load_dataset(kind, root, split=split_te)
-    rec_tr, n_tr = _seg_records(train, n_train)
-    rec_te, n_te = _seg_records(test, n_test)
-    run = _Run(
-        model,
-        _Images(rec_tr + rec_te),
-        activations,
-        t,
-        variant,
-        seed=0,
-        size=size,
-        cache_dir=cache_dir,
-        batch_size=batch_size,
-        dtype=dtype,
-        device=device,
+    run, n_tr, n_te = _split_run(
+        model, train, test, n_train, n_test, activations, t, variant, size, cache_dir, batch_size, dtype, device
     )
 
     def batches(ds, n, order):
@@ -253,7 +239,7 @@ def semseg_miou(
             y = F.interpolate(y, size=(label_size, label_size), mode="nearest")[0].long()
             yield [m[None] for m in run.maps(str(item["image_id"]))], y
 
-    chans = [m.shape[0] for m in run.maps(rec_tr[0][0])]
+    chans = [m.shape[0] for m in run.maps(str(train[0]["image_id"]))]
     rows = []
     for s in seeds:
         perm = np.random.default_rng(s).permutation(n_tr)
@@ -289,20 +275,8 @@ def classification_accuracy(
 ) -> pd.DataFrame:
     """CIFAR-10 (python batches) or class folders: linear probe on pooled features, accuracy over seeds."""
     train, test = loaders.load_dataset(kind, root, split="train"), loaders.load_dataset(kind, root, split="test")
-    rec_tr, n_tr = _seg_records(train, n_train)
-    rec_te, n_te = _seg_records(test, n_test)
-    run = _Run(
-        model,
-        _Images(rec_tr + rec_te),
-        activations,
-        t,
-        variant,
-        seed=0,
-        size=size,
-        cache_dir=cache_dir,
-        batch_size=batch_size,
-        dtype=dtype,
-        device=device,
+    run, n_tr, n_te = _split_run(
+        model, train, test, n_train, n_test, activations, t, variant, size, cache_dir, batch_size, dtype, device
     )
 
     def pooled(ds, n):

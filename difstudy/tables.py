@@ -298,7 +298,7 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> tuple[pd.DataFrame
     from tqdm.auto import tqdm
 
     from .catalog import Catalog
-    from .models import load
+    from .models import load, vae_scale_factor
     from .models.tiny import random_like
 
     worlds = {
@@ -325,7 +325,9 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> tuple[pd.DataFrame
         elif s in NAMED_SETS:
             sources[s] = (lambda s=s: cache_features(pipe, cfg.model, worlds, NAMED_SETS[s], cfg), s)
         elif s == "best single activation":
-            cands = Catalog(pipe.unet, latent_size=cfg.image_size // 4).resolve([cfg.rank_candidates])
+            cands = Catalog(pipe.unet, latent_size=cfg.image_size // vae_scale_factor(pipe)).resolve(
+                [cfg.rank_candidates]
+            )
             cands = [c for c in cands if c not in ("unet-in", "unet-out")] or cands
             ranking = rank_single(pipe, cfg.model, worlds, cfg, cands)
             best = ranking.iloc[0]["activation"]
