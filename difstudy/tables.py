@@ -13,8 +13,9 @@ Tasks (toy-world versions of the papers' protocols):
   per image, thresholds from the image and the bounding box (SPair-71k style);
   seeds draw different test pairs.
 - ``label-scarce-seg``: DDPM-seg protocol, an ensemble of pixel MLPs trained on
-  ``n_seg_train`` labelled images, part segmentation (all toy-world parts),
-  mIoU; pixels are streamed from the cache.
+  ``n_seg_train`` labelled images of one category (``seg_class``, as Horse-21
+  is one category), segmenting its parts and the background, mIoU; pixels are
+  streamed from the cache one image at a time.
 - ``semantic-seg``: a light multi-scale decoder head, object-class
   segmentation (10 classes + background), mIoU.
 - ``classification``: logistic regression on globally pooled features, accuracy.
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 
 from .cache import Key
 from .catalog import NAMED_SETS
-from .data.toyworld import CLASS_NAMES, NUM_PARTS, ToyWorld
+from .data.toyworld import CLASS_NAMES, CLASSES, ToyWorld, local_part_mask
 from .extract import concat, extract, variant_key
 from .probes import (
     PixelMLPEnsemble,
@@ -108,6 +109,9 @@ class BenchConfig:
         "ours-v1.5",
         "best single activation",
     )
+    seg_class: str = "bird"  # label-scarce segmentation is on one category's parts, as Horse-21
+    n_seg_train: int = 20  # labelled images of that category (Horse-21: 30)
+    n_seg_test: int = 20
     seg_size: int = 32  # pixel-MLP resolution (features upsampled, masks nearest-downsampled)
     mlp_hidden: tuple[int, ...] = (256, 128)
     mlp_models: int = 10
@@ -156,12 +160,44 @@ def pixel_features(worlds) -> Features:
     return Features(worlds, get)
 
 
-def cache_features(pipe, model_name: str, worlds, names, cfg: BenchConfig, splits=("train", "test")) -> Features:
+class _Subset:
+    """Some indices of a toy-world split, as a dataset for :func:`extract`."""
+
+    def __init__(self, world: ToyWorld, idx):
+        self.world, self.idx = world, sorted(idx)
+
+    def __len__(self):
+        return len(self.idx)
+
+    def __getitem__(self, i):
+        return self.world[self.idx[i]]
+
+
+def seg_indices(cfg: BenchConfig, n: int) -> list[int]:
+    """The first ``n`` images of ``cfg.seg_class`` in ``world`` (classes cycle, so every tenth image)."""
+    c = CLASS_NAMES.index(cfg.seg_class)
+    return [c + len(CLASS_NAMES) * k for k in range(n)]
+
+
+def needed_indices(cfg: BenchConfig) -> dict[str, set[int]]:
+    """Toy-world images each split needs for the configured tasks."""
+    seg = "label-scarce-seg" in cfg.tasks
+    return {
+        "train": set(range(max(cfg.n_train, 32))) | (set(seg_indices(cfg, cfg.n_seg_train)) if seg else set()),
+        "test": set(range(cfg.n_test)) | (set(seg_indices(cfg, cfg.n_seg_test)) if seg else set()),
+    }
+
+
+def cache_features(
+    pipe, model_name: str, worlds, names, cfg: BenchConfig, splits=("train", "test"), indices=None
+) -> Features:
+    """Extract ``names`` for the ``indices`` of each split (default: all) and read them back per image."""
     caches = {}
     for split in splits:
+        idx = range(len(worlds[split])) if indices is None else indices[split]
         caches[split], _ = extract(
             pipe,
-            worlds[split],
+            _Subset(worlds[split], idx),
             list(names),
             timesteps=[cfg.timestep],
             variants=[cfg.variant],
@@ -208,17 +244,21 @@ def correspondence(feats: Features, world: ToyWorld, split: str, n_pairs: int, s
 
 
 def _pixels(feats: Features, world: ToyWorld, split: str, idx, size: int):
+    """(pixels, C) features and class-local part labels of images ``idx``, one image at a time."""
     for i in idx:
         f = feats.concat(split, i, size=size)
-        y = torch.tensor(world[i].mask.astype(np.int64))[None, None].float()
+        s = world[i]
+        y = torch.tensor(local_part_mask(s.mask, s.label).astype(np.int64))[None, None].float()
         y = F.interpolate(y, size=(size, size), mode="nearest")[0, 0].long()
         yield f.flatten(1).T.contiguous(), y.flatten()
 
 
 def label_scarce_seg(feats: Features, worlds, cfg: BenchConfig, seed: int) -> dict[str, float]:
-    train_idx, test_idx = range(cfg.n_train), range(cfg.n_test)
-    c = feats.concat("train", 0, size=cfg.seg_size).shape[0]
-    ens = PixelMLPEnsemble(c, NUM_PARTS, n_models=cfg.mlp_models, hidden=cfg.mlp_hidden, seed=seed)
+    """DDPM-seg protocol on one category (``cfg.seg_class``): its parts + background."""
+    train_idx, test_idx = seg_indices(cfg, cfg.n_seg_train), seg_indices(cfg, cfg.n_seg_test)
+    k = len(CLASSES[CLASS_NAMES.index(cfg.seg_class)].parts) + 1
+    c = feats.concat("train", train_idx[0], size=cfg.seg_size).shape[0]
+    ens = PixelMLPEnsemble(c, k, n_models=cfg.mlp_models, hidden=cfg.mlp_hidden, seed=seed)
     ens.fit(
         lambda: _pixels(feats, worlds["train"], "train", train_idx, cfg.seg_size),
         epochs=cfg.mlp_epochs,
@@ -301,11 +341,13 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> tuple[pd.DataFrame
     from .models import load, vae_scale_factor
     from .models.tiny import random_like
 
+    need = needed_indices(cfg)
     worlds = {
-        "train": ToyWorld("train", n=max(cfg.n_train, 32), size=cfg.image_size, seed=cfg.data_seed),
+        "train": ToyWorld("train", n=max(need["train"]) + 1, size=cfg.image_size, seed=cfg.data_seed),
         "val": ToyWorld("val", n=cfg.n_val, size=cfg.image_size, seed=cfg.data_seed),
-        "test": ToyWorld("test", n=cfg.n_test, size=cfg.image_size, seed=cfg.data_seed),
+        "test": ToyWorld("test", n=max(need["test"]) + 1, size=cfg.image_size, seed=cfg.data_seed),
     }
+    pair_world = ToyWorld("test", n=cfg.n_test, size=cfg.image_size, seed=cfg.data_seed)
     pipe = load(cfg.model)
     ranking = pd.DataFrame()
     sources: dict[str, tuple[Callable[[], Features], str]] = {}
@@ -319,11 +361,11 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> tuple[pd.DataFrame
 
                 rp = copy.copy(pipe)
                 rp.unet = random_like(pipe, seed=0)
-                return cache_features(rp, f"{cfg.model}-random", worlds, NAMED_SETS["ours-v1.5"], cfg)
+                return cache_features(rp, f"{cfg.model}-random", worlds, NAMED_SETS["ours-v1.5"], cfg, indices=need)
 
             sources[s] = (rnd, "ours-v1.5")
         elif s in NAMED_SETS:
-            sources[s] = (lambda s=s: cache_features(pipe, cfg.model, worlds, NAMED_SETS[s], cfg), s)
+            sources[s] = (lambda s=s: cache_features(pipe, cfg.model, worlds, NAMED_SETS[s], cfg, indices=need), s)
         elif s == "best single activation":
             cands = Catalog(pipe.unet, latent_size=cfg.image_size // vae_scale_factor(pipe)).resolve(
                 [cfg.rank_candidates]
@@ -331,7 +373,7 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> tuple[pd.DataFrame
             cands = [c for c in cands if c not in ("unet-in", "unet-out")] or cands
             ranking = rank_single(pipe, cfg.model, worlds, cfg, cands)
             best = ranking.iloc[0]["activation"]
-            sources[s] = (lambda best=best: cache_features(pipe, cfg.model, worlds, [best], cfg), best)
+            sources[s] = (lambda best=best: cache_features(pipe, cfg.model, worlds, [best], cfg, indices=need), best)
         else:
             raise ValueError(
                 f"unknown setting {s!r}; use raw pixels, random-weight U-Net, best single activation or {sorted(NAMED_SETS)}"
@@ -346,7 +388,7 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> tuple[pd.DataFrame
             for seed in cfg.seeds:
                 t0 = time.time()
                 if task == "correspondence":
-                    res = correspondence(feats, worlds["test"], "test", cfg.n_pairs, seed)
+                    res = correspondence(feats, pair_world, "test", cfg.n_pairs, seed)
                 else:
                     res = fns[task](feats, worlds, cfg, seed)
                 for metric, value in res.items():
