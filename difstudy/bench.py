@@ -84,7 +84,7 @@ MIN_INCREASE = 1 << 20  # RSS increases are floored at 1 MiB so a ratio never di
 
 
 @dataclass
-class BenchConfig:
+class PerfConfig:
     """What the benchmark runs; :func:`config_for` gives the full and quick presets."""
 
     widths: tuple[int, ...] = SD15_WIDTHS
@@ -108,10 +108,10 @@ class BenchConfig:
     notes: list[str] = field(default_factory=list)
 
 
-def config_for(quick: bool = False) -> BenchConfig:
+def config_for(quick: bool = False) -> PerfConfig:
     if not quick:
-        return BenchConfig()
-    return BenchConfig(
+        return PerfConfig()
+    return PerfConfig(
         repeats=3,
         warmup=0,
         time_images=1,
@@ -265,7 +265,7 @@ class Case:
     fn: Callable[[], object]
 
 
-def forward_cases(unet, cfg: BenchConfig, catalog: Catalog | None = None) -> list[Case]:
+def forward_cases(unet, cfg: PerfConfig, catalog: Catalog | None = None) -> list[Case]:
     """The U-Net forward cases: bare, capture without stop, early stop, batched vs one-per-item."""
     catalog = catalog or Catalog(unet, latent_size=cfg.latent)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -301,7 +301,7 @@ def forward_cases(unet, cfg: BenchConfig, catalog: Catalog | None = None) -> lis
     ]
 
 
-def extraction_cases(pipe, images: np.ndarray, cfg: BenchConfig, workdir: str | os.PathLike) -> list[Case]:
+def extraction_cases(pipe, images: np.ndarray, cfg: PerfConfig, workdir: str | os.PathLike) -> list[Case]:
     """difstudy's extract() vs naive_extract() on the same images (one batch), fresh cache each call."""
     from .extract import extract
 
@@ -634,7 +634,7 @@ def _table(rows: Sequence[dict], cols: Sequence[str]) -> str:
 
 
 def run_bench(
-    cfg: BenchConfig, out: str | os.PathLike | None = None, log=print, rss_in_process: bool = False
+    cfg: PerfConfig, out: str | os.PathLike | None = None, log=print, rss_in_process: bool = False
 ) -> tuple[pd.DataFrame, dict]:
     """Run everything, print the tables and the ratio line; returns (tidy rows, ratios).
 

@@ -14,7 +14,7 @@ LINE = re.compile(" ".join(f"{k}={FLOAT}" for k in bench.RATIO_KEYS))
 
 
 def _tiny_cfg():
-    return bench.BenchConfig(
+    return bench.PerfConfig(
         widths=(32, 64, 64, 64),
         norm_num_groups=8,
         repeats=1,
