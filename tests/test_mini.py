@@ -1,19 +1,27 @@
-"""Integration tests on the committed mini model (seconds on CPU)."""
+"""Integration tests on the committed mini model and judge (seconds on CPU).
+
+Thresholds are the issue's goals where the committed model meets them, and
+otherwise the floor it measured (the model card reports every goal with its
+number, met or missed; lowering a threshold here would hide a regression)."""
 
 import numpy as np
 import pytest
 import torch
 
+from difstudy import card
 from difstudy.capture import run_with_cache
 from difstudy.data.toyworld import ToyWorld
 from difstudy.extract import Extractor
+from difstudy.judge import load_judge, wilson_interval
 from difstudy.models import load
-from difstudy.models.card import feature_pck, vae_psnr
 
-# measured by the model-card notebook on the committed model: VAE PSNR 23.6 dB on 100 val images;
-# PCK@0.1 of up-level1-upsampler-out 23.8% trained vs 10.3% random weights vs 11.1% raw pixels
-ACT = "up-level1-upsampler-out"
-THRESHOLDS = {"psnr": 20.0, "margin": 0.05}
+pytestmark = pytest.mark.slow
+
+# measured on the committed model by the model card (CI parameters)
+PSNR_FLOOR = 25.0
+CLS_ACT = "mid-vit-out"
+PCK_ACT = "up-level1-upsampler-out"
+MARGIN = 0.05
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +42,40 @@ def test_mini_capture_shapes_and_unchanged_output(mini):
     assert cache["mid-vit-block0-cross-map"].shape == (2, 8, 4, 32)
 
 
+def test_mini_is_a_v_prediction_model_with_the_sd15_catalogue(mini):
+    assert mini.scheduler.config.prediction_type == "v_prediction"
+
+
+def test_judge_recognises_real_images():
+    judge, meta = load_judge()
+    acc = card.judge_accuracy(judge, n_test=500)
+    assert acc >= 0.9
+    assert acc == pytest.approx(meta["test_accuracy"], abs=1e-9)  # the committed record is what the weights do
+
+
+def test_wilson_interval_matches_the_formula():
+    lo, hi = wilson_interval(50, 200)
+    # hand computation: p=0.25, z=1.96, n=200
+    z, n, p = 1.96, 200, 0.25
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    assert (lo, hi) == pytest.approx((centre - half, centre + half))
+    assert lo < 0.25 < hi
+
+
 def test_mini_vae_reconstructs(mini):
-    psnr = vae_psnr(mini, ToyWorld("val", n=20))
-    assert psnr["psnr"].mean() > THRESHOLDS["psnr"]
+    psnr = card.vae_psnr(mini, ToyWorld("val", n=50))
+    assert psnr["psnr"].mean() > PSNR_FLOOR
 
 
-def test_mini_features_beat_random_weights_and_pixels(tmp_path):
-    df = feature_pck("mini", [ACT], n_pairs=30, seeds=(0,), n_images=40, cache_dir=str(tmp_path))
-    pck = df.groupby("weights")["pck"].mean()
-    assert pck["trained"] > pck["random"] + THRESHOLDS["margin"]
-    assert pck["trained"] > pck["raw pixels"] + THRESHOLDS["margin"]
-    assert np.isfinite(pck.values).all()
+def test_mini_features_beat_random_weights_and_pixels(mini, tmp_path):
+    df = card.feature_scores(
+        mini, [CLS_ACT, PCK_ACT], n_train=100, n_test=100, n_pairs=30, seeds=(0,), cache_dir=str(tmp_path)
+    )
+    for metric, act in (("accuracy", CLS_ACT), ("PCK@0.1 img", PCK_ACT)):
+        m = df[df["metric"] == metric]
+        trained = m[(m.weights == "trained") & (m.activation == act)]["value"].mean()
+        random = m[(m.weights == "random") & (m.activation == act)]["value"].mean()
+        pixels = m[m.weights == "raw pixels"]["value"].mean()
+        assert trained > random + MARGIN, metric
+        assert trained > pixels + MARGIN, metric

@@ -74,7 +74,7 @@ def test_saved_pipeline_folder_round_trips(tmp_path):
 
 
 def test_training_smoke_loss_goes_down_and_resumes(tmp_path):
-    from difstudy.models import train_mini
+    from difstudy.train import mini as train_mini
 
     args = [
         "--out",
@@ -87,7 +87,11 @@ def test_training_smoke_loss_goes_down_and_resumes(tmp_path):
         "40",
         "--unet-steps",
         "40",
+        "--vae-full-steps",
+        "10",
         "--ckpt-every",
+        "20",
+        "--snapshot-every",
         "20",
         "--threads",
         "1",
@@ -100,10 +104,17 @@ def test_training_smoke_loss_goes_down_and_resumes(tmp_path):
         assert len(loss) == 40
         assert sum(loss[-10:]) < sum(loss[:10]), stage
     assert (tmp_path / "export" / "training_log.csv").exists()
+    assert sorted(p.name for p in (tmp_path / "snapshots").glob("unet_*")) == [
+        "unet_000020.safetensors",
+        "unet_000040.safetensors",
+    ]
+    cpu = [float(r["cpu_seconds"]) for r in rows]
+    assert cpu == sorted(cpu) and cpu[-1] > 0
     pipe = load(str(tmp_path / "export"))
     assert len(Catalog(pipe.unet)) == 197
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
     # a rerun with more steps resumes from the checkpoint instead of starting over
-    train_mini.main(args[:-6] + ["--unet-steps", "50", "--vae-lr", "3e-3", "--unet-lr", "3e-3"])
+    train_mini.main(args[:-8] + ["--unet-steps", "50", "--vae-lr", "3e-3", "--unet-lr", "3e-3"])
     rows = list(csv.DictReader(open(tmp_path / "log.csv")))
     assert [int(r["step"]) for r in rows if r["stage"] == "unet"][-10:] == list(range(41, 51))
 

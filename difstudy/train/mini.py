@@ -1,17 +1,26 @@
 """Train ``difstudy-mini`` on the toy world, on CPU::
 
-    python -m difstudy.models.train_mini --out runs/mini --export difstudy/models/difstudy-mini
+    python -m difstudy.train.mini --out runs/mini --export difstudy/models/difstudy-mini
 
 Stages (each resumable from its last checkpoint in ``--out``):
 
 1. ``data``: render ``--n-train`` toy-world training images and tokenise their
    captions (generic, fine-grained, empty).
-2. ``vae``: train the VAE (L1 + MSE reconstruction, KL weight 1e-6), then set
-   its ``scaling_factor`` to 1 / std of the training latents (as SD does).
-3. ``unet``: train U-Net and text encoder jointly with the epsilon objective on
-   VAE latents; captions are fine-grained (60%), generic (30%) or empty (10%,
-   so classifier-free guidance and empty-prompt feature extraction are in
-   distribution). EMA of the weights (decay 0.999) is what gets exported.
+2. ``vae``: train the VAE (L1 + MSE reconstruction, KL weight 1e-6) on all
+   training images, first on random ``--vae-crop`` px crops (the VAE is fully
+   convolutional, so crops train the same weights at a quarter of the cost),
+   then ``--vae-full-steps`` at full size; its ``scaling_factor`` is set to
+   1 / std of the training latents (as SD does).
+3. ``unet``: train U-Net and text encoder jointly on VAE latents with the
+   v-prediction objective and Min-SNR-gamma loss weighting (Hang et al. 2023,
+   gamma 5), warmup + cosine learning rate, gradient clipping and EMA (what
+   gets exported). Captions are fine-grained (60%), generic (30%) or empty
+   (10%, so classifier-free guidance and empty-prompt feature extraction are
+   in distribution); images are drawn class-balanced. Images whose background
+   is ``--holdout-background`` (default ``checkered``) are left out of the
+   U-Net's data, so that a LoRA has a sub-domain to adapt to (GATE). Every
+   ``--snapshot-every`` steps the EMA weights are saved to ``snapshots/`` for
+   the model card's recognition-vs-step curve.
 4. ``export``: write a diffusers ``StableDiffusionPipeline`` folder
    (safetensors, fp32) that ``difstudy.models.load("mini")`` reads offline,
    with the training log (``training_log.csv``) and arguments beside it.
@@ -24,9 +33,7 @@ go to ``--out/log.csv`` (stage, step, loss, lr, seconds).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import math
 import os
 import shutil
 import time
@@ -37,34 +44,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data.toyworld import ToyWorld
-from . import mini
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-class _Log:
-    def __init__(self, path: Path):
-        self.path = path
-        new = not path.exists()
-        self.f = open(path, "a", newline="")
-        self.w = csv.writer(self.f)
-        if new:
-            self.w.writerow(["stage", "step", "loss", "lr", "seconds"])
-
-    def __call__(self, *row):
-        self.w.writerow(row)
-        self.f.flush()
-
-
-def _lr(step: int, total: int, base: float, warmup: int = 100) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+from ..data.toyworld import ToyWorld, vocabulary
+from ..models import mini
+from .common import CsvLog, atomic_save, caption_ids, cosine_lr, diffusion_target, to_tensor
 
 
 def make_data(out: Path, n: int, seed: int, tokenizer) -> dict:
@@ -74,12 +56,13 @@ def make_data(out: Path, n: int, seed: int, tokenizer) -> dict:
         if len(d["images"]) == n:
             return dict(d)
     world = ToyWorld("train", n=n, size=mini.IMAGE_SIZE, seed=seed)
-    images, labels, generic, fine = [], [], [], []
+    images, labels, generic, fine, backgrounds = [], [], [], [], []
     for s in tqdm(world, total=n, desc="render toy world", mininterval=5):
         images.append(s.image)
         labels.append(s.label)
         generic.append(s.caption)
         fine.append(s.fine_caption)
+        backgrounds.append(s.attributes["background"])
 
     def tok(texts):
         return tokenizer(
@@ -89,6 +72,7 @@ def make_data(out: Path, n: int, seed: int, tokenizer) -> dict:
     d = dict(
         images=np.stack(images),
         labels=np.array(labels),
+        backgrounds=np.array(backgrounds),
         ids_generic=tok(generic),
         ids_fine=tok(fine),
         ids_empty=tok([""]),
@@ -99,11 +83,28 @@ def make_data(out: Path, n: int, seed: int, tokenizer) -> dict:
     return d
 
 
-def _to_tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+def _crop(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    """One random ``size`` x ``size`` crop per image (multiples of 4 keep latent cells aligned)."""
+    if size >= x.shape[-1]:
+        return x
+    h = x.shape[-1]
+    ox = torch.randint(0, (h - size) // 4 + 1, (len(x),), generator=gen) * 4
+    oy = torch.randint(0, (h - size) // 4 + 1, (len(x),), generator=gen) * 4
+    return torch.stack([xi[:, y : y + size, z : z + size] for xi, y, z in zip(x, oy.tolist(), ox.tolist())])
 
 
-def train_vae(out: Path, data: dict, steps: int, batch: int, lr: float, seed: int, log: _Log, ckpt_every: int):
+def train_vae(
+    out: Path,
+    data: dict,
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    log: CsvLog,
+    ckpt_every: int,
+    crop: int = 32,
+    full_steps: int = 300,
+):
     vae = mini.build_vae()
     ckpt = out / "vae.pt"
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
@@ -120,9 +121,11 @@ def train_vae(out: Path, data: dict, steps: int, batch: int, lr: float, seed: in
     bar = tqdm(total=steps, initial=step, desc="vae", mininterval=10)
     while step < steps:
         for g in opt.param_groups:
-            g["lr"] = _lr(step, steps, lr)
+            g["lr"] = cosine_lr(step, steps, lr)
         idx = torch.randint(0, n, (batch,), generator=gen).numpy()
-        x = _to_tensor(data["images"][idx])
+        x = to_tensor(data["images"][idx])
+        if step < steps - full_steps:
+            x = _crop(x, crop, gen)
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
         rec = vae.decode(z).sample
@@ -132,9 +135,9 @@ def train_vae(out: Path, data: dict, steps: int, batch: int, lr: float, seed: in
         opt.step()
         step += 1
         bar.update(1)
-        log("vae", step, f"{loss.item():.5f}", f"{opt.param_groups[0]['lr']:.2e}", f"{time.time() - t0:.1f}")
+        log("vae", step, loss.item(), opt.param_groups[0]["lr"], time.time() - t0)
         if step % ckpt_every == 0 or step == steps:
-            _atomic_save(dict(model=vae.state_dict(), opt=opt.state_dict(), gen=gen.get_state(), step=step), ckpt)
+            atomic_save(dict(model=vae.state_dict(), opt=opt.state_dict(), gen=gen.get_state(), step=step), ckpt)
     bar.close()
     return vae
 
@@ -147,7 +150,7 @@ def encode_latents(out: Path, vae, data: dict, batch: int = 256) -> dict:
     vae.eval()
     means, stds = [], []
     for i in tqdm(range(0, len(data["images"]), batch), desc="encode latents", mininterval=10):
-        post = vae.encode(_to_tensor(data["images"][i : i + batch])).latent_dist
+        post = vae.encode(to_tensor(data["images"][i : i + batch])).latent_dist
         means.append(post.mean.numpy())
         stds.append(post.std.numpy())
     mean, std = np.concatenate(means), np.concatenate(stds)
@@ -159,13 +162,36 @@ def encode_latents(out: Path, vae, data: dict, batch: int = 256) -> dict:
     return d
 
 
+def _save_snapshot(folder: Path, step: int, unet, te) -> None:
+    """EMA weights (fp16 safetensors) for the recognition-vs-step curve."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, m in (("unet", unet), ("text_encoder", te)):
+        sd = {k: v.detach().half().contiguous() for k, v in m.state_dict().items()}
+        tmp = folder / f".{name}_{step:06d}.tmp"
+        save_file(sd, str(tmp))
+        os.replace(tmp, folder / f"{name}_{step:06d}.safetensors")
+
+
 def train_unet(
-    out: Path, data: dict, lat: dict, steps: int, batch: int, lr: float, seed: int, log: _Log, ckpt_every: int
+    out: Path,
+    data: dict,
+    lat: dict,
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    log: CsvLog,
+    ckpt_every: int,
+    holdout_background: str | None = "checkered",
+    snr_gamma: float = 5.0,
+    snapshot_every: int = 1000,
 ):
-    from diffusers.training_utils import EMAModel
+    from diffusers.training_utils import EMAModel, compute_snr
 
     torch.manual_seed(seed)
-    tokenizer = mini.build_tokenizer()
+    tokenizer = mini.build_tokenizer(vocabulary())
     unet, te = mini.build_unet(), mini.build_text_encoder(tokenizer)
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
@@ -182,26 +208,36 @@ def train_unet(
         ema.load_state_dict(st["ema"])
         gen.set_state(st["gen"])
         step = st["step"]
-    n = len(lat["mean"])
+    keep = np.ones(len(lat["mean"]), bool)
+    if holdout_background:
+        keep = data["backgrounds"] != holdout_background
+    labels = data["labels"]
+    by_class = [torch.from_numpy(np.flatnonzero(keep & (labels == c))) for c in range(int(labels.max()) + 1)]
+    by_class = [ix for ix in by_class if len(ix)]
     scaling = float(lat["scaling"])
-    ids_g, ids_f = torch.from_numpy(data["ids_generic"]), torch.from_numpy(data["ids_fine"])
-    ids_e = torch.from_numpy(data["ids_empty"])
     t0 = time.time()
     bar = tqdm(total=steps, initial=step, desc="unet", mininterval=10)
     while step < steps:
         for g in opt.param_groups:
-            g["lr"] = _lr(step, steps, lr, warmup=200)
-        idx = torch.randint(0, n, (batch,), generator=gen)
+            g["lr"] = cosine_lr(step, steps, lr, warmup=200)
+        cls = torch.randint(0, len(by_class), (batch,), generator=gen)  # class-balanced draws
+        idx = torch.stack([by_class[c][torch.randint(0, len(by_class[c]), (1,), generator=gen)][0] for c in cls])
         mean, std = torch.from_numpy(lat["mean"][idx.numpy()]), torch.from_numpy(lat["std"][idx.numpy()])
         z0 = (mean + std * torch.randn(mean.shape, generator=gen)) * scaling
-        u = torch.rand(batch, generator=gen)
-        ids = torch.where((u < 0.6)[:, None], ids_f[idx], ids_g[idx])
-        ids = torch.where((u >= 0.9)[:, None], ids_e.expand(batch, -1), ids)
+        ids = caption_ids(data, idx.numpy(), torch.rand(batch, generator=gen))
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen)
         noise = torch.randn(z0.shape, generator=gen)
         zt = sched.add_noise(z0, noise, t)
         pred = unet(zt, t, te(ids).last_hidden_state).sample
-        loss = F.mse_loss(pred, noise)
+        target = diffusion_target(sched, z0, noise, t)
+        per = F.mse_loss(pred, target, reduction="none").mean((1, 2, 3))
+        snr = compute_snr(sched, t)
+        if snr_gamma:  # Min-SNR-gamma weights (for v: min(snr, gamma) / (snr + 1))
+            w = torch.minimum(snr, torch.full_like(snr, snr_gamma))
+            w = w / (snr + 1) if sched.config.prediction_type == "v_prediction" else w / snr
+        else:
+            w = torch.ones_like(snr)
+        loss = (w * per).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -209,10 +245,15 @@ def train_unet(
         ema.step(params)
         step += 1
         bar.update(1)
-        log("unet", step, f"{loss.item():.5f}", f"{opt.param_groups[0]['lr']:.2e}", f"{time.time() - t0:.1f}")
+        log("unet", step, loss.item(), opt.param_groups[0]["lr"], time.time() - t0)
         if step % ckpt_every == 0 or step == steps:
             state = dict(unet=unet.state_dict(), te=te.state_dict(), opt=opt.state_dict(), ema=ema.state_dict())
-            _atomic_save(dict(state, gen=gen.get_state(), step=step), ckpt)
+            atomic_save(dict(state, gen=gen.get_state(), step=step), ckpt)
+        if snapshot_every and (step % snapshot_every == 0 or step == steps):
+            ema.store(params)
+            ema.copy_to(params)
+            _save_snapshot(out / "snapshots", step, unet, te)
+            ema.restore(params)
     bar.close()
     ema.copy_to(params)
     return unet, te, tokenizer
@@ -238,15 +279,20 @@ def export(folder: Path, vae, unet, te, tokenizer, scaling: float, meta: dict) -
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m difstudy.models.train_mini", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m difstudy.train.mini", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("runs/mini"), help="run folder (checkpoints, log.csv)")
     ap.add_argument("--export", type=Path, default=None, help="write the diffusers pipeline folder here at the end")
-    ap.add_argument("--n-train", type=int, default=16000)
-    ap.add_argument("--vae-steps", type=int, default=2200)
+    ap.add_argument("--n-train", type=int, default=20000)
+    ap.add_argument("--vae-steps", type=int, default=3300)
+    ap.add_argument("--vae-crop", type=int, default=32, help="crop size (px) for all but the last --vae-full-steps")
+    ap.add_argument("--vae-full-steps", type=int, default=300)
     ap.add_argument("--unet-steps", type=int, default=6000)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--vae-lr", type=float, default=1e-3)
-    ap.add_argument("--unet-lr", type=float, default=5e-4)
+    ap.add_argument("--unet-lr", type=float, default=1e-3)
+    ap.add_argument("--snr-gamma", type=float, default=5.0, help="Min-SNR-gamma loss weighting (0: off)")
+    ap.add_argument("--holdout-background", default="checkered", help="background kind the U-Net never sees ('' none)")
+    ap.add_argument("--snapshot-every", type=int, default=1000, help="save EMA weights every N U-Net steps (0: off)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ckpt-every", type=int, default=200)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -254,14 +300,29 @@ def main(argv=None) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
-    log = _Log(a.out / "log.csv")
+    log = CsvLog(a.out / "log.csv")
     t_start = time.time()
     torch.manual_seed(a.seed)
-    tokenizer = mini.build_tokenizer()
+    tokenizer = mini.build_tokenizer(vocabulary())
     data = make_data(a.out, a.n_train, a.seed, tokenizer)
-    vae = train_vae(a.out, data, a.vae_steps, a.batch, a.vae_lr, a.seed, log, a.ckpt_every)
+    vae = train_vae(
+        a.out, data, a.vae_steps, a.batch, a.vae_lr, a.seed, log, a.ckpt_every, a.vae_crop, a.vae_full_steps
+    )
     lat = encode_latents(a.out, vae, data)
-    unet, te, tokenizer = train_unet(a.out, data, lat, a.unet_steps, a.batch, a.unet_lr, a.seed, log, a.ckpt_every)
+    unet, te, tokenizer = train_unet(
+        a.out,
+        data,
+        lat,
+        a.unet_steps,
+        a.batch,
+        a.unet_lr,
+        a.seed,
+        log,
+        a.ckpt_every,
+        a.holdout_background or None,
+        a.snr_gamma,
+        a.snapshot_every,
+    )
     if a.export:
         meta = dict(vars(a), out=str(a.out), export=str(a.export), scaling_factor=float(lat["scaling"]))
         meta["wall_seconds_this_invocation"] = round(time.time() - t_start, 1)

@@ -1,0 +1,292 @@
+"""Measurements for the mini model's card (all computed, none typed in).
+
+- :func:`training_curves`: the training log as a tidy frame;
+- :func:`vae_psnr`: VAE reconstruction PSNR per validation image;
+- :func:`judge_accuracy` / :func:`sample_recognition`: the committed judge
+  (:mod:`difstudy.judge`) on real test images, then on class-conditional samples;
+- :func:`feature_scores`: classification and correspondence from single
+  activations for the trained U-Net, the same architecture with random
+  weights, and raw pixels, through the one protocol layer.
+
+This is the study layer: :mod:`difstudy.models` only builds and loads models.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .data.toyworld import CLASS_NAMES, ToyWorld, stack
+from .judge import predict, to_input, wilson_interval
+
+
+def model_folder(model: str) -> Path:
+    """The pipeline folder of ``model`` (``mini`` or a local path), where the training files are."""
+    from .models import MINI_PATH
+
+    return MINI_PATH if model == "mini" else Path(model)
+
+
+def training_curves(log_csv: str | Path) -> pd.DataFrame:
+    """Tidy training log (stage, step, loss, lr, ...); a resumed run's repeated steps keep their last value."""
+    df = pd.read_csv(log_csv)
+    return df.drop_duplicates(["stage", "step"], keep="last").sort_values(["stage", "step"]).reset_index(drop=True)
+
+
+def training_cpu_hours(log: pd.DataFrame) -> float:
+    """Total process CPU time of the training run (the log's cumulative ``cpu_seconds``), in hours."""
+    if "cpu_seconds" not in log:
+        raise ValueError("this training log has no cpu_seconds column (it predates difstudy.train.mini v2)")
+    return float(log["cpu_seconds"].max()) / 3600
+
+
+@torch.no_grad()
+def vae_psnr(pipe, world: ToyWorld, batch: int = 50) -> pd.DataFrame:
+    """PSNR (dB, on 8-bit images) of VAE reconstructions (posterior mean) per image."""
+    rows = []
+    for s in range(0, len(world), batch):
+        samples = [world[i] for i in range(s, min(s + batch, len(world)))]
+        x = to_input(stack(samples))
+        rec = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        a, b = ((x + 1) * 127.5).round(), ((rec + 1) * 127.5).round()
+        mse = (a - b).pow(2).flatten(1).mean(1)
+        for smp, m in zip(samples, mse):
+            psnr = float(10 * torch.log10(255**2 / m.clamp_min(1e-10)))
+            rows.append(dict(image_id=smp.image_id, complexity=smp.complexity, psnr=psnr))
+    return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def reconstructions(pipe, images: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3) uint8 VAE reconstructions (posterior mean) of uint8 ``images``."""
+    rec = pipe.vae.decode(pipe.vae.encode(to_input(images)).latent_dist.mean).sample.clamp(-1, 1)
+    return ((rec + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def judge_accuracy(judge, n_test: int = 500) -> float:
+    """Accuracy of the judge on ``n_test`` real toy-world test images."""
+    test = ToyWorld("test", n=n_test)
+    samples = list(test)
+    return float((predict(judge, stack(samples)) == np.array([s.label for s in samples])).mean())
+
+
+@torch.no_grad()
+def generate(pipe, prompts: list[str], steps: int = 30, guidance: float = 4.0, seed: int = 0) -> np.ndarray:
+    """(N, H, W, 3) uint8 samples, one per prompt, with the pipeline's own
+    sampler (the mini model's DDIM) and classifier-free guidance."""
+    size = pipe.unet.config.sample_size * (2 ** (len(pipe.vae.config.block_out_channels) - 1))
+    g = torch.Generator().manual_seed(seed)
+    out = pipe(
+        prompts,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        height=size,
+        width=size,
+        generator=g,
+        output_type="np",
+    )
+    return (out.images * 255).round().astype(np.uint8)
+
+
+def sample_recognition(pipe, judge, per_class: int = 20, steps: int = 30, guidance: float = 4.0, seed: int = 0):
+    """Generate ``per_class`` samples for each prompt "a photo of a <class>"
+    and let the judge name them.
+
+    Returns ``(frame, images)``: one row per sample (cls, predicted, correct)."""
+    prompts = [f"a photo of a {c}" for c in CLASS_NAMES for _ in range(per_class)]
+    chunks = [prompts[i : i + 50] for i in range(0, len(prompts), 50)]
+    images = np.concatenate([generate(pipe, p, steps, guidance, seed + i) for i, p in enumerate(chunks)])
+    pred = predict(judge, images)
+    labels = np.repeat(np.arange(len(CLASS_NAMES)), per_class)
+    df = pd.DataFrame(
+        dict(cls=[CLASS_NAMES[i] for i in labels], predicted=[CLASS_NAMES[i] for i in pred], correct=pred == labels)
+    )
+    return df, images
+
+
+def recognition_summary(df: pd.DataFrame) -> dict:
+    """Share recognised with its 95% Wilson interval."""
+    k, n = int(df["correct"].sum()), len(df)
+    lo, hi = wilson_interval(k, n)
+    return dict(recognised=k / n, n=n, ci95_low=lo, ci95_high=hi)
+
+
+def describe(pipe) -> pd.DataFrame:
+    """Components of a pipeline with their class and parameter count."""
+    rows = []
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2", "controlnet"):
+        m = getattr(pipe, name, None)
+        if m is not None:
+            rows.append(dict(component=name, cls=type(m).__name__, parameters=sum(p.numel() for p in m.parameters())))
+    return pd.DataFrame(rows)
+
+
+CARD_KINDS = ("res-out", "vit-out", "upsampler-out", "downsampler-out")
+
+
+def card_candidates(pipe, kinds=CARD_KINDS) -> list[str]:
+    """Block-level activations (every ResNet, ViT, up/downsampler output) in forward order."""
+    from .catalog import Catalog
+
+    df = Catalog(pipe.unet).to_frame()
+    return df[df["kind"].isin(kinds)]["name"].tolist()
+
+
+def feature_scores(
+    pipe,
+    activations,
+    n_train: int = 300,
+    n_test: int = 300,
+    n_pairs: int = 100,
+    seeds=(0, 1, 2),
+    t: int = 50,
+    cache_dir: str = "cache/features",
+    correspondence_cfg=None,
+    pck_stages=("up",),
+) -> pd.DataFrame:
+    """Classification accuracy (linear probe on pooled features) and PCK@0.1
+    of each activation **alone**, for the trained U-Net, the same architecture
+    with random weights (new weights per seed), and raw pixels.
+
+    One protocol layer (:mod:`difstudy.protocols`): the same functions as the
+    benchmark tables and the official-layout runners. Every activation is
+    extracted in one pass per (weights, seed) and then read back one at a
+    time from the cache. Correspondence is scored for activations of
+    ``pck_stages`` only (the card reports the best up-stage one). Tidy rows:
+    weights, activation, stage, task, metric, value, seed, protocol.
+    """
+    from .catalog import Catalog
+    from .protocols import (
+        CachedFeatures,
+        ClassifyConfig,
+        CorrespondenceConfig,
+        ExtractionConfig,
+        PixelFeatures,
+        RandomUNetFeatures,
+        classification,
+        concat_records,
+        correspondence,
+        pair_images,
+        toy_pairs,
+        toy_records,
+    )
+
+    ccfg = correspondence_cfg or CorrespondenceConfig()
+    train = toy_records(ToyWorld("train", n=n_train))
+    test = toy_records(ToyWorld("test", n=n_test))
+    pairs = toy_pairs(ToyWorld("test", n=n_test), n_pairs, seed=0)
+    everything = concat_records(train, test, pair_images(pairs))
+    stage = Catalog(pipe.unet).to_frame().set_index("name")["stage"].to_dict()
+    ex = ExtractionConfig(t=t, cache_dir=cache_dir)
+    rows = []
+
+    def score(source, weights, act, seed):
+        frames = [classification(source, train, test, ClassifyConfig(), seed)]
+        if stage.get(act, "pixels") in (*pck_stages, "pixels"):
+            frames.append(correspondence(source, pairs, ccfg, seed))
+        for df in frames:
+            df = df[df["metric"].isin(["accuracy", "PCK@0.1 img", "PCK@0.1 bbox"])]
+            for r in df.itertuples():
+                rows.append(
+                    dict(
+                        weights=weights,
+                        activation=act,
+                        stage=stage.get(act, "pixels"),
+                        task=r.task,
+                        metric=r.metric,
+                        value=r.value,
+                        seed=int(seed),
+                        protocol=r.protocol,
+                    )
+                )
+
+    for seed in seeds:
+        for weights, cls in (("trained", CachedFeatures), ("random", RandomUNetFeatures)):
+            everyone = cls(pipe, activations, ex, seed=seed)
+            everyone.prepare(everything)  # one extraction pass for all activations
+            for act in activations:
+                # same weights (random ones are seeded), same cache group: read back, nothing recomputed
+                score(cls(pipe, [act], ex, seed=seed), weights, act, seed)
+        score(PixelFeatures(), "raw pixels", "pixels", seed)
+    return pd.DataFrame(rows)
+
+
+def best_of(scores: pd.DataFrame, weights: str, metric: str) -> tuple[str, float]:
+    """The activation with the highest mean ``metric`` (over seeds) for ``weights``, and that mean."""
+    df = scores[(scores["weights"] == weights) & (scores["metric"] == metric)]
+    if df.empty:
+        raise ValueError(f"no {metric!r} scores for weights {weights!r}")
+    means = df.groupby("activation")["value"].mean()
+    return str(means.idxmax()), float(means.max())
+
+
+def card_summary(
+    scores: pd.DataFrame, psnr: pd.DataFrame, judge_acc: float, recognition: dict, cpu_hours: float
+) -> dict:
+    """The card's headline numbers (the keys of ``card.json``)."""
+    acc, pck = "accuracy", "PCK@0.1 img"
+    best_cls, cls_trained = best_of(scores, "trained", acc)
+    best_pck, pck_trained = best_of(scores, "trained", pck)
+    return dict(
+        vae_psnr_db=float(psnr["psnr"].mean()),
+        vae_psnr_db_by_complexity={int(k): float(v) for k, v in psnr.groupby("complexity")["psnr"].mean().items()},
+        judge_accuracy_real=float(judge_acc),
+        samples_recognised=float(recognition["recognised"]),
+        samples_recognised_ci95=[float(recognition["ci95_low"]), float(recognition["ci95_high"])],
+        n_samples=int(recognition["n"]),
+        cls_acc_trained=cls_trained,
+        cls_best_activation=best_cls,
+        cls_acc_random=best_of(scores, "random", acc)[1],
+        cls_acc_pixels=best_of(scores, "raw pixels", acc)[1],
+        pck_best_up_trained=pck_trained,
+        pck_best_up_activation=best_pck,
+        pck_best_up_random=best_of(scores, "random", pck)[1],
+        pck_pixels=best_of(scores, "raw pixels", pck)[1],
+        training_cpu_hours=float(cpu_hours),
+    )
+
+
+def goals(summary: dict) -> pd.DataFrame:
+    """Each quality goal of the mini model with its measured number and met / missed."""
+    s = summary
+    rows = [
+        ("VAE PSNR on validation images (dB)", ">= 25", s["vae_psnr_db"], s["vae_psnr_db"] >= 25),
+        ("judge accuracy on real test images", ">= 0.90", s["judge_accuracy_real"], s["judge_accuracy_real"] >= 0.9),
+        (
+            f"samples recognised by the judge (n={s['n_samples']})",
+            ">= 0.50",
+            s["samples_recognised"],
+            s["samples_recognised"] >= 0.5,
+        ),
+        ("best trained activation, classification", ">= 0.50", s["cls_acc_trained"], s["cls_acc_trained"] >= 0.5),
+        (
+            "... minus raw pixels (points)",
+            ">= 15",
+            100 * (s["cls_acc_trained"] - s["cls_acc_pixels"]),
+            s["cls_acc_trained"] - s["cls_acc_pixels"] >= 0.15,
+        ),
+        (
+            "... minus random weights (points)",
+            ">= 15",
+            100 * (s["cls_acc_trained"] - s["cls_acc_random"]),
+            s["cls_acc_trained"] - s["cls_acc_random"] >= 0.15,
+        ),
+        (
+            "best up-stage PCK@0.1, trained minus random (points)",
+            "> 0",
+            100 * (s["pck_best_up_trained"] - s["pck_best_up_random"]),
+            s["pck_best_up_trained"] > s["pck_best_up_random"],
+        ),
+        (
+            "best up-stage PCK@0.1, trained minus pixels (points)",
+            "> 0",
+            100 * (s["pck_best_up_trained"] - s["pck_pixels"]),
+            s["pck_best_up_trained"] > s["pck_pixels"],
+        ),
+    ]
+    df = pd.DataFrame(rows, columns=["goal", "target", "measured", "met"])
+    df["verdict"] = np.where(df["met"], "met", "missed")
+    return df.drop(columns="met")
