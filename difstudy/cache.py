@@ -3,7 +3,8 @@
 Format: a folder of **safetensors shards**, each with a JSON sidecar::
 
     <root>/<group>/shards/<batch-key>-<uuid>.safetensors   tensors "act|t|variant|seed|image_id" -> (C, H, W)
-    <root>/<group>/shards/<batch-key>-<uuid>.json          entries, sha256 of the shard file, dtype, sizes
+    <root>/<group>/shards/<batch-key>-<uuid>.json          entries, sha256 of the shard file, sizes, and the
+                                                          content digest of each image it holds ("images")
     <root>/<group>/group.json                             what the group is (model, image size, dtype)
     <root>/<group>/quarantine/                            shards that failed their checksum (kept, never deleted)
 
@@ -15,6 +16,11 @@ sidecar is written the same way. A shard counts only once its sidecar exists
 and its sha256 matches, so a SIGKILL at any moment leaves either a complete
 entry or nothing; truncated or corrupt shards are detected, moved to
 ``quarantine/`` with a warning, and their entries recomputed.
+
+Image digests: a sidecar records, for each image id of its shard, a digest of
+the image's pixels; :meth:`FeatureCache.image_digest` answers it, so a writer
+can refuse an id that the cache already holds for another image (two datasets
+that name different images alike would otherwise share features silently).
 
 Concurrency: writers never share a file. Each extraction batch is claimed
 through a lock file (``filelock``) so two processes on one cache split the
@@ -36,7 +42,7 @@ import pandas as pd
 import torch
 from filelock import FileLock, Timeout
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from .errors import CacheError
 
@@ -108,6 +114,8 @@ class FeatureCache:
         self.meta = json.loads(info.read_text()) if info.exists() else {}
         self._index: dict[Key, Path] = {}
         self._sidecar_keys: dict[str, list[Key]] = {}
+        self._sidecar_images: dict[str, dict[str, str]] = {}
+        self._images: dict[str, str] = {}
         self._verified: set[Path] = set()
         self.refresh()
 
@@ -121,27 +129,41 @@ class FeatureCache:
         gone = set(self._sidecar_keys) - set(sides)
         if gone:  # quarantined elsewhere: drop their entries
             for name in gone:
-                del self._sidecar_keys[name]
+                self._forget(name)
             self._rebuild_index()
         for name in sorted(set(sides) - set(self._sidecar_keys)):
             side = sides[name]
             try:
-                keys = [Key.decode(k) for k in json.loads(side.read_text())["keys"]]
-            except (json.JSONDecodeError, KeyError, ValueError, OSError):
+                info = json.loads(side.read_text())
+                keys = [Key.decode(k) for k in info["keys"]]
+                images = {str(k): str(v) for k, v in info.get("images", {}).items()}
+            except (json.JSONDecodeError, KeyError, ValueError, OSError, AttributeError):
                 warnings.warn(f"feature cache: unreadable sidecar {side}; quarantined, its entries will be recomputed")
                 self._quarantine(side.with_suffix(".safetensors"), side)
                 continue
-            self._sidecar_keys[name] = keys
-            shard = side.with_suffix(".safetensors")
-            for k in keys:
-                self._index.setdefault(k, shard)
+            self._add(name, keys, images)
+
+    def _add(self, side_name: str, keys: list[Key], images: dict[str, str]) -> None:
+        self._sidecar_keys[side_name] = keys
+        self._sidecar_images[side_name] = images
+        shard = self.shards_dir / side_name.replace(".json", ".safetensors")
+        for k in keys:
+            self._index.setdefault(k, shard)
+        for i, d in images.items():
+            self._images.setdefault(i, d)
+
+    def _forget(self, side_name: str) -> None:
+        self._sidecar_keys.pop(side_name, None)
+        self._sidecar_images.pop(side_name, None)
 
     def _rebuild_index(self) -> None:
-        self._index = {}
+        self._index, self._images = {}, {}
         for name in sorted(self._sidecar_keys):
             shard = self.shards_dir / name.replace(".json", ".safetensors")
             for k in self._sidecar_keys[name]:
                 self._index.setdefault(k, shard)
+            for i, d in self._sidecar_images.get(name, {}).items():
+                self._images.setdefault(i, d)
 
     def __contains__(self, key: Key) -> bool:
         return key in self._index
@@ -159,6 +181,10 @@ class FeatureCache:
 
     def missing(self, keys) -> list[Key]:
         return [k for k in keys if k not in self._index]
+
+    def image_digest(self, image_id: str) -> str | None:
+        """Content digest recorded for ``image_id`` by the writer of its features (None if unknown)."""
+        return self._images.get(image_id)
 
     # -- integrity -------------------------------------------------------
     def _quarantine(self, *paths: Path) -> None:
@@ -184,7 +210,7 @@ class FeatureCache:
             f"feature cache: shard {shard.name} is corrupt or truncated (checksum mismatch); quarantined, its entries will be recomputed"
         )
         self._quarantine(shard, side)
-        self._sidecar_keys.pop(side.name, None)
+        self._forget(side.name)
         self._rebuild_index()
         return False
 
@@ -219,22 +245,34 @@ class FeatureCache:
             return None
         return lock
 
-    def write(self, batch_key: str, tensors: dict[Key, torch.Tensor], extra: dict | None = None) -> Path:
-        """Write one shard atomically (shard first, sidecar last)."""
+    def write(
+        self,
+        batch_key: str,
+        tensors: dict[Key, torch.Tensor],
+        extra: dict | None = None,
+        images: dict[str, str] | None = None,
+    ) -> Path:
+        """Write one shard atomically (shard first, sidecar last).
+
+        ``images``: content digest per image id of the shard, recorded in the sidecar
+        (see :meth:`image_digest`). The checksum is taken of the bytes in memory, so
+        the shard is not read back."""
         stem = f"{batch_key}-{uuid.uuid4().hex[:8]}"
         shard = self.shards_dir / f"{stem}.safetensors"
         tmp = self.shards_dir / f".{stem}.safetensors.tmp"
         payload = {k.encode(): v.detach().contiguous().cpu() for k, v in tensors.items()}
-        save_file(payload, str(tmp))
-        with open(tmp, "rb") as f:
+        data = save(payload)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, shard)
-        info = dict(keys=sorted(payload), sha256=_sha256(shard), bytes=shard.stat().st_size, **(extra or {}))
+        images = dict(images or {})
+        digest = hashlib.sha256(data).hexdigest()
+        info = dict(keys=sorted(payload), sha256=digest, bytes=len(data), images=images, **(extra or {}))
         _atomic_write_text(shard.with_suffix(".json"), json.dumps(info))
         self._verified.add(shard)
-        self._sidecar_keys[shard.with_suffix(".json").name] = list(tensors)
-        for k in tensors:
-            self._index.setdefault(k, shard)
+        self._add(shard.with_suffix(".json").name, list(tensors), images)
         return shard
 
     def summary(self) -> dict:

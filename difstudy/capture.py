@@ -265,23 +265,29 @@ def run_with_cache(unet, names, *args, stop: bool = True, catalog: Catalog | Non
 
 
 # -- batching of timesteps and conditioning variants ---------------------------
-def expand_batch(latents: torch.Tensor, timesteps, conds: torch.Tensor):
+def expand_batch(latents: torch.Tensor, timesteps, conds: torch.Tensor, per_image: bool = False):
     """Lay out N images x T timesteps x V conditioning variants as one batch.
 
     latents: (N, C, h, w) or (N, T, C, h, w) already-noised latents per timestep;
-    timesteps: sequence of T ints; conds: (V, L, D) text embeddings.
-    Returns ``(sample (N*T*V, C, h, w), t (N*T*V,), ehs (N*T*V, L, D))`` in
+    timesteps: sequence of T ints; conds: (V, L, D) text embeddings shared by
+    all images, or with ``per_image`` (N, V, ...) one row per image (captions
+    differ per image; any trailing shape, e.g. SDXL's pooled (N, V, P)).
+    Returns ``(sample (N*T*V, C, h, w), t (N*T*V,), ehs (N*T*V, ...))`` in
     (n, t, v) order; :func:`split_batch` undoes it.
     """
     ts = torch.as_tensor(list(timesteps), dtype=torch.long, device=latents.device)
-    n, T, V = latents.shape[0], len(ts), conds.shape[0]
+    n, T = latents.shape[0], len(ts)
+    if per_image and conds.shape[0] != n:
+        raise ValueError(f"per-image conditioning has {conds.shape[0]} rows for {n} images")
+    per = conds if per_image else conds[None].expand(n, *conds.shape)  # (N, V, ...)
+    V = per.shape[1]
     if latents.dim() == 4:
         latents = latents[:, None].expand(n, T, *latents.shape[1:])
     if latents.shape[1] != T:
         raise ValueError(f"latents have {latents.shape[1]} timesteps, expected {T}")
     sample = latents[:, :, None].expand(n, T, V, *latents.shape[2:]).reshape(n * T * V, *latents.shape[2:])
     t = ts[None, :, None].expand(n, T, V).reshape(-1)
-    ehs = conds[None, None].expand(n, T, *conds.shape).reshape(n * T * V, *conds.shape[1:])
+    ehs = per[:, None].expand(n, T, *per.shape[1:]).reshape(n * T * V, *per.shape[2:])
     return sample, t, ehs
 
 

@@ -36,6 +36,147 @@ def _toyworld(a) -> None:
     export_all(a.out, n=a.n, size=a.size, seed=a.seed, n_pairs=a.pairs if a.pairs is not None else a.n)
 
 
+def _option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with VALUE read as YAML (``3``, ``None``/``null``, ``[64, 32]``, ``conv``)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    parsed = None if value in ("None", "none") else yaml.safe_load(value)
+    return key.replace("-", "_"), parsed
+
+
+def _probe_real(a) -> None:
+    from . import protocols as P
+    from . import real
+    from .fileio import write_csv_atomic
+
+    cfg = real.task_config(a.dataset, dict(a.option))
+    ex = P.ExtractionConfig(t=a.t, variant=a.variant, image_size=a.size, batch_size=a.batch, cache_dir=a.cache)
+    source = real.feature_source(a.model, a.acts, ex, dtype=a.dtype, device=a.device)
+    df = real.probe_real(a.dataset, a.root, source, cfg, a.seeds, a.n_train, a.n, a.num_classes)
+    df = df.assign(model=a.model if a.acts != ["pixels"] else "pixels", t=a.t)
+    print(f"protocol: {df['protocol'].iloc[0]}")
+    print(P.summarize(df, ("task", "metric")).to_string(index=False))
+    if a.out:
+        write_csv_atomic(df, a.out)
+
+
+def _add_probe_real(sub) -> None:
+    from .real import TASK_KINDS
+
+    p = sub.add_parser(
+        "probe-real",
+        help="a paper protocol on a dataset in its official layout (SPair-71k, DDPM-seg, ADE20K, Cityscapes, CIFAR-10)",
+    )
+    p.add_argument("dataset", choices=list(TASK_KINDS))
+    p.add_argument("--root", required=True)
+    p.add_argument("--model", default="sd15")
+    p.add_argument("--acts", nargs="+", default=["ours-v1.5"], help="activations, named sets, or 'pixels'")
+    p.add_argument("--t", type=int, default=50)
+    p.add_argument("--variant", default="empty", help="empty, generic, fine or text:<prompt>")
+    p.add_argument("--size", type=int, default=None, help="image size for extraction (default: the model's native)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="run seeds (noise draw, probe init, order)")
+    p.add_argument("--n", type=int, default=None, help="test pairs / images (default: all)")
+    p.add_argument("--n-train", type=int, default=None, help="training images (or conv-head pairs; default: all)")
+    p.add_argument("--num-classes", type=int, default=None, help="classes of a generic ddpmseg folder")
+    p.add_argument(
+        "--option",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a field of the task's protocol config, e.g. method=conv, n_models=3, concat_size=None (repeatable)",
+    )
+    p.add_argument("--batch", type=int, default=8, help="extraction batch size")
+    p.add_argument("--cache", default="cache/features")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=None, help="CSV of the tidy results")
+    p.set_defaults(fn=_probe_real)
+
+
+def _extract(a) -> None:
+    import torch
+
+    from .data.loaders import load_dataset
+    from .extract import extract
+
+    if a.dataset.startswith("toyworld"):
+        from .data.toyworld import ToyWorld
+
+        split = a.dataset.split(":", 1)[1] if ":" in a.dataset else "test"
+        ds = ToyWorld(split, n=a.n, size=a.toy_size)
+    else:
+        kind, _, root = a.dataset.partition(":")
+        ds = load_dataset(kind, root)
+        if a.n:
+            ds = [ds[i] for i in range(min(a.n, len(ds)))]
+    extract(
+        a.model,
+        ds,
+        a.acts,
+        timesteps=a.t,
+        variants=a.variants,
+        seed=a.seed,
+        image_size=a.size,
+        batch_size=a.batch,
+        cache_dir=a.cache,
+        dtype=a.dtype,
+        device=a.device,
+        store_dtype=torch.float16 if a.store == "fp16" else torch.float32,
+    )
+
+
+def _add_extract(sub) -> None:
+    p = sub.add_parser("extract", help="extract activations of a dataset into the feature cache")
+    p.add_argument("--model", default="mini")
+    p.add_argument(
+        "--dataset",
+        default="toyworld:test",
+        help="toyworld[:split] or KIND:ROOT (spair, horse21, ade20k, cityscapes, cifar10...)",
+    )
+    p.add_argument("--n", type=int, default=None, help="number of images (default: all)")
+    p.add_argument("--toy-size", type=int, default=64)
+    p.add_argument(
+        "--acts",
+        nargs="+",
+        default=["ours-v1.5"],
+        help="paper names, module paths or sets (ours-v1.5, legacy-v1.5, ours-xl, legacy-xl, all)",
+    )
+    p.add_argument("--t", nargs="+", type=int, default=[50])
+    p.add_argument("--variants", nargs="+", default=["empty"], help="empty, generic, fine or text:<prompt>")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=None, help="image size (default: the model's native size)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--cache", default="cache/features")
+    p.add_argument("--dtype", default=None, help="model dtype: fp32, fp16, bf16")
+    p.add_argument("--device", default=None)
+    p.add_argument("--store", choices=["fp16", "fp32"], default="fp16")
+    p.set_defaults(fn=_extract)
+
+
+def _bench(a) -> None:
+    from .bench import config_for, run_bench
+
+    cfg = config_for(a.quick)
+    cfg.threads = a.threads
+    if a.repeats:
+        cfg.repeats = a.repeats
+    run_bench(cfg, out=a.out)
+    sys.stdout.flush()
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="time capture, early stop, batching and extraction memory (CPU)")
+    p.add_argument("--quick", action="store_true", help="fewer repeats and a lighter comparison (< 1 min)")
+    p.add_argument("--out", default=None, help="write the tidy result rows to this CSV file")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (fixed for the whole run; default 1)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5, --quick 3)")
+    p.set_defaults(fn=_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="difstudy", description="diffusion U-Net activations as discriminative features")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -55,10 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pairs", type=int, default=None, help="correspondence pairs per split (default: n)")
     t.set_defaults(fn=_toyworld)
 
-    from . import bench, extract, real, study
+    _add_probe_real(sub)
+    _add_extract(sub)
 
-    for module in (extract, study, real, bench):
+    from . import bookcheck, study, sweep
+
+    for module in (study, sweep):
         module.add_cli(sub)
+    _add_bench(sub)
+    bookcheck.add_cli(sub)
     return p
 
 

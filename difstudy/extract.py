@@ -1,18 +1,46 @@
 """Feature extraction: a dataset through a diffusion U-Net into the feature cache.
 
-The papers' protocol (Meng et al.; GATE): encode the image with the VAE
-(posterior mean, scaled), add scheduler noise for timestep ``t`` with a noise
-draw fixed per (image, t, seed), run **one** U-Net forward without
-classifier-free guidance and read the activations, stopping right after the
-last requested one.
+The papers' protocol (Meng et al.; GATE), one U-Net forward per image:
+
+1. encode the image with the VAE and scale it (``scaling_factor``). difstudy
+   takes the posterior **mean**; diffusers' img2img pipelines, which the
+   official code drives, take a posterior *sample* (``retrieve_latents``).
+   The mean is a deliberate choice: the features then depend on the image and
+   the noise draw only, not on the VAE's (small) posterior noise as well;
+2. noise it for timestep ``t`` with **DDPM forward noising**
+   ``z_t = sqrt(alpha_bar_t) z0 + sqrt(1 - alpha_bar_t) n`` (:func:`ddpm_noise`),
+   ``alpha_bar`` computed from the betas of the pipeline's scheduler config
+   (:func:`ddpm_alphas_cumprod`), whatever scheduler the pipeline samples with.
+   The U-Net was trained on exactly this input. An Euler or DPM-Solver
+   scheduler's ``add_noise`` works in sigma space and expects
+   ``scale_model_input`` before the U-Net (SDXL's Euler default fed without it
+   gives an input 1/sqrt(alpha_bar_t) too large), so it is never used here;
+3. run **one** U-Net forward without classifier-free guidance and read the
+   activations, stopping right after the last requested one.
+
+The noise draw ``n`` is fixed per (image content, t, seed): :func:`noise_for`
+keyed by :func:`image_digest`, so it is identical across runs, batches,
+conditioning variants and whatever name a dataset gives the image.
 
 Batching: a batch of B images, T timesteps and V conditioning variants is one
-forward of B*T*V samples; the VAE runs once per image and the text encoder
-once per distinct prompt (embeddings are memoised). A conditioning variant is
-a named prompt rule: ``empty`` (""), ``generic`` (the image's caption, e.g.
-"a photo of a bird"), ``fine`` (its fine-grained caption) or ``text:<prompt>``
-(one literal prompt for all images). Later GATE techniques are further
-variants of the same forward and cache.
+forward of B*T*V samples laid out by :func:`~difstudy.capture.expand_batch`
+(and read back with :func:`~difstudy.capture.split_batch`); the VAE runs once
+per image and the text encoder once per distinct prompt (embeddings are
+memoised, also across extractions: see :func:`clear_text_memo`). A conditioning variant is a named prompt rule: ``empty`` (""),
+``generic`` (the image's caption, e.g. "a photo of a bird"), ``fine`` (its
+fine-grained caption) or ``text:<prompt>`` (one literal prompt for all
+images). Later GATE techniques are further variants of the same forward and cache.
+
+Image ids key the cache, so they must name one image each across splits and
+datasets (the loaders namespace them: ``"<dataset>/<split>/<path>"``).
+:func:`extract` refuses a dataset that repeats an id, and an id the cache
+already holds for different pixels (each shard records the content digest of
+its images).
+
+Cache groups (:func:`cache_group`) separate features that differ: the
+fingerprints of the U-Net, VAE and text encoder(s) (config and weights), the
+noising schedule, the image size, the storage dtype and
+:data:`PROTOCOL_VERSION`, bumped whenever the protocol changes a feature.
 
 Stored features are (C, H, W) per image: spatial activations as captured;
 attention maps (``self-map``/``cross-map``) averaged over heads and laid out
@@ -21,10 +49,12 @@ as (keys, H, W) so that every entry is a feature map.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
 import zlib
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -35,11 +65,15 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .cache import FeatureCache, Key
-from .capture import Capture
+from .capture import Capture, expand_batch, split_batch
 from .catalog import Catalog
 from .errors import DifstudyError
 
 BUILTIN_VARIANTS = ("empty", "generic", "fine")
+# Version of the extraction protocol, part of every cache group: bump it whenever a change here
+# changes a stored feature, so caches written by older code are never reused.
+# 1: scheduler.add_noise, ids as given; 2: DDPM forward noising, noise keyed by image content.
+PROTOCOL_VERSION = 2
 
 
 @dataclass
@@ -102,13 +136,74 @@ def to_tensor(image: np.ndarray, size: int) -> torch.Tensor:
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div(127.5).sub(1)
 
 
-def noise_for(image_id: str, t: int, seed: int, shape, dtype=torch.float32) -> torch.Tensor:
-    """The noise draw for (image, t, seed): identical across runs, batches and variants."""
-    s = zlib.crc32(f"{seed}|{t}|{image_id}".encode())
+def image_digest(image: np.ndarray) -> str:
+    """Content digest of an image array (shape, dtype and pixels): 16 hex characters."""
+    a = np.ascontiguousarray(image)
+    h = hashlib.blake2b(f"{a.shape}|{a.dtype}".encode(), digest_size=8)
+    h.update(a.data)
+    return h.hexdigest()
+
+
+def noise_for(key: str, t: int, seed: int, shape, dtype=torch.float32) -> torch.Tensor:
+    """The noise draw for (``key``, t, seed), identical across runs and batches.
+
+    Extraction keys it by :func:`image_digest` of the image, so it does not
+    depend on the image's name or on the conditioning variant."""
+    s = zlib.crc32(f"{seed}|{t}|{key}".encode())
     return torch.randn(shape, generator=torch.Generator().manual_seed(s), dtype=torch.float32).to(dtype)
 
 
+# -- DDPM forward noising ------------------------------------------------------------
+def ddpm_alphas_cumprod(scheduler) -> torch.Tensor:
+    """``alpha_bar_t`` (float32, one per training step) of DDPM forward noising for the betas
+    of ``scheduler``'s config (beta_start/end, beta_schedule, trained_betas, zero-SNR rescaling),
+    whatever scheduler class it is: a ``DDPMScheduler`` is built from the same config."""
+    from diffusers import DDPMScheduler
+
+    cfg = dict(scheduler.config)
+    if cfg.get("trained_betas") is not None:  # an array: not memoised
+        return DDPMScheduler.from_config(cfg).alphas_cumprod.detach().clone()
+    return _alphas_cumprod(json.dumps(cfg, sort_keys=True, default=str)).clone()
+
+
+@functools.lru_cache(maxsize=16)
+def _alphas_cumprod(config_json: str) -> torch.Tensor:
+    """Memoised per config (building a DDPMScheduler takes ~10 ms, twice per :func:`extract`)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(json.loads(config_json)).alphas_cumprod.detach().clone()
+
+
+def ddpm_noise(z0: torch.Tensor, noise: torch.Tensor, t, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """DDPM forward noising ``sqrt(alpha_bar_t) z0 + sqrt(1 - alpha_bar_t) noise``.
+
+    ``z0``, ``noise``: (B, ...); ``t``: an int or (B,) ints; ``alphas_cumprod``
+    from :func:`ddpm_alphas_cumprod`. Computed in float32 (coefficients in
+    float64), returned in ``z0``'s dtype."""
+    n_steps = len(alphas_cumprod)
+    t = torch.as_tensor(t, dtype=torch.long).cpu().reshape(-1)
+    bad = [int(v) for v in t if not 0 <= int(v) < n_steps]
+    if bad:
+        raise DifstudyError(f"timestep {bad[0]} out of range: the schedule has {n_steps} steps, use 0 <= t < {n_steps}")
+    ab = alphas_cumprod.detach().to("cpu", torch.float64)[t]
+    shape = (-1,) + (1,) * (z0.dim() - 1)
+    a = ab.sqrt().to(z0.device, torch.float32).reshape(shape)
+    s = (1 - ab).sqrt().to(z0.device, torch.float32).reshape(shape)
+    return (a * z0.float() + s * noise.to(z0.device).float()).to(z0.dtype)
+
+
 # -- the extractor ----------------------------------------------------------------
+# Prompt embeddings, keyed by the text encoders' fingerprint (config and weights), device, dtype
+# and prompt, shared by every Extractor of the process (most runs embed the same few prompts).
+_TEXT_MEMO: OrderedDict[tuple, tuple] = OrderedDict()
+_TEXT_MEMO_SIZE = 64
+
+
+def clear_text_memo() -> None:
+    """Forget the memoised prompt embeddings (the next extraction runs the text encoder again)."""
+    _TEXT_MEMO.clear()
+
+
 class Extractor:
     """Holds a pipeline and runs the protocol on batches of images.
 
@@ -135,7 +230,8 @@ class Extractor:
                 f"image size {self.image_size} is not a multiple of {mult} (VAE factor {self.factor} x "
                 f"{mult // self.factor} for the U-Net's downsamplers); try {max(mult, round(self.image_size / mult) * mult)}"
             )
-        n_train = pipe.scheduler.config.num_train_timesteps
+        self.alphas_cumprod = ddpm_alphas_cumprod(pipe.scheduler)
+        n_train = len(self.alphas_cumprod)
         self.timesteps = [int(t) for t in timesteps]
         bad = [t for t in self.timesteps if not 0 <= t < n_train]
         if bad:
@@ -150,20 +246,28 @@ class Extractor:
         self.catalog = Catalog(self.unet, latent_size=self.image_size // self.factor, text_len=text_len)
         self.names = self.catalog.resolve(activations)
         self.stop_early = stop_early
-        self._text: dict[str, tuple] = {}
         self.is_xl = getattr(self.unet.config, "addition_embed_type", None) == "text_time"
+        self._text_key: tuple | None = None
 
-    # text encoder once per distinct prompt
+    # text encoder once per distinct prompt (and text encoder weights: memoised across extractors)
     @torch.no_grad()
     def _embed(self, prompt: str):
-        if prompt not in self._text:
-            if self.is_xl:
-                e, _, pooled, _ = self.pipe.encode_prompt(prompt, device=self.device, do_classifier_free_guidance=False)
-                self._text[prompt] = (e[0], pooled[0])
-            else:
-                e, _ = self.pipe.encode_prompt(prompt, self.device, 1, False)
-                self._text[prompt] = (e[0], None)
-        return self._text[prompt]
+        if self._text_key is None:
+            self._text_key = (_text_fingerprint(self.pipe), str(self.device), str(self.dtype), self.is_xl)
+        key = (*self._text_key, prompt)
+        if key in _TEXT_MEMO:
+            _TEXT_MEMO.move_to_end(key)
+            return _TEXT_MEMO[key]
+        if self.is_xl:
+            e, _, pooled, _ = self.pipe.encode_prompt(prompt, device=self.device, do_classifier_free_guidance=False)
+            value = (e[0], pooled[0])
+        else:
+            e, _ = self.pipe.encode_prompt(prompt, self.device, 1, False)
+            value = (e[0], None)
+        _TEXT_MEMO[key] = value
+        while len(_TEXT_MEMO) > _TEXT_MEMO_SIZE:
+            _TEXT_MEMO.popitem(last=False)
+        return value
 
     @torch.no_grad()
     def encode_images(self, images: list[np.ndarray]) -> torch.Tensor:
@@ -179,62 +283,163 @@ class Extractor:
             vae.to(self.dtype)
         return z.to(self.dtype)
 
-    @torch.no_grad()
-    def features(self, ids: Sequence[str], images: list[np.ndarray], captions: list[dict]) -> dict[Key, torch.Tensor]:
-        B, T, V = len(ids), len(self.timesteps), len(self.variants)
-        z0 = self.encode_images(images)
-        sched = self.pipe.scheduler
-        noisy = []
-        for b, iid in enumerate(ids):
-            for t in self.timesteps:
-                n = noise_for(iid, t, self.seed, z0.shape[1:]).to(self.device, self.dtype)
-                noisy.append(sched.add_noise(z0[b : b + 1], n[None], torch.tensor([t], device=self.device)))
-        sample = torch.cat(noisy).reshape(B, T, *z0.shape[1:])
-        sample = sample[:, :, None].expand(B, T, V, *z0.shape[1:]).reshape(B * T * V, *z0.shape[1:])
-        tt = torch.tensor(self.timesteps, device=self.device)[None, :, None].expand(B, T, V).reshape(-1)
-        embs = [[self._embed(prompt_for(v, captions[b])) for v in self.variants] for b in range(B)]
+    def noisy_latents(self, z0: torch.Tensor, images: list[np.ndarray]) -> torch.Tensor:
+        """(B, C, h, w) clean latents -> (B, T, C, h, w) DDPM-noised at every timestep,
+        with the fixed noise draw of each image's content."""
+        B, T = len(images), len(self.timesteps)
+        keys = [image_digest(im) for im in images]
+        noise = torch.stack([noise_for(k, t, self.seed, z0.shape[1:]) for k in keys for t in self.timesteps])
+        tt = torch.tensor(self.timesteps).repeat(B)
+        z = z0[:, None].expand(B, T, *z0.shape[1:]).reshape(B * T, *z0.shape[1:])
+        return ddpm_noise(z, noise, tt, self.alphas_cumprod).reshape(B, T, *z0.shape[1:])
+
+    def unet_kwargs(self, captions: list[dict], latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """``(sample, t, kwargs)`` of the one U-Net forward for (B, T, C, h, w) noisy ``latents``:
+        (n, t, v) layout by :func:`~difstudy.capture.expand_batch`, SDXL's extra conditioning included."""
+        embs = [[self._embed(prompt_for(v, c)) for v in self.variants] for c in captions]
         ehs = torch.stack([torch.stack([e for e, _ in row]) for row in embs])  # (B, V, L, D)
-        ehs = ehs[:, None].expand(B, T, *ehs.shape[1:]).reshape(B * T * V, *ehs.shape[2:])
+        sample, tt, ehs = expand_batch(latents, self.timesteps, ehs, per_image=True)
         kw = dict(encoder_hidden_states=ehs)
-        if self.is_xl:
-            pooled = torch.stack([torch.stack([p for _, p in row]) for row in embs])
-            pooled = pooled[:, None].expand(B, T, *pooled.shape[1:]).reshape(B * T * V, -1)
+        if self.is_xl:  # pooled text embedding and size ids (original, crop top-left, target)
+            pooled = torch.stack([torch.stack([p for _, p in row]) for row in embs])  # (B, V, P)
+            _, _, pooled = expand_batch(latents, self.timesteps, pooled, per_image=True)
             s = self.image_size
-            time_ids = torch.tensor([s, s, 0, 0, s, s], device=self.device, dtype=self.dtype).expand(B * T * V, 6)
+            time_ids = torch.tensor([s, s, 0, 0, s, s], device=self.device, dtype=self.dtype).expand(len(tt), 6)
             kw["added_cond_kwargs"] = dict(text_embeds=pooled, time_ids=time_ids)
+        return sample, tt, kw
+
+    @torch.no_grad()
+    def features(
+        self, ids: Sequence[str], images: list[np.ndarray], captions: list[dict], store_dtype=None
+    ) -> dict[Key, torch.Tensor]:
+        """``{Key: (C, H, W)}`` for one batch; with ``store_dtype`` on the CPU in that dtype."""
+        B, T, V = len(ids), len(self.timesteps), len(self.variants)
+        sample, tt, kw = self.unet_kwargs(captions, self.noisy_latents(self.encode_images(images), images))
         with Capture(self.unet, self.names, stop=self.stop_early, catalog=self.catalog) as cap:
             cap.run(sample, tt, **kw)
         out: dict[Key, torch.Tensor] = {}
+        vkeys = [variant_key(v) for v in self.variants]
         for name, val in cap.cache.items():
             a = self.catalog[name] if name in self.catalog else None
             if a is not None and a.is_map:  # (N, heads, Nq, Nk) -> (N, Nk, H, W)
                 h, w = self.catalog[name.replace("-map", "-q")].shape[1:]
                 val = val.float().mean(1).transpose(1, 2).reshape(val.shape[0], -1, h, w)
-            val = val.reshape(B, T, V, *val.shape[1:])
+            if store_dtype is not None:  # one conversion and one transfer per activation
+                val = val.to(dtype=store_dtype).cpu()
+            val = split_batch(val, B, T, V)
             for b, iid in enumerate(ids):
                 for j, t in enumerate(self.timesteps):
-                    for k, v in enumerate(self.variants):
-                        out[Key(name, t, variant_key(v), self.seed, iid)] = val[b, j, k]
+                    for k, vk in enumerate(vkeys):
+                        out[Key(name, t, vk, self.seed, iid)] = val[b, j, k]
         return out
 
 
+# -- cache groups ----------------------------------------------------------------------
+_SAMPLES = 256  # weights fingerprint: about this many evenly strided values of every tensor, plus its last one
+
+
+def _public_config(config) -> dict:
+    """A component's config without private or version keys (``_use_default_values`` changes order
+    between processes; ``_name_or_path``, ``*_version`` do not describe the network)."""
+    cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return {k: v for k, v in cfg.items() if not k.startswith("_") and not k.endswith("_version")}
+
+
+def module_fingerprint(module) -> str:
+    """Fingerprint of a network: its config and, for every parameter and buffer, its name,
+    shape, dtype and the exact bytes of an evenly strided sample (every value of tensors up
+    to 256 values, about 256 of larger ones, and the last).
+
+    Independent of device and thread count; cheap even for SDXL (one transfer of the
+    samples; about 10 ms for the SD1.5 U-Net on one CPU thread). A change of every weight
+    of a layer (a fused LoRA, another checkpoint) or of the set of parameters (an unfused
+    LoRA adapter) changes it; a change of a few values of a large tensor may not."""
+    h = hashlib.sha1(json.dumps(_public_config(module.config), sort_keys=True, default=str).encode())
+    tensors = [*module.named_parameters(), *module.named_buffers()]
+    h.update("\n".join(f"{name}:{tuple(p.shape)}:{p.dtype}" for name, p in tensors).encode())
+    groups: dict[tuple, list] = {}  # one concatenation per (device, dtype)
+    for _, p in tensors:
+        flat = p.detach().reshape(-1)
+        if flat.numel():
+            if flat.device.type == "cpu" and flat.dtype != torch.bfloat16:
+                flat = flat.numpy()  # numpy views: a fraction of torch's per-call cost
+            groups.setdefault((str(p.device), str(p.dtype)), []).extend(
+                (flat[:: max(1, len(flat) // _SAMPLES)], flat[-1:])
+            )
+    for key in sorted(groups):
+        parts = groups[key]
+        if isinstance(parts[0], np.ndarray):
+            h.update(np.concatenate(parts).tobytes())
+        else:  # GPU (or bf16) tensors: gathered on their device, one transfer; bf16 bits read as int16
+            cat = torch.cat(parts)
+            cat = cat.view(torch.int16) if cat.dtype == torch.bfloat16 else cat
+            h.update(cat.cpu().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def schedule_fingerprint(scheduler) -> str:
+    """Fingerprint of what extraction takes from the scheduler: the DDPM noising schedule
+    (``alpha_bar`` from its betas: beta range and schedule, trained betas, zero-SNR rescaling,
+    number of training steps) and the prediction type the U-Net was trained for.
+
+    Sampling-only settings (the scheduler class, timestep spacing, solver order) do not
+    change a single forward at a given training timestep ``t``, so they are left out:
+    swapping SDXL's Euler scheduler for DDIM keeps the cached features."""
+    h = hashlib.sha1(ddpm_alphas_cumprod(scheduler).numpy().tobytes())
+    h.update(str(dict(scheduler.config).get("prediction_type", "epsilon")).encode())
+    return h.hexdigest()[:12]
+
+
+def _text_fingerprint(pipe) -> str:
+    parts = []
+    for suffix in ("", "_2"):
+        enc, tok = getattr(pipe, f"text_encoder{suffix}", None), getattr(pipe, f"tokenizer{suffix}", None)
+        if enc is not None:
+            parts.append(module_fingerprint(enc))
+        if tok is not None:
+            parts.append(f"{type(tok).__name__}:{len(tok)}:{tok.model_max_length}")
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
+
+
 def cache_group(pipe, model_name: str, image_size: int, store_dtype: torch.dtype) -> tuple[str, dict]:
-    """Group folder name and metadata: features of different models/sizes never mix."""
-    # private keys ("_use_default_values" is a list whose order changes from process to process,
-    # "_name_or_path", "_diffusers_version") do not describe the network: leave them out
-    cfg = {k: v for k, v in dict(pipe.unet.config).items() if not k.startswith("_")}
-    cfg = json.dumps(cfg, sort_keys=True, default=str)
-    # fingerprint of the weights: exact bytes of a strided sample of every parameter
-    # (independent of device and thread count, cheap even for SDXL)
-    h = hashlib.sha1(cfg.encode())
-    for p in pipe.unet.parameters():
-        h.update(p.detach().flatten()[::997].float().cpu().numpy().tobytes())
-    digest = h.hexdigest()[:12]
-    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(model_name))[-40:]
-    meta = dict(
-        model=str(model_name), unet_digest=digest, image_size=image_size, dtype=str(store_dtype).replace("torch.", "")
+    """Group folder name and metadata: features that could differ never share a group.
+
+    The group digest covers the U-Net, the VAE and the text encoder(s) (config and
+    weights, :func:`module_fingerprint`), the tokenizers, the noising schedule
+    (:func:`schedule_fingerprint`), the image size, the storage dtype and
+    :data:`PROTOCOL_VERSION`; the metadata lists each part."""
+    dtype = str(store_dtype).replace("torch.", "")
+    parts = dict(
+        protocol=PROTOCOL_VERSION,
+        unet=module_fingerprint(pipe.unet),
+        vae=module_fingerprint(pipe.vae),
+        text=_text_fingerprint(pipe),
+        schedule=schedule_fingerprint(pipe.scheduler),
+        image_size=int(image_size),
+        dtype=dtype,
     )
-    return f"{slug}-{digest}-s{image_size}-{meta['dtype']}", meta
+    digest = hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(model_name))[-40:]
+    meta = dict(model=str(model_name), digest=digest, **parts)
+    return f"{slug}-{digest}-s{image_size}-{dtype}", meta
+
+
+# -- the driver ------------------------------------------------------------------------
+def _duplicate_error(iid: str, first: int, again: int) -> DifstudyError:
+    return DifstudyError(
+        f"image id {iid!r} names two images of the dataset (index {first} and {again}); ids key the feature "
+        "cache, so the second image would be served the first one's features. Make ids unique across splits "
+        "and datasets: namespace them, e.g. '<dataset>/<split>/<relative path>' (the loaders of "
+        "difstudy.data.loaders do)"
+    )
+
+
+def _stale_error(iid: str, cache: FeatureCache) -> DifstudyError:
+    return DifstudyError(
+        f"image id {iid!r} is cached in {cache.dir} for another image (different pixels); ids must name one "
+        "image across every dataset extracted into a cache. Namespace the ids (e.g. "
+        "'<dataset>/<split>/<relative path>', as difstudy.data.loaders does) or use another cache_dir"
+    )
 
 
 def extract(
@@ -257,9 +462,10 @@ def extract(
 
     ``model``: a pipeline or a name for :func:`difstudy.models.load`.
     ``dataset``: a sequence of ToySample or loader dicts (``image``, ``image_id``,
-    optional captions). Resumable: only missing entries are computed; corrupt
-    shards are detected by checksum and recomputed. Returns the cache and a
-    :class:`Summary`.
+    optional captions); ids must be unique (a repeated id, or an id the cache
+    holds for other pixels, raises :class:`DifstudyError` before that batch is
+    computed). Resumable: only missing entries are computed; corrupt shards are
+    detected by checksum and recomputed. Returns the cache and a :class:`Summary`.
     """
     from .models import load
 
@@ -274,65 +480,72 @@ def extract(
     summary = Summary(cache_dir=str(cache.dir))
     summary.repaired = len(cache.verify())
     n = len(dataset)
-    ids_all = [None] * n
     batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+    vkeys = [variant_key(v) for v in ex.variants]
+    seen: dict[str, int] = {}
 
     def keys_of(ids):
-        return [
-            Key(a, t, variant_key(v), ex.seed, i)
-            for i in ids
-            for a in ex.names
-            for t in ex.timesteps
-            for v in ex.variants
-        ]
+        return [Key(a, t, v, ex.seed, i) for i in ids for a in ex.names for t in ex.timesteps for v in vkeys]
 
     def batch_key(ids):
-        spec = json.dumps([ids, ex.names, ex.timesteps, [variant_key(v) for v in ex.variants], ex.seed])
+        spec = json.dumps([ids, ex.names, ex.timesteps, vkeys, ex.seed])
         return hashlib.sha1(spec.encode()).hexdigest()[:16]
+
+    def load_batch(idx):
+        items = [_item(dataset, i) for i in idx]
+        for i, (iid, _, _) in zip(idx, items):
+            if seen.setdefault(iid, i) != i:
+                raise _duplicate_error(iid, seen[iid], i)
+        digests = {iid: image_digest(im) for iid, im, _ in items}
+        for iid, d in digests.items():
+            if cache.image_digest(iid) not in (None, d):
+                raise _stale_error(iid, cache)
+        return items, digests
+
+    def compute(idx, items, digests):
+        """Compute and write one claimed batch; returns False when another process holds it."""
+        ids = [it[0] for it in items]
+        bk = batch_key(ids)
+        lock = cache.claim(bk)
+        if lock is None:
+            return False
+        try:
+            cache.refresh()  # another process may have finished it meanwhile
+            todo = set(cache.missing(keys_of(ids)))
+            if todo:
+                need = {k.image_id for k in todo}
+                sel = [it for it in items if it[0] in need]
+                feats = ex.features([s[0] for s in sel], [s[1] for s in sel], [s[2] for s in sel], store_dtype)
+                feats = {k: v for k, v in feats.items() if k in todo}
+                cache.write(bk, feats, extra=dict(model=model_name), images={i: digests[i] for i in need})
+                summary.computed += len(feats)
+                summary.images += len(sel)
+            summary.reused += len(ids) * len(ex.names) * len(ex.timesteps) * len(vkeys) - len(todo)
+        finally:
+            lock.release()
+        return True
 
     pending = list(batches)
     bar = tqdm(
         total=n,
-        desc=f"extract {len(ex.names)} acts x {len(ex.timesteps)} t x {len(ex.variants)} var",
+        desc=f"extract {len(ex.names)} acts x {len(ex.timesteps)} t x {len(vkeys)} var",
         unit="img",
         disable=not progress,
     )
     while pending:
         busy = []
         for idx in pending:
-            items = [_item(dataset, i) for i in idx]
-            ids = [it[0] for it in items]
-            for i, iid in zip(idx, ids):
-                ids_all[i] = iid
-            cache.refresh()
-            todo = cache.missing(keys_of(ids))
-            if not todo:
-                summary.reused += len(keys_of(ids))
-                bar.update(len(idx))
-                continue
-            bk = batch_key(ids)
-            lock = cache.claim(bk)
-            if lock is None:  # another process computes this batch
+            items, digests = load_batch(idx)
+            if not cache.missing(keys_of([it[0] for it in items])):
+                summary.reused += len(idx) * len(ex.names) * len(ex.timesteps) * len(vkeys)
+            elif not compute(idx, items, digests):  # another process computes this batch
                 busy.append(idx)
                 continue
-            try:
-                cache.refresh()
-                todo = cache.missing(keys_of(ids))
-                if todo:
-                    need = sorted({k.image_id for k in todo})
-                    sel = [it for it in items if it[0] in need]
-                    feats = ex.features([s[0] for s in sel], [s[1] for s in sel], [s[2] for s in sel])
-                    feats = {k: v.to(store_dtype) for k, v in feats.items() if k in set(todo)}
-                    cache.write(bk, feats, extra=dict(model=model_name))
-                    summary.computed += len(feats)
-                    summary.images += len(sel)
-                summary.reused += len(keys_of(ids)) - len(todo)
-            finally:
-                lock.release()
             bar.update(len(idx))
         if busy:
             summary.skipped_busy += len(busy)
             time.sleep(0.5)
+            cache.refresh()
         pending = busy
     bar.close()
     summary.seconds = time.time() - t0
@@ -382,61 +595,3 @@ def pca_rgb(feat: torch.Tensor, n_components: int = 3, fit_on: torch.Tensor | No
     lo, hi = np.percentile(y, 1, axis=0), np.percentile(y, 99, axis=0)
     y = np.clip((y - lo) / (hi - lo + 1e-8), 0, 1)
     return torch.from_numpy(y.reshape(n, h, w, n_components)).float()
-
-
-# -- CLI ----------------------------------------------------------------------------
-def _run_cli(a) -> None:
-    from .data.loaders import load_dataset
-
-    if a.dataset.startswith("toyworld"):
-        from .data.toyworld import ToyWorld
-
-        split = a.dataset.split(":", 1)[1] if ":" in a.dataset else "test"
-        ds = ToyWorld(split, n=a.n, size=a.toy_size)
-    else:
-        kind, _, root = a.dataset.partition(":")
-        ds = load_dataset(kind, root)
-        if a.n:
-            ds = [ds[i] for i in range(min(a.n, len(ds)))]
-    extract(
-        a.model,
-        ds,
-        a.acts,
-        timesteps=a.t,
-        variants=a.variants,
-        seed=a.seed,
-        image_size=a.size,
-        batch_size=a.batch,
-        cache_dir=a.cache,
-        dtype=a.dtype,
-        device=a.device,
-        store_dtype=torch.float16 if a.store == "fp16" else torch.float32,
-    )
-
-
-def add_cli(sub) -> None:
-    p = sub.add_parser("extract", help="extract activations of a dataset into the feature cache")
-    p.add_argument("--model", default="mini")
-    p.add_argument(
-        "--dataset",
-        default="toyworld:test",
-        help="toyworld[:split] or KIND:ROOT (spair, horse21, ade20k, cityscapes, cifar10...)",
-    )
-    p.add_argument("--n", type=int, default=None, help="number of images (default: all)")
-    p.add_argument("--toy-size", type=int, default=64)
-    p.add_argument(
-        "--acts",
-        nargs="+",
-        default=["ours-v1.5"],
-        help="paper names, module paths or sets (ours-v1.5, legacy-v1.5, ours-xl, legacy-xl, all)",
-    )
-    p.add_argument("--t", nargs="+", type=int, default=[50])
-    p.add_argument("--variants", nargs="+", default=["empty"], help="empty, generic, fine or text:<prompt>")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=None, help="image size (default: the model's native size)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--cache", default="cache/features")
-    p.add_argument("--dtype", default=None, help="model dtype: fp32, fp16, bf16")
-    p.add_argument("--device", default=None)
-    p.add_argument("--store", choices=["fp16", "fp32"], default="fp16")
-    p.set_defaults(fn=_run_cli)

@@ -1,8 +1,9 @@
-"""The papers' protocols on datasets in their official layouts (real or exported toy data).
+"""The papers' protocols on datasets in their official layouts (real data, or the toy world
+exported with :mod:`difstudy.data.export`).
 
-The same loaders (:mod:`difstudy.data.loaders`), extraction (one forward per
-batch into the feature cache) and probes (:mod:`difstudy.probes`) serve real
-and toy data; with a GPU and the datasets these give the real-data numbers::
+Thin callers: a loader of :mod:`difstudy.data.loaders` gives records through the
+adapters of :mod:`difstudy.protocols.records`, and one protocol function of
+:mod:`difstudy.protocols` runs per seed. With a GPU and the datasets::
 
     difstudy probe-real spair --root /data/SPair-71k --model sd15 --acts ours-v1.5 --size 512 --device cuda --dtype fp16
     difstudy probe-real horse21 --root /data/ddpm-seg/horse_21 --model sdxl --acts ours-xl --size 1024 --device cuda --dtype fp16
@@ -10,318 +11,169 @@ and toy data; with a GPU and the datasets these give the real-data numbers::
     difstudy probe-real cityscapes --root /data/cityscapes --model sd15 --acts ours-v1.5 --size 512 --device cuda
     difstudy probe-real cifar10 --root /data/cifar-10-batches-py --model sd15 --acts ours-v1.5 --size 512 --device cuda
 
-Every function returns a tidy DataFrame (task, metric, seed, value, model,
-activations) and never holds more than one image's features per step except
-the pooled vectors of the classification probe.
+Each function returns the protocol's tidy rows for every seed, with a ``dataset`` column.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import fields, replace
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import torch
-import torch.nn.functional as F
 
-from .cache import Key
+from . import protocols as P
 from .data import loaders
-from .extract import concat, extract, variant_key
-from .probes import PixelMLPEnsemble, eval_seg_head, evaluate_pairs, linear_probe, summarize_pck, train_seg_head
+
+TASK_KINDS = {
+    "spair": "correspondence",
+    "horse21": "label-scarce-seg",
+    "bedroom28": "label-scarce-seg",
+    "ddpmseg": "label-scarce-seg",
+    "ade20k": "semantic-seg",
+    "cityscapes": "semantic-seg",
+    "cifar10": "classification",
+    "classfolders": "classification",
+}
+CONFIGS = {
+    "correspondence": P.CorrespondenceConfig,
+    "label-scarce-seg": P.PartSegConfig,
+    "semantic-seg": P.SemSegConfig,
+    "classification": P.ClassifyConfig,
+}
+SEMSEG_SPLITS = {"ade20k": ("training", "validation"), "cityscapes": ("train", "val")}
 
 
-class _Images:
-    """A dataset view of ``(image_id, image)`` records for :func:`extract`."""
+def feature_source(
+    model: str,
+    activations: Iterable[str],
+    extraction: P.ExtractionConfig = P.ExtractionConfig(),
+    dtype: str | None = None,
+    device: str | None = None,
+) -> P.FeatureSource:
+    """The U-Net feature source of ``model`` (``activations == ["pixels"]``: raw pixels)."""
+    activations = list(activations)
+    if activations == ["pixels"]:
+        return P.PixelFeatures()
+    from .models import load
 
-    def __init__(self, records):
-        self.records = records
-
-    def __len__(self):
-        return len(self.records)
-
-    def __getitem__(self, i):
-        iid, get = self.records[i]
-        return {"image_id": iid, "image": get()}
-
-
-class _Run:
-    """Extract a dataset once, then read per-image feature lists from the cache."""
-
-    def __init__(
-        self, model, images: _Images, activations, t, variant, seed, size, cache_dir, batch_size, dtype, device
-    ):
-        from .models import load
-
-        self.pipe = load(model, dtype=dtype, device=device) if isinstance(model, str) else model
-        self.cache, _ = extract(
-            self.pipe,
-            images,
-            activations,
-            timesteps=[t],
-            variants=[variant],
-            seed=seed,
-            image_size=size,
-            batch_size=batch_size,
-            cache_dir=cache_dir,
-            model_name=str(model),
-        )
-        from .catalog import Catalog
-
-        self.names = Catalog(self.pipe.unet).resolve(activations)
-        self.t, self.v, self.seed = t, variant_key(variant), seed
-
-    def maps(self, image_id: str) -> list[torch.Tensor]:
-        return [self.cache.get(Key(n, self.t, self.v, self.seed, image_id)).float() for n in self.names]
-
-    def concat(self, image_id: str) -> torch.Tensor:
-        return concat(self.maps(image_id), norm=False)
+    return P.CachedFeatures(load(model, dtype=dtype, device=device), activations, extraction, 0, model)
 
 
-def _rows(task, res: dict, seed, model, activations):
-    return [
-        dict(task=task, metric=k, seed=seed, value=float(v), model=str(model), activations=" ".join(activations))
-        for k, v in res.items()
-    ]
+def _seeds(run, seeds: Iterable[int], dataset: str) -> pd.DataFrame:
+    return P.over_seeds(run, seeds).assign(dataset=dataset)
 
 
 def spair_pck(
-    model,
-    root,
-    activations,
-    split="test",
-    n_pairs=None,
-    t=50,
-    variant="empty",
-    seed=0,
-    size=None,
-    cache_dir="cache/features",
-    batch_size=8,
-    dtype=None,
-    device=None,
+    source: P.FeatureSource,
+    root: str | Path,
+    split: str = "test",
+    n_pairs: int | None = None,
+    cfg: P.CorrespondenceConfig = P.CorrespondenceConfig(),
+    seeds: Iterable[int] = (0,),
+    train_split: str = "trn",
+    n_train_pairs: int | None = None,
 ) -> pd.DataFrame:
-    """SPair-71k protocol: nearest-neighbour keypoint transfer, PCK@0.1 (img and bbox; per keypoint and per image)."""
-    ds = loaders.SPair71k(root, split=split)
-    n = len(ds) if n_pairs is None else min(n_pairs, len(ds))
-    pairs = [ds[i] for i in range(n)]
-    imgs = {}
-    for p in pairs:
-        imgs.setdefault(p["src_id"], p["src_image"])
-        imgs.setdefault(p["trg_id"], p["trg_image"])
-    run = _Run(
-        model,
-        _Images([(k, (lambda v=v: v)) for k, v in imgs.items()]),
-        activations,
-        t,
-        variant,
-        seed,
-        size,
-        cache_dir,
-        batch_size,
-        dtype,
-        device,
-    )
-
-    def stream():
-        for p in pairs:
-            yield dict(
-                src_feat=run.concat(p["src_id"]),
-                trg_feat=run.concat(p["trg_id"]),
-                src_kps=p["src_kps"],
-                trg_kps=p["trg_kps"],
-                src_size=p["src_image"].shape[:2],
-                trg_size=p["trg_image"].shape[:2],
-                trg_bbox=p["trg_bbox"],
-                category=p["category"],
-                pair_id=p["pair_id"],
-            )
-
-    s = summarize_pck(evaluate_pairs(stream(), show_progress=False))
-    res = {
-        "PCK@0.1 img": s["pck_img_per_kp"],
-        "PCK@0.1 bbox": s["pck_bbox_per_kp"],
-        "PCK@0.1 img (per image)": s["pck_img_per_image"],
-        "PCK@0.1 bbox (per image)": s["pck_bbox_per_image"],
-    }
-    return pd.DataFrame(_rows("spair", res, seed, model, activations))
-
-
-def _seg_records(ds, n):
-    n = len(ds) if n is None else min(n, len(ds))
-    return [(str(ds[i]["image_id"]), (lambda i=i: ds[i]["image"])) for i in range(n)], n
-
-
-def _split_run(
-    model, train, test, n_train, n_test, activations, t, variant, size, cache_dir, batch_size, dtype, device
-):
-    """Extract the first ``n_train`` / ``n_test`` images of a train and a test split in one run."""
-    rec_tr, n_tr = _seg_records(train, n_train)
-    rec_te, n_te = _seg_records(test, n_test)
-    run = _Run(model, _Images(rec_tr + rec_te), activations, t, variant, 0, size, cache_dir, batch_size, dtype, device)
-    return run, n_tr, n_te
+    """SPair-71k: PCK of the first ``n_pairs`` pairs of ``split`` (all when None); the conv head
+    (``cfg.method == "conv"``) trains on ``train_split``."""
+    pairs = P.spair_pairs(loaders.SPair71k(root, split=split), n_pairs)
+    train = P.spair_pairs(loaders.SPair71k(root, split=train_split), n_train_pairs) if cfg.method == "conv" else None
+    return _seeds(lambda s: P.correspondence(source, pairs, cfg, s, train_pairs=train), seeds, "spair")
 
 
 def ddpmseg_miou(
-    model,
-    root,
-    activations,
-    preset="horse21",
-    n_train=None,
-    n_test=None,
-    seeds=(0, 1, 2),
-    res=None,
-    mlp_hidden=(256, 128),
-    mlp_models=10,
-    epochs=4,
-    t=50,
-    variant="empty",
-    size=None,
-    cache_dir="cache/features",
-    batch_size=8,
-    dtype=None,
-    device=None,
+    source: P.FeatureSource,
+    root: str | Path,
+    preset: str = "horse21",
+    n_train: int | None = None,
+    n_test: int | None = None,
+    cfg: P.PartSegConfig = P.PartSegConfig(),
+    seeds: Iterable[int] = (0, 1, 2),
+    num_classes: int | None = None,
+    ignore_index: int = 255,
 ) -> pd.DataFrame:
-    """DDPM-seg protocol (Horse-21, Bedroom-28): pixel-MLP ensemble on upsampled features, mIoU over seeds."""
-    make = {"horse21": loaders.DDPMSeg.horse21, "bedroom28": loaders.DDPMSeg.bedroom28}[preset]
-    train, test = make(root, "train"), make(root, "test")
-    run, n_tr, n_te = _split_run(
-        model, train, test, n_train, n_test, activations, t, variant, size, cache_dir, batch_size, dtype, device
-    )
+    """DDPM-seg folders (``horse21``, ``bedroom28`` or a generic ``ddpmseg`` folder with
+    ``num_classes``): pixel-MLP ensemble mIoU."""
+    presets = {"horse21": loaders.DDPMSeg.horse21, "bedroom28": loaders.DDPMSeg.bedroom28}
+    if preset == "ddpmseg":
+        if num_classes is None:
+            raise ValueError("a generic ddpmseg folder needs num_classes (e.g. --num-classes 21)")
 
-    def pixels(ds, n):
-        for i in range(n):
-            item = ds[i]
-            mask = torch.as_tensor(item["mask"]).long()
-            hw = (res, res) if res else tuple(mask.shape)
-            f = F.interpolate(run.concat(str(item["image_id"]))[None], size=hw, mode="bilinear", align_corners=False)[0]
-            y = F.interpolate(mask[None, None].float(), size=hw, mode="nearest")[0, 0].long()
-            yield f.flatten(1).T.contiguous(), y.flatten()
+        def make(split: str) -> loaders.DDPMSeg:
+            return loaders.DDPMSeg(root, split, num_classes=num_classes, ignore_index=ignore_index)
+    elif preset in presets:
 
-    c = run.concat(str(train[0]["image_id"])).shape[0]
-    rows = []
-    for s in seeds:
-        ens = PixelMLPEnsemble(
-            c, train.num_classes, n_models=mlp_models, hidden=mlp_hidden, seed=s, ignore_index=train.ignore_index
-        )
-        ens.fit(lambda: pixels(train, n_tr), epochs=epochs, show_progress=False)
-        rows += _rows(preset, {"mIoU": ens.evaluate(pixels(test, n_te))["miou"]}, s, model, activations)
-    return pd.DataFrame(rows)
+        def make(split: str) -> loaders.DDPMSeg:
+            return presets[preset](root, split)
+    else:
+        raise ValueError(f"unknown DDPM-seg preset {preset!r}; use horse21, bedroom28 or ddpmseg")
+    train, test = P.loader_records(make("train"), n_train), P.loader_records(make("test"), n_test)
+    return _seeds(lambda s: P.part_segmentation(source, train, test, cfg, s), seeds, preset)
 
 
 def semseg_miou(
-    model,
-    kind,
-    root,
-    activations,
-    n_train=None,
-    n_test=None,
-    seeds=(0, 1, 2),
-    epochs=10,
-    label_size=128,
-    t=50,
-    variant="empty",
-    size=None,
-    cache_dir="cache/features",
-    batch_size=8,
-    dtype=None,
-    device=None,
+    source: P.FeatureSource,
+    kind: str,
+    root: str | Path,
+    n_train: int | None = None,
+    n_test: int | None = None,
+    cfg: P.SemSegConfig = P.SemSegConfig(),
+    seeds: Iterable[int] = (0, 1, 2),
 ) -> pd.DataFrame:
-    """ADE20K / Cityscapes: a light multi-scale decoder head on the activations, mIoU over seeds."""
-    split_tr, split_te = ("training", "validation") if kind == "ade20k" else ("train", "val")
-    train, test = loaders.load_dataset(kind, root, split=split_tr), loaders.load_dataset(kind, root, split=split_te)
-    run, n_tr, n_te = _split_run(
-        model, train, test, n_train, n_test, activations, t, variant, size, cache_dir, batch_size, dtype, device
-    )
-
-    def batches(ds, n, order):
-        for i in order:
-            item = ds[i]
-            y = torch.as_tensor(item["mask"]).long()[None, None].float()
-            y = F.interpolate(y, size=(label_size, label_size), mode="nearest")[0].long()
-            yield [m[None] for m in run.maps(str(item["image_id"]))], y
-
-    chans = [m.shape[0] for m in run.maps(str(train[0]["image_id"]))]
-    rows = []
-    for s in seeds:
-        perm = np.random.default_rng(s).permutation(n_tr)
-        head = train_seg_head(
-            lambda perm=perm: batches(train, n_tr, perm),
-            chans,
-            train.num_classes,
-            epochs=epochs,
-            seed=s,
-            ignore_index=train.ignore_index,
-            show_progress=False,
-        )
-        r = eval_seg_head(head, batches(test, n_te, range(n_te)), train.num_classes, ignore_index=train.ignore_index)
-        rows += _rows(kind, {"mIoU": r["miou"]}, s, model, activations)
-    return pd.DataFrame(rows)
+    """ADE20K / Cityscapes: light-head mIoU (train split -> validation split)."""
+    if kind not in SEMSEG_SPLITS:
+        raise ValueError(f"unknown semantic-segmentation dataset {kind!r}; use one of {sorted(SEMSEG_SPLITS)}")
+    split_tr, split_te = SEMSEG_SPLITS[kind]
+    train = P.loader_records(loaders.load_dataset(kind, root, split=split_tr), n_train)
+    test = P.loader_records(loaders.load_dataset(kind, root, split=split_te), n_test)
+    return _seeds(lambda s: P.semantic_segmentation(source, train, test, cfg, s), seeds, kind)
 
 
 def classification_accuracy(
-    model,
-    kind,
-    root,
-    activations,
-    n_train=None,
-    n_test=None,
-    seeds=(0, 1, 2),
-    t=50,
-    variant="empty",
-    size=None,
-    cache_dir="cache/features",
-    batch_size=16,
-    dtype=None,
-    device=None,
+    source: P.FeatureSource,
+    kind: str,
+    root: str | Path,
+    n_train: int | None = None,
+    n_test: int | None = None,
+    cfg: P.ClassifyConfig = P.ClassifyConfig(),
+    seeds: Iterable[int] = (0, 1, 2),
 ) -> pd.DataFrame:
-    """CIFAR-10 (python batches) or class folders: linear probe on pooled features, accuracy over seeds."""
-    train, test = loaders.load_dataset(kind, root, split="train"), loaders.load_dataset(kind, root, split="test")
-    run, n_tr, n_te = _split_run(
-        model, train, test, n_train, n_test, activations, t, variant, size, cache_dir, batch_size, dtype, device
-    )
-
-    def pooled(ds, n):
-        X = np.stack([torch.cat([m.mean((1, 2)) for m in run.maps(str(ds[i]["image_id"]))]).numpy() for i in range(n)])
-        return X, np.array([ds[i]["label"] for i in range(n)])
-
-    X, y = pooled(train, n_tr)
-    Xt, yt = pooled(test, n_te)
-    rows = []
-    for s in seeds:
-        rows += _rows(kind, {"accuracy": linear_probe(X, y, Xt, yt, seed=s).accuracy}, s, model, activations)
-    return pd.DataFrame(rows)
+    """CIFAR-10 (python batches) or class folders: linear-probe accuracy."""
+    train = P.loader_records(loaders.load_dataset(kind, root, split="train"), n_train)
+    test = P.loader_records(loaders.load_dataset(kind, root, split="test"), n_test)
+    return _seeds(lambda s: P.classification(source, train, test, cfg, s), seeds, kind)
 
 
-def _cli(a) -> None:
-    common = dict(t=a.t, size=a.size, cache_dir=a.cache, dtype=a.dtype, device=a.device)
-    if a.task == "spair":
-        df = spair_pck(a.model, a.root, a.acts, n_pairs=a.n, **common)
-    elif a.task in ("horse21", "bedroom28"):
-        df = ddpmseg_miou(a.model, a.root, a.acts, preset=a.task, n_train=a.n_train, n_test=a.n, **common)
-    elif a.task in ("ade20k", "cityscapes"):
-        df = semseg_miou(a.model, a.task, a.root, a.acts, n_train=a.n_train, n_test=a.n, **common)
-    else:
-        df = classification_accuracy(a.model, a.task, a.root, a.acts, n_train=a.n_train, n_test=a.n, **common)
-    print(df.groupby("metric")["value"].agg(["mean", "std", "count"]).to_string())
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        df.to_csv(a.out, index=False)
+def task_config(dataset: str, options: dict | None = None):
+    """The protocol config of ``dataset``'s task with ``options`` (field -> value) applied."""
+    if dataset not in TASK_KINDS:
+        raise ValueError(f"unknown dataset {dataset!r}; use one of {list(TASK_KINDS)}")
+    kind = CONFIGS[TASK_KINDS[dataset]]
+    options = dict(options or {})
+    unknown = sorted(set(options) - {f.name for f in fields(kind)})
+    if unknown:
+        raise ValueError(f"{kind.__name__} has no field(s) {unknown}; fields: {[f.name for f in fields(kind)]}")
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+    return replace(kind(), **options)
 
 
-def add_cli(sub) -> None:
-    p = sub.add_parser(
-        "probe-real",
-        help="a paper protocol on a dataset in its official layout (SPair-71k, DDPM-seg, ADE20K, Cityscapes, CIFAR-10)",
-    )
-    p.add_argument("task", choices=["spair", "horse21", "bedroom28", "ade20k", "cityscapes", "cifar10", "classfolders"])
-    p.add_argument("--root", required=True)
-    p.add_argument("--model", default="sd15")
-    p.add_argument("--acts", nargs="+", default=["ours-v1.5"])
-    p.add_argument("--t", type=int, default=50)
-    p.add_argument("--size", type=int, default=None)
-    p.add_argument("--n", type=int, default=None, help="test pairs / images (default: all)")
-    p.add_argument("--n-train", type=int, default=None)
-    p.add_argument("--cache", default="cache/features")
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", default=None, help="CSV of the tidy results")
-    p.set_defaults(fn=_cli)
+def probe_real(
+    dataset: str,
+    root: str | Path,
+    source: P.FeatureSource,
+    cfg=None,
+    seeds: Iterable[int] = (0,),
+    n_train: int | None = None,
+    n_test: int | None = None,
+    num_classes: int | None = None,
+) -> pd.DataFrame:
+    """Run the protocol of ``dataset`` (a key of :data:`TASK_KINDS`) on the official layout at ``root``."""
+    cfg = task_config(dataset) if cfg is None else cfg
+    task = TASK_KINDS[dataset]
+    if task == "correspondence":
+        return spair_pck(source, root, n_pairs=n_test, cfg=cfg, seeds=seeds, n_train_pairs=n_train)
+    if task == "label-scarce-seg":
+        return ddpmseg_miou(source, root, dataset, n_train, n_test, cfg, seeds, num_classes=num_classes)
+    if task == "semantic-seg":
+        return semseg_miou(source, dataset, root, n_train, n_test, cfg, seeds)
+    return classification_accuracy(source, dataset, root, n_train, n_test, cfg, seeds)

@@ -1,55 +1,42 @@
-"""The benchmark tables on the toy world: probes over activation settings.
+"""The benchmark tables on the toy world: every protocol of :mod:`difstudy.protocols`
+for the settings of the papers' tables.
 
-``run_benchmark(BenchConfig(...))`` extracts features (through the cache),
-runs every task for every setting and seed and returns a tidy DataFrame (one
-row per model, setting, task, metric and seed). ``render(df)`` turns it into
-the mean +- std table; :data:`REFERENCE` holds the papers' numbers, which are
+``run_benchmark(BenchConfig(...))`` builds the toy-world records, a feature
+source per setting, and calls the four protocol functions for every seed; it
+returns a tidy DataFrame (one row per setting, task, protocol, metric and
+seed) and the single-activation ranking. ``render(df)`` gives the mean +- std
+table (``n/a`` for one seed). :data:`REFERENCE` holds the papers' numbers,
 only ever shown as separate, labelled reference rows.
 
-Tasks (toy-world versions of the papers' protocols):
-
-- ``correspondence``: nearest-neighbour keypoint transfer with cosine
-  similarity on upsampled features (DIFT protocol), PCK@0.1 per keypoint and
-  per image, thresholds from the image and the bounding box (SPair-71k style);
-  seeds draw different test pairs.
-- ``label-scarce-seg``: DDPM-seg protocol, an ensemble of pixel MLPs trained on
-  ``n_seg_train`` labelled images of one category (``seg_class``, as Horse-21
-  is one category), segmenting its parts and the background, mIoU; pixels are
-  streamed from the cache one image at a time.
-- ``semantic-seg``: a light multi-scale decoder head, object-class
-  segmentation (10 classes + background), mIoU.
-- ``classification``: logistic regression on globally pooled features, accuracy.
+Records (:mod:`difstudy.protocols.records`): correspondence pairs are drawn
+from the first ``n_test`` test images (seed = run seed); label-scarce
+segmentation uses ``n_seg_train`` / ``n_seg_test`` images of one class with
+class-local part masks (as Horse-21 is one category); semantic segmentation
+the object-class masks and classification the labels of the first
+``n_train`` / ``n_test`` images.
 
 Settings: ``raw pixels``; ``random-weight U-Net`` (the model's architecture,
 fresh weights, ours-v1.5 set); ``legacy-v1.5``; ``ours-v1.5``; ``best single
 activation`` (the catalogue entry with the best validation correspondence).
+
+The task configs default to the official protocols; the toy images are 64 px,
+so the parameter files scale some sizes down, and each such change appears in
+the ``protocol`` label of the rows it affects.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 
-import numpy as np
 import pandas as pd
-import torch
-import torch.nn.functional as F
 
-from .cache import Key
+from . import protocols as P
 from .catalog import NAMED_SETS
-from .data.toyworld import CLASS_NAMES, CLASSES, ToyWorld, local_part_mask
-from .extract import concat, extract, variant_key
-from .probes import (
-    PixelMLPEnsemble,
-    eval_seg_head,
-    evaluate_pairs,
-    linear_probe,
-    summarize_pck,
-    train_seg_head,
-)
+from .data.toyworld import ToyWorld
 
 TASKS = ("correspondence", "label-scarce-seg", "semantic-seg", "classification")
+SETTINGS = ("raw pixels", "random-weight U-Net", "legacy-v1.5", "ours-v1.5", "best single activation")
 
 # Papers' numbers (../shared/STUDY.md): real models on real datasets. Reference only.
 REFERENCE = pd.DataFrame(
@@ -87,341 +74,194 @@ REFERENCE = pd.DataFrame(
     columns=["setting", "metric", "value"],
 ).assign(source="paper (reference; real models, real data)")
 
+_TASK_CONFIGS = {
+    "correspondence": P.CorrespondenceConfig,
+    "part_seg": P.PartSegConfig,
+    "semantic_seg": P.SemSegConfig,
+    "classification": P.ClassifyConfig,
+}
+
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """Parameters of one benchmark run (the notebooks' ``ci``/``full`` sets)."""
+    """Parameters of one benchmark run (the notebooks' ``ci``/``full`` sets).
+
+    The four task configs may be given as dicts of their fields (as in the YAML
+    parameter files); lists become tuples.
+    """
 
     model: str = "mini"
     image_size: int = 64
     timestep: int = 50
     variant: str = "empty"
-    n_train: int = 60  # labelled images for the trained probes
+    n_train: int = 60  # labelled images for semantic segmentation and classification
     n_val: int = 40  # images for ranking single activations
     n_test: int = 60
     n_pairs: int = 60  # correspondence pairs per seed
     seeds: tuple[int, ...] = (0, 1, 2)
     tasks: tuple[str, ...] = TASKS
-    settings: tuple[str, ...] = (
-        "raw pixels",
-        "random-weight U-Net",
-        "legacy-v1.5",
-        "ours-v1.5",
-        "best single activation",
-    )
+    settings: tuple[str, ...] = SETTINGS
     seg_class: str = "bird"  # label-scarce segmentation is on one category's parts, as Horse-21
     n_seg_train: int = 20  # labelled images of that category (Horse-21: 30)
     n_seg_test: int = 20
-    seg_size: int = 32  # pixel-MLP resolution (features upsampled, masks nearest-downsampled)
-    mlp_hidden: tuple[int, ...] = (256, 128)
-    mlp_models: int = 10
-    mlp_epochs: int = 2
-    head_epochs: int = 15
     rank_candidates: str = "all"  # catalogue entries ranked for the best single activation
     cache_dir: str = "cache/features"
     batch_size: int = 16
     data_seed: int = 0
-    extra: dict = field(default_factory=dict)
+    correspondence: P.CorrespondenceConfig = field(default_factory=P.CorrespondenceConfig)
+    part_seg: P.PartSegConfig = field(default_factory=P.PartSegConfig)
+    semantic_seg: P.SemSegConfig = field(default_factory=P.SemSegConfig)
+    classification: P.ClassifyConfig = field(default_factory=P.ClassifyConfig)
 
-
-# -- feature access --------------------------------------------------------------
-class Features:
-    """Per-image feature maps of one setting, normalised per activation.
-
-    ``maps(split, i)`` -> list of (C, h, w) float32 tensors (one per activation);
-    each activation is divided by its root-mean-square over (up to 32) training
-    images so that concatenated activations weigh alike.
-    """
-
-    def __init__(self, worlds: dict[str, ToyWorld], getter: Callable[[str, int], list[torch.Tensor]]):
-        self.worlds, self._get = worlds, getter
-        ref = [self._get("train", i) for i in range(min(32, len(worlds["train"])))]
-        self.scale = [
-            torch.stack([r[a].float().pow(2).mean() for r in ref]).mean().sqrt().clamp_min(1e-6)
-            for a in range(len(ref[0]))
-        ]
-
-    def maps(self, split: str, i: int) -> list[torch.Tensor]:
-        return [m.float() / s for m, s in zip(self._get(split, i), self.scale)]
-
-    def concat(self, split: str, i: int, size: int | None = None) -> torch.Tensor:
-        """Channels of all activations at one resolution (``size`` or the largest)."""
-        return concat(self.maps(split, i), size=size, norm=False)
-
-    def pooled(self, split: str, i: int) -> torch.Tensor:
-        return torch.cat([m.mean((1, 2)) for m in self.maps(split, i)])
-
-
-def pixel_features(worlds) -> Features:
-    def get(split, i):
-        img = worlds[split][i].image
-        return [torch.tensor(img).permute(2, 0, 1).float() / 127.5 - 1]
-
-    return Features(worlds, get)
-
-
-class _Subset:
-    """Some indices of a toy-world split, as a dataset for :func:`extract`."""
-
-    def __init__(self, world: ToyWorld, idx):
-        self.world, self.idx = world, sorted(idx)
-
-    def __len__(self):
-        return len(self.idx)
-
-    def __getitem__(self, i):
-        return self.world[self.idx[i]]
-
-
-def seg_indices(cfg: BenchConfig, n: int) -> list[int]:
-    """The first ``n`` images of ``cfg.seg_class`` in ``world`` (classes cycle, so every tenth image)."""
-    c = CLASS_NAMES.index(cfg.seg_class)
-    return [c + len(CLASS_NAMES) * k for k in range(n)]
-
-
-def needed_indices(cfg: BenchConfig) -> dict[str, set[int]]:
-    """Toy-world images each split needs for the configured tasks."""
-    seg = "label-scarce-seg" in cfg.tasks
-    return {
-        "train": set(range(max(cfg.n_train, 32))) | (set(seg_indices(cfg, cfg.n_seg_train)) if seg else set()),
-        "test": set(range(cfg.n_test)) | (set(seg_indices(cfg, cfg.n_seg_test)) if seg else set()),
-    }
-
-
-def cache_features(
-    pipe, model_name: str, worlds, names, cfg: BenchConfig, splits=("train", "test"), indices=None
-) -> Features:
-    """Extract ``names`` for the ``indices`` of each split (default: all) and read them back per image."""
-    caches = {}
-    for split in splits:
-        idx = range(len(worlds[split])) if indices is None else indices[split]
-        caches[split], _ = extract(
-            pipe,
-            _Subset(worlds[split], idx),
-            list(names),
-            timesteps=[cfg.timestep],
-            variants=[cfg.variant],
-            seed=cfg.data_seed,
-            image_size=cfg.image_size,
-            batch_size=cfg.batch_size,
-            cache_dir=cfg.cache_dir,
-            model_name=model_name,
-            progress=False,
-        )
-    v = variant_key(cfg.variant)
-
-    def get(split, i):
-        iid = worlds[split][i].image_id
-        return [caches[split].get(Key(n, cfg.timestep, v, cfg.data_seed, iid)) for n in names]
-
-    return Features(worlds, get)
-
-
-# -- tasks -------------------------------------------------------------------------
-def correspondence(feats: Features, world: ToyWorld, split: str, n_pairs: int, seed: int) -> dict[str, float]:
-    def pairs():
-        for a, b in world.pairs(n_pairs, seed=seed):
-            sa, sb = world[a], world[b]
-            vis = sa.visible & sb.visible
-            yield dict(
-                src_feat=feats.concat(split, a),
-                trg_feat=feats.concat(split, b),
-                src_kps=sa.keypoints[vis],
-                trg_kps=sb.keypoints[vis],
-                src_size=sa.image.shape[:2],
-                trg_size=sb.image.shape[:2],
-                trg_bbox=sb.bbox,
-                category=sa.class_name,
-                pair_id=f"{a}-{b}",
+    def __post_init__(self):
+        for name, kind in _TASK_CONFIGS.items():
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                kw = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+                object.__setattr__(self, name, kind(**kw))
+        for name in ("seeds", "tasks", "settings"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown tasks {unknown}; use some of {list(TASKS)}")
+        bad = [s for s in self.settings if s not in SETTINGS and s not in NAMED_SETS]
+        if bad:
+            raise ValueError(
+                f"unknown setting {bad[0]!r}; use raw pixels, random-weight U-Net, best single activation "
+                f"or a named set {sorted(NAMED_SETS)}"
             )
 
-    s = summarize_pck(evaluate_pairs(pairs(), show_progress=False))
+    @classmethod
+    def from_params(cls, params: dict) -> BenchConfig:
+        """A config from a parameter file's dict (keys that are not fields are ignored)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in params.items() if k in names})
+
+    def extraction(self) -> P.ExtractionConfig:
+        return P.ExtractionConfig(
+            t=self.timestep,
+            variant=self.variant,
+            image_size=self.image_size,
+            batch_size=self.batch_size,
+            cache_dir=self.cache_dir,
+        )
+
+
+# -- records ---------------------------------------------------------------------
+def _world(split: str, n: int, cfg: BenchConfig) -> ToyWorld:
+    return ToyWorld(split, n=n, size=cfg.image_size, seed=cfg.data_seed)
+
+
+def seg_world_size(cfg: BenchConfig, n: int) -> int:
+    """Toy-world length holding ``n`` images of ``cfg.seg_class``."""
+    return P.toy_class_indices(cfg.seg_class, n)[-1] + 1
+
+
+def task_records(cfg: BenchConfig) -> dict[str, dict]:
+    """The records of every task (pairs per seed are drawn in :func:`run_task`)."""
+    train, test = _world("train", cfg.n_train, cfg), _world("test", cfg.n_test, cfg)
+    seg_train = _world("train", seg_world_size(cfg, cfg.n_seg_train), cfg)
+    seg_test = _world("test", seg_world_size(cfg, cfg.n_seg_test), cfg)
     return {
-        "PCK@0.1 img": s["pck_img_per_kp"],
-        "PCK@0.1 bbox": s["pck_bbox_per_kp"],
-        "PCK@0.1 img (per image)": s["pck_img_per_image"],
+        "correspondence": dict(train_world=train, test_world=test),
+        "label-scarce-seg": dict(
+            train=P.toy_part_records(seg_train, cfg.seg_class, cfg.n_seg_train),
+            test=P.toy_part_records(seg_test, cfg.seg_class, cfg.n_seg_test),
+        ),
+        "semantic-seg": dict(train=P.toy_records(train, target="object"), test=P.toy_records(test, target="object")),
+        "classification": dict(train=P.toy_records(train), test=P.toy_records(test)),
     }
 
 
-def _pixels(feats: Features, world: ToyWorld, split: str, idx, size: int):
-    """(pixels, C) features and class-local part labels of images ``idx``, one image at a time."""
-    for i in idx:
-        f = feats.concat(split, i, size=size)
-        s = world[i]
-        y = torch.tensor(local_part_mask(s.mask, s.label).astype(np.int64))[None, None].float()
-        y = F.interpolate(y, size=(size, size), mode="nearest")[0, 0].long()
-        yield f.flatten(1).T.contiguous(), y.flatten()
+def run_task(task: str, source: P.FeatureSource, records: dict, cfg: BenchConfig, seed: int) -> pd.DataFrame:
+    """One protocol call for one setting and seed."""
+    if task == "correspondence":
+        pairs = P.toy_pairs(records["test_world"], cfg.n_pairs, seed)
+        train_pairs = P.toy_pairs(records["train_world"], cfg.n_pairs, seed)
+        return P.correspondence(source, pairs, cfg.correspondence, seed, train_pairs=train_pairs)
+    if task == "label-scarce-seg":
+        return P.part_segmentation(source, records["train"], records["test"], cfg.part_seg, seed)
+    if task == "semantic-seg":
+        return P.semantic_segmentation(source, records["train"], records["test"], cfg.semantic_seg, seed)
+    return P.classification(source, records["train"], records["test"], cfg.classification, seed)
 
 
-def label_scarce_seg(feats: Features, worlds, cfg: BenchConfig, seed: int) -> dict[str, float]:
-    """DDPM-seg protocol on one category (``cfg.seg_class``): its parts + background."""
-    train_idx, test_idx = seg_indices(cfg, cfg.n_seg_train), seg_indices(cfg, cfg.n_seg_test)
-    k = len(CLASSES[CLASS_NAMES.index(cfg.seg_class)].parts) + 1
-    c = feats.concat("train", train_idx[0], size=cfg.seg_size).shape[0]
-    ens = PixelMLPEnsemble(c, k, n_models=cfg.mlp_models, hidden=cfg.mlp_hidden, seed=seed)
-    ens.fit(
-        lambda: _pixels(feats, worlds["train"], "train", train_idx, cfg.seg_size),
-        epochs=cfg.mlp_epochs,
-        batch_pixels=64,
-        show_progress=False,
-    )
-    r = ens.evaluate(_pixels(feats, worlds["test"], "test", test_idx, cfg.seg_size))
-    return {"mIoU": r["miou"]}
-
-
-def _semantic_batches(feats: Features, world: ToyWorld, split: str, idx, batch: int, shuffle_seed: int | None):
-    order = list(idx)
-    if shuffle_seed is not None:
-        order = [order[j] for j in torch.randperm(len(order), generator=torch.Generator().manual_seed(shuffle_seed))]
-    for s in range(0, len(order), batch):
-        chunk = order[s : s + batch]
-        maps = [feats.maps(split, i) for i in chunk]
-        levels = [torch.stack([m[a] for m in maps]) for a in range(len(maps[0]))]
-        labels = torch.stack(
-            [torch.from_numpy(np.where(world[i].mask > 0, world[i].label + 1, 0).astype(np.int64)) for i in chunk]
-        )
-        yield levels, labels
-
-
-def semantic_seg(feats: Features, worlds, cfg: BenchConfig, seed: int) -> dict[str, float]:
-    chans = [m.shape[0] for m in feats.maps("train", 0)]
-    k = len(CLASS_NAMES) + 1
-    ep = iter(range(10**6))
-    head = train_seg_head(
-        lambda: _semantic_batches(feats, worlds["train"], "train", range(cfg.n_train), 8, seed * 1000 + next(ep)),
-        chans,
-        k,
-        epochs=cfg.head_epochs,
-        seed=seed,
-        dim=64,
-        show_progress=False,
-    )
-    r = eval_seg_head(head, _semantic_batches(feats, worlds["test"], "test", range(cfg.n_test), 16, None), k)
-    return {"mIoU": r["miou"]}
-
-
-def classification(feats: Features, worlds, cfg: BenchConfig, seed: int) -> dict[str, float]:
-    X = torch.stack([feats.pooled("train", i) for i in range(cfg.n_train)]).numpy()
-    y = np.array([worlds["train"][i].label for i in range(cfg.n_train)])
-    Xt = torch.stack([feats.pooled("test", i) for i in range(cfg.n_test)]).numpy()
-    yt = np.array([worlds["test"][i].label for i in range(cfg.n_test)])
-    return {"accuracy": linear_probe(X, y, Xt, yt, seed=seed).accuracy}
-
-
-# -- ranking and the whole run --------------------------------------------------------
-def rank_single(pipe, model_name: str, worlds, cfg: BenchConfig, names) -> pd.DataFrame:
-    """Validation correspondence PCK of every activation alone (tidy, best first)."""
-    _, _ = extract(
-        pipe,
-        worlds["val"],
-        list(names),
-        [cfg.timestep],
-        [cfg.variant],
-        cfg.data_seed,
-        cfg.image_size,
-        cfg.batch_size,
-        cfg.cache_dir,
-        model_name=model_name,
-        progress=False,
-    )
+# -- settings ----------------------------------------------------------------------
+def rank_single(pipe, cfg: BenchConfig, names) -> pd.DataFrame:
+    """Validation correspondence PCK (seed 0, zero-shot protocol of ``cfg``) of every
+    activation alone, best first."""
+    val = _world("val", cfg.n_val, cfg)
+    pairs = P.toy_pairs(val, cfg.n_pairs, seed=0)
+    everyone = P.CachedFeatures(pipe, list(names), cfg.extraction(), 0, cfg.model)
+    everyone.prepare(P.pair_images(pairs))  # one forward per batch for all candidates
+    nn_cfg = replace(cfg.correspondence, method="nn")
     rows = []
-    vworlds = {"train": worlds["val"]}  # features normalised on the validation images themselves
     for n in names:
-        f = cache_features(pipe, model_name, vworlds, [n], cfg, splits=("train",))  # all cached above: no forward
-        s = correspondence(f, worlds["val"], "train", cfg.n_pairs, seed=0)
-        rows.append(dict(activation=n, **s))
-    return pd.DataFrame(rows).sort_values("PCK@0.1 img", ascending=False, kind="stable").reset_index(drop=True)
+        df = P.correspondence(everyone.select([n]), pairs, nn_cfg, seed=0)  # read back, nothing recomputed
+        rows.append(dict(activation=n, **dict(zip(df["metric"], df["value"]))))
+    img = f"PCK@{nn_cfg.alpha:g} img"
+    return pd.DataFrame(rows).sort_values(img, ascending=False, kind="stable").reset_index(drop=True)
 
 
+def feature_sources(pipe, cfg: BenchConfig) -> tuple[dict[str, tuple[P.FeatureSource, str]], pd.DataFrame]:
+    """``{setting: (source, activations)}`` and the single-activation ranking (empty unless ranked)."""
+    from .catalog import Catalog
+    from .models import vae_scale_factor
+
+    ex, sources, ranking = cfg.extraction(), {}, pd.DataFrame()
+    for s in cfg.settings:
+        if s == "raw pixels":
+            sources[s] = (P.PixelFeatures(), "pixels")
+        elif s == "random-weight U-Net":
+            acts = NAMED_SETS["ours-v1.5"]
+            sources[s] = (P.RandomUNetFeatures(pipe, acts, ex, 0, cfg.model, label=s), "ours-v1.5")
+        elif s in NAMED_SETS:
+            sources[s] = (P.CachedFeatures(pipe, NAMED_SETS[s], ex, 0, cfg.model, label=s), s)
+        else:  # best single activation
+            cat = Catalog(pipe.unet, latent_size=cfg.image_size // vae_scale_factor(pipe))
+            cands = cat.resolve([cfg.rank_candidates])
+            cands = [c for c in cands if c not in ("unet-in", "unet-out")] or cands
+            ranking = rank_single(pipe, cfg, cands)
+            best = ranking.iloc[0]["activation"]
+            sources[s] = (P.CachedFeatures(pipe, [best], ex, 0, cfg.model, label=s), best)
+    return sources, ranking
+
+
+# -- the whole run ---------------------------------------------------------------------
 def run_benchmark(cfg: BenchConfig, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Returns ``(results, ranking)``: tidy results and the single-activation ranking."""
     from tqdm.auto import tqdm
 
-    from .catalog import Catalog
-    from .models import load, vae_scale_factor
-    from .models.tiny import random_like
+    from .models import load
 
-    need = needed_indices(cfg)
-    worlds = {
-        "train": ToyWorld("train", n=max(need["train"]) + 1, size=cfg.image_size, seed=cfg.data_seed),
-        "val": ToyWorld("val", n=cfg.n_val, size=cfg.image_size, seed=cfg.data_seed),
-        "test": ToyWorld("test", n=max(need["test"]) + 1, size=cfg.image_size, seed=cfg.data_seed),
-    }
-    pair_world = ToyWorld("test", n=cfg.n_test, size=cfg.image_size, seed=cfg.data_seed)
     pipe = load(cfg.model)
-    ranking = pd.DataFrame()
-    sources: dict[str, tuple[Callable[[], Features], str]] = {}
-    for s in cfg.settings:
-        if s == "raw pixels":
-            sources[s] = (lambda: pixel_features(worlds), "pixels")
-        elif s == "random-weight U-Net":
-
-            def rnd():
-                import copy
-
-                rp = copy.copy(pipe)
-                rp.unet = random_like(pipe, seed=0)
-                return cache_features(rp, f"{cfg.model}-random", worlds, NAMED_SETS["ours-v1.5"], cfg, indices=need)
-
-            sources[s] = (rnd, "ours-v1.5")
-        elif s in NAMED_SETS:
-            sources[s] = (lambda s=s: cache_features(pipe, cfg.model, worlds, NAMED_SETS[s], cfg, indices=need), s)
-        elif s == "best single activation":
-            cands = Catalog(pipe.unet, latent_size=cfg.image_size // vae_scale_factor(pipe)).resolve(
-                [cfg.rank_candidates]
-            )
-            cands = [c for c in cands if c not in ("unet-in", "unet-out")] or cands
-            ranking = rank_single(pipe, cfg.model, worlds, cfg, cands)
-            best = ranking.iloc[0]["activation"]
-            sources[s] = (lambda best=best: cache_features(pipe, cfg.model, worlds, [best], cfg, indices=need), best)
-        else:
-            raise ValueError(
-                f"unknown setting {s!r}; use raw pixels, random-weight U-Net, best single activation or {sorted(NAMED_SETS)}"
-            )
-    rows = []
-    fns = {"label-scarce-seg": label_scarce_seg, "semantic-seg": semantic_seg, "classification": classification}
-    total = len(sources) * len(cfg.tasks) * len(cfg.seeds)
-    bar = tqdm(total=total, desc="benchmark", disable=not progress)
-    for s, (make, acts) in sources.items():
-        feats = make()
+    sources, ranking = feature_sources(pipe, cfg)
+    records = task_records(cfg)
+    frames = []
+    bar = tqdm(total=len(sources) * len(cfg.tasks) * len(cfg.seeds), desc="benchmark", disable=not progress)
+    for setting, (source, acts) in sources.items():
         for task in cfg.tasks:
             for seed in cfg.seeds:
                 t0 = time.time()
-                if task == "correspondence":
-                    res = correspondence(feats, pair_world, "test", cfg.n_pairs, seed)
-                else:
-                    res = fns[task](feats, worlds, cfg, seed)
-                for metric, value in res.items():
-                    rows.append(
-                        dict(
-                            model=cfg.model,
-                            setting=s,
-                            activations=acts,
-                            task=task,
-                            metric=metric,
-                            seed=seed,
-                            value=float(value),
-                            seconds=round(time.time() - t0, 2),
-                            t=cfg.timestep,
-                            n_train=cfg.n_train,
-                            n_test=cfg.n_test,
-                        )
+                df = run_task(task, source, records[task], cfg, seed)
+                frames.append(
+                    df.assign(
+                        setting=setting,
+                        activations=acts,
+                        model=cfg.model,
+                        t=cfg.timestep,
+                        seconds=round(time.time() - t0, 2),
                     )
+                )
                 bar.update(1)
     bar.close()
-    return pd.DataFrame(rows), ranking
+    return pd.concat(frames, ignore_index=True), ranking
 
 
 def render(df: pd.DataFrame, digits: int = 1) -> pd.DataFrame:
-    """Mean +- std over seeds (in %), one row per setting, one column per task/metric."""
-    g = df.groupby(["setting", "task", "metric"], sort=False)["value"]
-    stats = g.agg(["mean", "std", "count"]).reset_index()
-    stats["cell"] = [
-        f"{100 * m:.{digits}f} ± {100 * (s if s == s else 0):.{digits}f}" for m, s in zip(stats["mean"], stats["std"])
-    ]
-    out = stats.pivot(index="setting", columns=["task", "metric"], values="cell")
-    order = list(dict.fromkeys(df["setting"]))
-    return out.reindex(order)
+    """Mean +- std over seeds (in %; ``n/a`` for one seed), one row per setting, one
+    column per (task, protocol, metric)."""
+    return P.render(df, index="setting", digits=digits)
 
 
 def config_dict(cfg: BenchConfig) -> dict:

@@ -96,7 +96,7 @@ def test_spair_official_layout(spair_root: Path):
     assert len(ds) == 2 and ds.class_names == ("cat", "dog") and ds.num_classes == 2
     first, second = ds[0], ds[1]  # layout order: dog pair first
     assert first["pair_id"] == "000002-c-c:dog" and first["category"] == "dog"
-    assert second["src_id"] == "a" and second["trg_id"] == "b"
+    assert second["src_id"] == "spair/cat/a" and second["trg_id"] == "spair/cat/b"
     np.testing.assert_array_equal(second["src_kps"], np.array([[1, 2], [3.5, 4]], np.float32))
     np.testing.assert_array_equal(second["trg_kps"], np.array([[5, 6], [7, 8]], np.float32))
     np.testing.assert_array_equal(second["src_bbox"], np.array([1, 2, 30, 25], np.float32))
@@ -127,7 +127,7 @@ def test_spair_hyperfeatures_json(spair_root: Path, tmp_path: Path):
     ds = L.SPair71k.from_hyperfeatures_json(path, spair_root / "JPEGImages")
     assert len(ds) == 2 and ds.class_names == ("cat", "dog")
     item = ds[0]
-    assert item["pair_id"] == "000000-a-b:cat" and (item["src_id"], item["trg_id"]) == ("a", "b")
+    assert item["pair_id"] == "000000-a-b:cat" and (item["src_id"], item["trg_id"]) == ("spair/cat/a", "spair/cat/b")
     np.testing.assert_array_equal(item["trg_kps"], np.array([[3, 4]], np.float32))
     np.testing.assert_array_equal(item["trg_bbox"], np.array([1, 1, 6, 6], np.float32))
     assert item["trg_image"].shape == (30, 40, 3)
@@ -162,7 +162,7 @@ def test_ddpmseg_folder_and_presets(tmp_path: Path):
     ds = L.DDPMSeg.horse21(tmp_path / "horse_21", "train")
     assert (ds.num_classes, ds.ignore_index, len(ds.class_names), len(ds)) == (21, 255, 21, 2)
     item = ds[0]  # sorted: img_a first
-    assert item["image_id"] == "img_a" and item["mask"].dtype == np.int64
+    assert item["image_id"] == "horse21/train/img_a" and item["mask"].dtype == np.int64
     np.testing.assert_array_equal(item["image"], imgs[1])
     np.testing.assert_array_equal(item["mask"], masks[1])
     np.testing.assert_array_equal(ds[1]["mask"], masks[0])
@@ -185,7 +185,7 @@ def test_ade20k(tmp_path: Path, nested: bool):
     ds = L.ADE20K(tmp_path, "val")
     assert (len(ds), ds.num_classes, ds.ignore_index, len(ds.class_names)) == (1, 150, 255, 150)
     item = ds[0]
-    assert item["image_id"] == "ADE_val_00000001" and item["image"].shape == (8, 12, 3)
+    assert item["image_id"] == "ade20k/validation/ADE_val_00000001" and item["image"].shape == (8, 12, 3)
     np.testing.assert_array_equal(item["mask"], np.array([[255, 0, 149] * 4] * 8, np.int64))
     assert item["mask"].dtype == np.int64
     _assert_dataset_error(lambda: L.ADE20K(tmp_path, "training"), "images/training", "sceneparsing")
@@ -199,7 +199,7 @@ def test_cityscapes(tmp_path: Path):
     ds = L.Cityscapes(tmp_path, "val")
     assert (len(ds), ds.num_classes, ds.ignore_index) == (1, 19, 255)
     item = ds[0]
-    assert item["image_id"] == "lindau_000000_000019"
+    assert item["image_id"] == "cityscapes/val/lindau_000000_000019"
     np.testing.assert_array_equal(item["image"], image)
     np.testing.assert_array_equal(item["mask"], mask.astype(np.int64))
     _save(label, _rgb(8, 16, seed=5))  # colour label map: wrong kind of file
@@ -217,7 +217,7 @@ def test_cifar10(cifar_root):
         test = L.CIFAR10(where, "test")
         assert len(test) == 2 and test.class_names == L.CIFAR10_CLASSES and test.num_classes == 10
         item = test[1]
-        assert (item["image_id"], item["label"]) == ("cifar10_test_00001", 9)
+        assert (item["image_id"], item["label"]) == ("cifar10/test/00001", 9)
         np.testing.assert_array_equal(item["image"], images["test"][1])
         assert item["image"].shape == (32, 32, 3) and item["image"].dtype == np.uint8
     train = L.CIFAR10(root, "train")
@@ -242,7 +242,7 @@ def test_class_folders(tmp_path: Path):
     _save(tmp_path / "train" / "ant" / "y.png", b)
     ds = L.ClassFolders(tmp_path, "train")
     assert ds.class_names == ("ant", "zebra") and len(ds) == 2
-    assert (ds[0]["image_id"], ds[0]["label"], ds[1]["label"]) == ("ant/y", 0, 1)
+    assert (ds[0]["image_id"], ds[0]["label"], ds[1]["label"]) == ("classfolders/train/ant/y", 0, 1)
     np.testing.assert_array_equal(ds[1]["image"], a)
     (tmp_path / "classes.txt").write_text("zebra\nbee\nant\n")
     ds = L.ClassFolders(tmp_path, "train")
@@ -304,7 +304,8 @@ def test_roundtrip_spair(exported: dict[str, Path], split: str, spair_split: str
     for item, (a, b) in zip(ds, pairs, strict=True):
         src, trg = world[a], world[b]
         both = src.visible & trg.visible
-        assert (item["src_id"], item["trg_id"], item["category"]) == (src.image_id, trg.image_id, src.class_name)
+        ids = (f"spair/{src.class_name}/{src.image_id}", f"spair/{trg.class_name}/{trg.image_id}", src.class_name)
+        assert (item["src_id"], item["trg_id"], item["category"]) == ids
         np.testing.assert_array_equal(item["src_kps"], src.keypoints[both])
         np.testing.assert_array_equal(item["trg_kps"], trg.keypoints[both])
         np.testing.assert_array_equal(item["src_bbox"], np.array(src.bbox, np.float32))
@@ -318,10 +319,10 @@ def test_roundtrip_ddpmseg_and_class_folders(exported: dict[str, Path]):
     seg = L.load_dataset("ddpmseg", exported["ddpmseg"], split="test", num_classes=NUM_PARTS)
     cls = L.load_dataset("classfolders", exported["classes"], split="test")
     assert len(seg) == len(cls) == len(world) and cls.class_names == CLASS_NAMES
-    by_id = {cls[i]["image_id"].split("/")[1]: cls[i] for i in range(len(cls))}
+    by_id = {cls[i]["image_id"].split("/")[-1]: cls[i] for i in range(len(cls))}
     for i in range(len(world)):
         s, item = world[i], seg[i]
-        assert item["image_id"] == s.image_id
+        assert item["image_id"] == f"ddpmseg/test/{s.image_id}"
         np.testing.assert_array_equal(item["image"], s.image)
         np.testing.assert_array_equal(item["mask"], s.mask.astype(np.int64))
         assert by_id[s.image_id]["label"] == s.label
@@ -345,3 +346,45 @@ def test_single_exporters_and_class_local_masks(tmp_path: Path):
     assert len(L.ClassFolders(tmp_path / "cls", "val")) == 20
     to_spair(world, tmp_path / "spair", n_pairs=2, progress=False)
     assert len(L.SPair71k(tmp_path / "spair", "val")) == 2
+
+
+# ----------------------------------------------------------------------------
+# ids: the feature cache is keyed by them, so they must be unique across splits and datasets
+def test_ids_are_unique_across_splits_and_datasets(tmp_path: Path, cifar_root):
+    """Every split of every layout holds a file of the same name; no two items may share an id."""
+    im = _rgb(8, 8)
+    label = np.zeros((8, 8), np.uint8)
+    for split in ("train", "test"):
+        _save(tmp_path / "cls" / split / "cat" / "0001.png", im)
+        for ds_name in ("horse_21", "bedroom_28"):
+            _save(tmp_path / ds_name / "real" / split / "0001.png", im)
+            np.save(tmp_path / ds_name / "real" / split / "0001.npy", label)
+    for split in ("training", "validation"):
+        _save(tmp_path / "ade" / "images" / split / "0001.jpg", im)
+        _save(tmp_path / "ade" / "annotations" / split / "0001.png", label)
+    for split in ("train", "val"):
+        _save(tmp_path / "city" / "leftImg8bit" / split / "x" / "0001_leftImg8bit.png", im)
+        _save(tmp_path / "city" / "gtFine" / split / "x" / "0001_gtFine_labelTrainIds.png", label)
+    datasets = [L.ClassFolders(tmp_path / "cls", s) for s in ("train", "test")]
+    datasets += [L.DDPMSeg.horse21(tmp_path / "horse_21", s) for s in ("train", "test")]
+    datasets += [L.DDPMSeg.bedroom28(tmp_path / "bedroom_28", s) for s in ("train", "test")]
+    datasets += [L.DDPMSeg(tmp_path / "bedroom_28", "test")]  # another name for the same files: "bedroom_28"
+    datasets += [L.ADE20K(tmp_path / "ade", s) for s in ("training", "validation")]
+    datasets += [L.Cityscapes(tmp_path / "city", s) for s in ("train", "val")]
+    datasets += [L.CIFAR10(cifar_root[0], s) for s in ("train", "test")]
+    ids = [ds[i]["image_id"] for ds in datasets for i in range(len(ds))]
+    assert len(ids) == len(set(ids)) == 1 + 1 + 2 + 2 + 1 + 2 + 2 + 5 + 2
+    assert "classfolders/test/cat/0001" in ids and "horse21/train/0001" in ids and "bedroom_28/test/0001" in ids
+
+
+def test_spair_ids_name_the_image_not_the_split(spair_root: Path, tmp_path: Path):
+    """SPair-71k images are shared by the splits' pairs: one image, one id, whatever the pair list."""
+    ds = L.SPair71k(spair_root, "test")
+    pairs = [dict(source_path="JPEGImages/cat/a.jpg", target_path="b.jpg", source_points=[[1, 2]],
+                  target_points=[[3, 4]], category="cat")]  # fmt: skip
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps(pairs))
+    hyper = L.SPair71k.from_hyperfeatures_json(path, spair_root)
+    assert (
+        (hyper[0]["src_id"], hyper[0]["trg_id"]) == (ds[1]["src_id"], ds[1]["trg_id"]) == ("spair/cat/a", "spair/cat/b")
+    )

@@ -1,11 +1,11 @@
-"""Tests of difstudy.probes: metrics, correspondence, segmentation, classification, runner."""
+"""Tests of difstudy.probes: metrics, correspondence, segmentation, classification."""
 
 from __future__ import annotations
 
 import weakref
+from collections import Counter
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -16,20 +16,24 @@ from difstudy.probes import (
     SegHead,
     accuracy,
     confusion_matrix,
+    ddpmseg_iou_per_class,
+    ddpmseg_miou,
     eval_seg_head,
     evaluate_pairs,
+    label_confusion,
     linear_probe,
     match_keypoints,
-    mean_std_over_seeds,
     miou,
     miou_from_confusion,
+    official_hidden,
     pck,
+    pixel_mlp,
     pool_features,
-    seed_summary,
     summarize_pck,
     train_conv_head,
     train_seg_head,
 )
+from difstudy.probes.segmentation import _EarlyStop
 
 torch.set_num_threads(1)
 
@@ -254,14 +258,14 @@ def _blob_eval(n=2000, seed=99):
 
 def test_pixel_mlp_ensemble_learns_separable_toy_problem():
     ens = PixelMLPEnsemble(6, 3, n_models=3, hidden=(32, 16), seed=0)
-    ens.fit(_blob_chunks(6), epochs=2, batch_pixels=64, buffer_pixels=1024)
+    ens.fit(_blob_chunks(6), max_epochs=2, batch_pixels=64, buffer_pixels=1024)
     x, y = _blob_eval()
     assert accuracy(ens.predict(x), y) > 0.95
     proba = ens.predict_proba(x)
     assert proba.shape == (2000, 3)
     torch.testing.assert_close(proba.sum(1), torch.ones(2000))
-    assert ens.n_pixels_ == 2 * 6 * 480  # ignored rows never reach the buffer
-    assert ens.evaluate([(x, y)])["miou"] > 0.9
+    assert ens.n_pixels_ == 6 * 480  # per epoch; ignored rows never reach the buffer
+    assert miou(ens.predict(x), y, 3) > 0.9
 
 
 def test_pixel_mlp_ensemble_memory_bounded_by_buffer():
@@ -269,7 +273,7 @@ def test_pixel_mlp_ensemble_memory_bounded_by_buffer():
     for n_chunks in (4, 40):  # 10x more pixels
         live = {"now": 0, "max": 0}
         ens = PixelMLPEnsemble(6, 3, n_models=2, hidden=(8,), seed=0)
-        ens.fit(_blob_chunks(n_chunks, live=live), epochs=1, batch_pixels=256, buffer_pixels=600)
+        ens.fit(_blob_chunks(n_chunks, live=live), max_epochs=1, batch_pixels=256, buffer_pixels=600)
         stats[n_chunks] = (ens.max_buffer_rows_, live["max"], ens.n_pixels_)
     assert stats[40][2] == 10 * stats[4][2]
     for rows, live_chunks, _ in stats.values():
@@ -280,13 +284,13 @@ def test_pixel_mlp_ensemble_memory_bounded_by_buffer():
 
 def test_pixel_mlp_ensemble_is_seeded_and_checks_shapes():
     x, _ = _blob_eval(200)
-    a = PixelMLPEnsemble(6, 3, n_models=2, hidden=(8,), seed=3).fit(_blob_chunks(2), epochs=1, batch_pixels=128)
-    b = PixelMLPEnsemble(6, 3, n_models=2, hidden=(8,), seed=3).fit(_blob_chunks(2), epochs=1, batch_pixels=128)
+    a = PixelMLPEnsemble(6, 3, n_models=2, hidden=(8,), seed=3).fit(_blob_chunks(2), max_epochs=1, batch_pixels=128)
+    b = PixelMLPEnsemble(6, 3, n_models=2, hidden=(8,), seed=3).fit(_blob_chunks(2), max_epochs=1, batch_pixels=128)
     torch.testing.assert_close(a.predict_proba(x), b.predict_proba(x), rtol=0, atol=0)
     with pytest.raises(ValueError):
         a.predict(torch.zeros(5, 7))
     with pytest.raises(ValueError):
-        a.fit(lambda: iter([(torch.zeros(5, 6), torch.zeros(4, dtype=torch.long))]), epochs=1)
+        a.fit(lambda: iter([(torch.zeros(5, 6), torch.zeros(4, dtype=torch.long))]), max_epochs=1)
 
 
 # ----------------------------------------------------------------------------
@@ -352,15 +356,120 @@ def test_pool_features_and_probe_shape_checks():
         linear_probe(np.zeros((4, 3)), np.arange(5), np.zeros((4, 3)), np.arange(4))
 
 
-def test_mean_std_over_seeds_tidy_frame():
-    def probe(seed):
-        (xtr, ytr), (xte, yte) = _blobs(90, seed), _blobs(60, seed + 10)
-        return {"acc": linear_probe(xtr, ytr, xte, yte, seed=seed).accuracy, "seed_sq": seed**2, "note": "x"}
+# ----------------------------------------------------------------------------
+# official semantics, checked against independent computations
+def _official_compute_iou(preds, gts, number_class, ignore_label):
+    """A literal port of DDPM-segmentation's ``compute_iou`` (src/pixel_classifier.py)."""
+    unions, intersections = Counter(), Counter()
+    for pred, gt in zip(preds, gts):
+        for c in range(number_class):
+            if c == ignore_label:
+                continue
+            p, g = (pred == c).astype(int), (gt == c).astype(int)
+            unions[c] += (p | g).sum()
+            intersections[c] += (p & g).sum()
+    return np.array([intersections[c] / (1e-8 + unions[c]) for c in range(number_class) if c != ignore_label]).mean()
 
-    df = mean_std_over_seeds(probe, seeds=(0, 1, 2))
-    assert list(df.columns) == ["seed", "metric", "value"] and len(df) == 6
-    summary = seed_summary(df).set_index("metric")
-    assert summary.loc["seed_sq", "mean"] == pytest.approx(5 / 3)
-    assert summary.loc["seed_sq", "std"] == pytest.approx(np.std([0, 1, 4], ddof=1))
-    assert summary.loc["acc", "mean"] > 0.9 and summary.loc["acc", "n"] == 3
-    assert isinstance(mean_std_over_seeds(lambda s: float(s)), pd.DataFrame)
+
+def test_ddpmseg_miou_hand_computed():
+    # 4 classes, ignore 255. Class 3 never occurs and is never predicted: IoU 0, still averaged.
+    # The prediction 1 on an ignored pixel is a false positive of class 1.
+    target = np.array([[0, 0, 1, 255], [2, 2, 1, 1]])
+    pred = np.array([[0, 1, 1, 1], [2, 0, 1, 1]])
+    # class 0: inter 1, union 3; class 1: inter 3, union 5; class 2: inter 1, union 2; class 3: 0
+    expected = (1 / 3 + 3 / 5 + 1 / 2 + 0) / 4
+    cm = label_confusion(pred, target, 4, 255)
+    assert cm.shape == (5, 4) and cm[4].tolist() == [0, 1, 0, 0]  # the ignored pixel's row
+    assert ddpmseg_miou(cm, 255) == pytest.approx(expected, abs=1e-7)
+    # the mmseg-style mean skips both the ignored pixel and the absent class: a higher number
+    assert miou(pred, target, 4) == pytest.approx((1 / 3 + 3 / 4 + 1 / 2) / 3)
+
+
+@pytest.mark.parametrize("ignore", [255, 0])  # Horse-21 style, Bedroom-28 style (ignore inside the classes)
+def test_ddpmseg_miou_equals_official_compute_iou(ignore):
+    rng = np.random.default_rng(0)
+    k = 6
+    gts = [rng.integers(0, k - 1, (9, 7)) for _ in range(4)]  # class k-1 absent from every target
+    for g in gts:
+        g[rng.random(g.shape) < 0.2] = ignore
+    preds = [rng.integers(0, k, (9, 7)) for _ in range(4)]
+    cm = sum(label_confusion(p, g, k, ignore) for p, g in zip(preds, gts))
+    assert ddpmseg_miou(cm, ignore) == pytest.approx(_official_compute_iou(preds, gts, k, ignore), abs=1e-9)
+    assert len(ddpmseg_iou_per_class(cm, ignore)) == (k - 1 if ignore < k else k)
+
+
+def test_label_confusion_rejects_unknown_labels():
+    with pytest.raises(ValueError, match="ignore_index=255"):
+        label_confusion(np.zeros(3), np.array([0, 7, 255]), 4, 255)
+    with pytest.raises(ValueError, match="pred holds labels"):
+        label_confusion(np.array([0, 9, 1]), np.zeros(3), 4, 255)
+
+
+def test_pixel_mlp_has_the_official_layers():
+    assert official_hidden(21) == (128, 32) and official_hidden(29) == (128, 32)
+    assert official_hidden(30) == (256, 128) and official_hidden(150) == (256, 128)
+    for k, sizes in ((21, [(64, 128), (128, 32), (32, 21)]), (34, [(64, 256), (256, 128), (128, 34)])):
+        net = pixel_mlp(64, k)
+        linears = [m for m in net if isinstance(m, torch.nn.Linear)]
+        assert [(m.in_features, m.out_features) for m in linears] == sizes
+        kinds = [type(m).__name__ for m in net]
+        assert kinds == ["Linear", "ReLU", "BatchNorm1d", "Linear", "ReLU", "BatchNorm1d", "Linear"]
+        assert all(float(m.bias.detach().abs().max()) == 0 for m in linears)
+        assert 0.015 < float(linears[0].weight.detach().std()) < 0.025  # N(0, 0.02)
+    assert PixelMLPEnsemble(8, 21, n_models=1).hidden == (128, 32)
+
+
+def _official_stop_iteration(losses, per_epoch, max_epochs=100):
+    """The iteration at which DDPM-seg's ``train`` loop breaks (a literal port), or None."""
+    it, best, count = 0, 10000000, 0
+    for epoch in range(max_epochs):
+        for _ in range(per_epoch):
+            loss = losses[min(it, len(losses) - 1)]
+            it += 1
+            if epoch > 3:
+                if loss < best:
+                    best, count = loss, 0
+                else:
+                    count += 1
+                if count > 50:
+                    return it
+    return None
+
+
+def test_early_stop_matches_the_official_loop():
+    rng = np.random.default_rng(1)
+    losses = list(np.maximum(0.1, 2 - 0.01 * np.arange(600)) + rng.random(600) * 0.05)  # plateaus at 0.1
+    per_epoch = 40
+    stop, it = _EarlyStop(min_epochs=4, patience=50), 0
+    stopped_at = None
+    for epoch in range(100):
+        for _ in range(per_epoch):
+            it += 1
+            if stop.update(epoch, losses[min(it - 1, len(losses) - 1)]):
+                stopped_at = it
+                break
+        if stopped_at:
+            break
+    assert stopped_at is not None and stopped_at == _official_stop_iteration(losses, per_epoch)
+
+
+def test_ensemble_stops_early_and_votes_ties_to_the_smallest_label():
+    ens = PixelMLPEnsemble(6, 3, n_models=2, hidden=(8,), seed=0)
+    ens.fit(_blob_chunks(1, chunk=300), max_epochs=100, batch_pixels=64, min_epochs=1, patience=3)
+    assert all(1 < e < 100 for e in ens.epochs_)  # stopped early, after the first epoch
+    assert all(n <= e * (280 // 64) for n, e in zip(ens.n_steps_, ens.epochs_))  # drop_last: 4 full batches
+    # two models voting 2 and 0 on every pixel: the tie goes to 0 (torch.mode's CPU choice)
+    for net, label in zip(ens.models, (2, 0)):
+        last = net[-1]
+        torch.nn.init.zeros_(last.weight)
+        with torch.no_grad():
+            last.bias.copy_(torch.nn.functional.one_hot(torch.tensor(label), 3).float())
+    assert ens.predict(torch.randn(5, 6)).tolist() == [0] * 5
+
+
+def test_linear_probe_seed_changes_the_fit():
+    (xtr, ytr), (xte, yte) = _blobs(120, 0), _blobs(200, 1)
+    a, b = (linear_probe(xtr, ytr, xte, yte, seed=3, epochs=2).model for _ in range(2))
+    c = linear_probe(xtr, ytr, xte, yte, seed=4, epochs=2).model
+    torch.testing.assert_close(a.linear.weight, b.linear.weight, rtol=0, atol=0)
+    assert not torch.equal(a.linear.weight, c.linear.weight)

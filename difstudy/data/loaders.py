@@ -8,6 +8,12 @@ folder raises :class:`~difstudy.errors.DatasetError` naming the path, the
 layout that was expected and the official download page, and a corrupt file
 raises it naming the file.
 
+Image ids are namespaced, ``"<dataset>/<split>/<path below the split folder>"``
+without the file suffix (SPair-71k: ``"spair/<category>/<name>"``, since its
+images are shared by the splits' pairs), so that ids are unique across splits
+and datasets: the feature cache is keyed by them, and two images that shared
+an id would share features (a test image served its train namesake's).
+
 The toy world can be written in the same layouts with
 :mod:`difstudy.data.export`, so every loader here also reads toy data.
 
@@ -186,6 +192,13 @@ def _list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
+def image_id(dataset: str, split: str | None, path: Path | str, base: Path | None = None) -> str:
+    """Namespaced image id ``"<dataset>/<split>/<path below base, no suffix>"`` (no split part when None)."""
+    rel = Path(path).relative_to(base) if base is not None else Path(path)
+    parts = [dataset] + ([split] if split is not None else []) + [rel.with_suffix("").as_posix()]
+    return "/".join(parts)
+
+
 def _check_same_size(image: np.ndarray, mask: np.ndarray, mask_path: Path) -> None:
     """Raise DatasetError unless ``mask`` is (H, W) for the (H, W, 3) ``image``."""
     if mask.shape != image.shape[:2]:
@@ -216,7 +229,8 @@ class SPair71k:
     ``category``, ``src_image``/``trg_image`` (RGB uint8), ``src_kps``/``trg_kps``
     (N, 2) float32 x, y pixels (row k of both is one correspondence),
     ``src_bbox``/``trg_bbox`` (4,) float32 ``[x1, y1, x2, y2]`` and
-    ``src_id``/``trg_id`` (image file stems). Annotations are parsed on access.
+    ``src_id``/``trg_id`` (``"spair/<category>/<name>"``, the same image having
+    the same id in every split). Annotations are parsed on access.
     """
 
     def __init__(self, root: str | Path, split: str = "test", category: str | None = None):
@@ -309,9 +323,20 @@ class SPair71k:
             trg_kps=rec["trg_kps"],
             src_bbox=rec["src_bbox"],
             trg_bbox=rec["trg_bbox"],
-            src_id=Path(rec["src_path"]).stem,
-            trg_id=Path(rec["trg_path"]).stem,
+            src_id=self._image_id(rec["src_path"], rec["category"]),
+            trg_id=self._image_id(rec["trg_path"], rec["category"]),
         )
+
+    def _image_id(self, path: Path, category: str) -> str:
+        """``"spair/<category>/<name>"`` (the path below the image root when the file lies under it)."""
+        path = Path(path)
+        try:
+            rel = path.relative_to(self.image_root)
+        except ValueError:  # a hyperfeatures list may point outside image_root
+            rel = Path(category) / path.name
+        if rel.parts[0] == "JPEGImages":  # image_root given as the SPair-71k folder
+            rel = rel.relative_to("JPEGImages")
+        return image_id("spair", None, rel)
 
 
 def _spair_pair_files(root: Path, ann_dir: Path) -> list[Path]:
@@ -414,8 +439,9 @@ class DDPMSeg:
     recursively, sorted by path) and, next to each, a mask with the same stem
     and a ``.npy`` extension (H, W integer class ids). ``root`` is a dataset
     folder such as ``datasets/horse_21`` (or its ``real/`` folder). Items are
-    dicts ``image_id`` (path below the split folder, no suffix), ``image``,
-    ``mask`` (H, W) int64. Presets: :meth:`horse21`, :meth:`bedroom28`.
+    dicts ``image_id`` (``"<name>/<split>/<path below the split folder>"``, no
+    suffix; ``name`` defaults to the dataset folder's name), ``image``, ``mask``
+    (H, W) int64. Presets: :meth:`horse21`, :meth:`bedroom28`.
     """
 
     def __init__(
@@ -425,8 +451,10 @@ class DDPMSeg:
         num_classes: int | None = None,
         ignore_index: int = 255,
         class_names: Sequence[str] | None = None,
+        name: str | None = None,
     ):
         root = Path(root)
+        self.name = name or (root.parent.name if root.name == "real" else root.name) or "ddpmseg"
         folder = root / "real" / split
         if not folder.is_dir() and (root / split).is_dir() and root.name == "real":
             folder = root / split
@@ -446,12 +474,12 @@ class DDPMSeg:
     @classmethod
     def horse21(cls, root: str | Path, split: str = "train") -> DDPMSeg:
         """Horse-21 (LSUN horses): 21 classes, ignore 255."""
-        return cls(root, split, num_classes=21, ignore_index=255, class_names=HORSE21_CLASSES)
+        return cls(root, split, num_classes=21, ignore_index=255, class_names=HORSE21_CLASSES, name="horse21")
 
     @classmethod
     def bedroom28(cls, root: str | Path, split: str = "train") -> DDPMSeg:
         """Bedroom-28 (LSUN bedrooms): 29 ids with 0 the unlabelled background, ignored."""
-        return cls(root, split, num_classes=29, ignore_index=0, class_names=BEDROOM28_CLASSES)
+        return cls(root, split, num_classes=29, ignore_index=0, class_names=BEDROOM28_CLASSES, name="bedroom28")
 
     def __len__(self) -> int:
         return len(self.image_paths)
@@ -467,8 +495,8 @@ class DDPMSeg:
         if mask.ndim == 3 and mask.shape[-1] == 1:
             mask = mask[..., 0]
         _check_same_size(image, mask, mask_path)
-        image_id = path.relative_to(self.folder).with_suffix("").as_posix()
-        return dict(image_id=image_id, image=image, mask=mask.astype(np.int64))
+        iid = image_id(self.name, self.split, path, self.folder)
+        return dict(image_id=iid, image=image, mask=mask.astype(np.int64))
 
 
 class ADE20K:
@@ -479,8 +507,8 @@ class ADE20K:
     ``ADEChallengeData2016/annotations/{training,validation}/*.png``; ``root``
     is that folder or its parent. Label 0 ("other") becomes ``ignore_index``
     255 and labels 1..150 are shifted to 0..149 (``reduce_zero_label``).
-    ``split`` also accepts ``"train"``/``"val"``. Items: ``image_id``,
-    ``image``, ``mask`` (H, W) int64.
+    ``split`` also accepts ``"train"``/``"val"``. Items: ``image_id``
+    (``"ade20k/<split>/<stem>"``), ``image``, ``mask`` (H, W) int64.
     """
 
     num_classes = 150
@@ -513,7 +541,7 @@ class ADE20K:
         _check_same_size(image, raw, self.label_paths[i])
         mask = raw - 1
         mask[raw == 0] = self.ignore_index
-        return dict(image_id=self.image_paths[i].stem, image=image, mask=mask)
+        return dict(image_id=image_id("ade20k", self.split, self.image_paths[i].name), image=image, mask=mask)
 
 
 class Cityscapes:
@@ -523,8 +551,8 @@ class Cityscapes:
 
     Layout under ``root``: ``leftImg8bit/{train,val,test}/<city>/*_leftImg8bit.png``
     and ``gtFine/{train,val,test}/<city>/*_gtFine_labelTrainIds.png`` (ids
-    0..18, 255 ignore). Items: ``image_id`` (e.g. ``aachen_000000_000019``),
-    ``image``, ``mask`` (H, W) int64.
+    0..18, 255 ignore). Items: ``image_id`` (e.g.
+    ``cityscapes/train/aachen_000000_000019``), ``image``, ``mask`` (H, W) int64.
     """
 
     num_classes = 19
@@ -556,8 +584,8 @@ class Cityscapes:
         image = read_image(self.image_paths[i])
         mask = read_label_png(self.label_paths[i])
         _check_same_size(image, mask, self.label_paths[i])
-        image_id = self.image_paths[i].name.removesuffix("_leftImg8bit.png")
-        return dict(image_id=image_id, image=image, mask=mask)
+        stem = self.image_paths[i].name.removesuffix("_leftImg8bit.png")
+        return dict(image_id=f"cityscapes/{self.split}/{stem}", image=image, mask=mask)
 
 
 def _check_pairs(what: str, img_dir: Path, images: list[Path], labels: list[Path], source: str) -> None:
@@ -581,7 +609,7 @@ class CIFAR10:
     ``b"labels"``); class names come from ``batches.meta`` (``b"label_names"``).
     Pickles run code when loaded: only point this at files you trust. All
     images are held in memory (180 MB for train). Items: ``image_id``
-    (``"cifar10_<split>_<index>"``), ``image`` (32, 32, 3), ``label``.
+    (``"cifar10/<split>/<index>"``), ``image`` (32, 32, 3), ``label``.
     """
 
     ignore_index = None
@@ -613,7 +641,7 @@ class CIFAR10:
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for {self!r}")
         i = i % len(self)
-        return dict(image_id=f"cifar10_{self.split}_{i:05d}", image=self.images[i], label=int(self.labels[i]))
+        return dict(image_id=f"cifar10/{self.split}/{i:05d}", image=self.images[i], label=int(self.labels[i]))
 
 
 def _unpickle(path: Path) -> Any:
@@ -658,7 +686,8 @@ class ClassFolders:
     Class order is the lines of ``<root>/classes.txt`` (or
     ``<root>/<split>/classes.txt``) when present, so labels agree across
     splits even if a split lacks a class; otherwise the sorted folder names.
-    Items: ``image_id`` (``"<class>/<stem>"``), ``image``, ``label``.
+    Items: ``image_id`` (``"classfolders/<split>/<class>/<path below it>"``, no
+    suffix), ``image``, ``label``.
     """
 
     ignore_index = None
@@ -673,7 +702,7 @@ class ClassFolders:
         unknown = sorted(set(folders) - set(class_names))
         if unknown:
             raise DatasetError(f"class folder(s) {unknown} in {split_dir} are not listed in {listing}")
-        self.root, self.split = root, split
+        self.root, self.split, self.split_dir = root, split, split_dir
         self.class_names, self.num_classes = class_names, len(class_names)
         self.samples = [(p, label) for label, name in enumerate(class_names) for p in _list_images(split_dir / name)]
         if not self.samples:
@@ -687,7 +716,8 @@ class ClassFolders:
 
     def __getitem__(self, i: int) -> dict:
         path, label = self.samples[i]
-        return dict(image_id=f"{self.class_names[label]}/{path.stem}", image=read_image(path), label=label)
+        iid = image_id("classfolders", self.split, path, self.split_dir)
+        return dict(image_id=iid, image=read_image(path), label=label)
 
 
 # ----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ pixels ``[j * W / w, (j + 1) * W / w)``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -227,6 +227,7 @@ def evaluate_pairs(
     alpha: float = 0.1,
     head: nn.Module | None = None,
     upsample: bool = True,
+    match_size: Size | None = None,
     chunk_size: int = 256,
     show_progress: bool | None = None,
 ) -> pd.DataFrame:
@@ -240,6 +241,10 @@ def evaluate_pairs(
         alpha: PCK threshold factor.
         head: optional module (e.g. :class:`ConvHead`) applied to both maps first.
         upsample: see :func:`match_keypoints`.
+        match_size: (H, W) of a common matching grid: keypoints are scaled to it, both
+            maps upsampled to it, and predictions scaled back to the target image (the
+            official ``task-corres.py`` matches on a 512 x 512 grid). None: each image's
+            own pixel grid (DIFT).
         chunk_size: keypoints per similarity chunk.
         show_progress: tqdm bar (None: only on a terminal).
 
@@ -257,10 +262,17 @@ def evaluate_pairs(
             shapes = f"{tuple(src_kps.shape)} vs {tuple(trg_kps.shape)}"
             raise ValueError(f"pair {i}: src_kps and trg_kps must have the same shape, got {shapes}")
         trg_size = _check_size("trg_size", pair["trg_size"])
+        src_size = _check_size("src_size", pair["src_size"])
+        grid_src, grid_trg, query = src_size, trg_size, src_kps
+        if match_size is not None:
+            grid_src = grid_trg = _check_size("match_size", match_size)
+            query = src_kps * torch.tensor([grid_src[1] / src_size[1], grid_src[0] / src_size[0]])
         pred = match_keypoints(
-            _apply_head(head, pair["src_feat"]), _apply_head(head, pair["trg_feat"]), src_kps,
-            pair["src_size"], trg_size, upsample=upsample, chunk_size=chunk_size,
+            _apply_head(head, pair["src_feat"]), _apply_head(head, pair["trg_feat"]), query,
+            grid_src, grid_trg, upsample=upsample, chunk_size=chunk_size,
         )  # fmt: skip
+        if match_size is not None:
+            pred = pred * torch.tensor([trg_size[1] / grid_trg[1], trg_size[0] / grid_trg[0]])
         pred64, gt64 = pred.double().numpy(), trg_kps.double().numpy()
         dist = np.linalg.norm(pred64 - gt64, axis=1)
         thr_img, thr_bbox = alpha * max(trg_size), alpha * _bbox_size(pair["trg_bbox"])
@@ -310,86 +322,86 @@ def summarize_pck(df: pd.DataFrame) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------
-# light trained head
+# light trained head (generic-diffusion-feature ``correspondence/``)
 class ConvHead(nn.Module):
-    """A single 3x3 convolution ``C -> D`` (padding 1) applied to feature maps
-    before matching. Input (C, h, w) or (B, C, h, w); output (D, h, w) or (B, D, h, w)."""
+    """The official correspondence head: one 3x3 convolution ``C -> D`` without bias
+    (``AggregationNetwork.out``; D = C for one model). Input (C, h, w) or (B, C, h, w);
+    output (D, h, w) or (B, D, h, w)."""
 
-    def __init__(self, in_channels: int, out_dim: int = 64):
+    def __init__(self, in_channels: int, out_dim: int | None = None):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_dim, kernel_size=3, padding=1)
+        self.conv = nn.Conv2d(in_channels, out_dim or in_channels, kernel_size=3, padding=1, bias=False)
 
     def forward(self, feat: torch.Tensor) -> torch.Tensor:
         feat = feat.float()
         return self.conv(feat[None])[0] if feat.ndim == 3 else self.conv(feat)
 
 
-def _sample_at(feat: torch.Tensor, xy: torch.Tensor, image_size: Size) -> torch.Tensor:
-    """(N, C) bilinear samples of a (C, h, w) map at pixel (x, y) of an image of ``image_size``
-    (the values the upsampled map holds at those pixels)."""
-    H, W = image_size
-    grid = torch.stack([(xy[:, 0] + 0.5) / W * 2 - 1, (xy[:, 1] + 0.5) / H * 2 - 1], 1)
-    grid = grid[None, None].to(feat)
-    out = F.grid_sample(feat[None], grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return out[0, :, 0].T
+def _flat_cells(xy: torch.Tensor, image_size: Size, grid: Size) -> torch.Tensor:
+    """(N,) flat row-major indices of the grid cells holding pixels (N, 2) (x, y)."""
+    cells = pixel_to_cell(xy, image_size, grid)
+    return cells[:, 1] * grid[1] + cells[:, 0]
 
 
 def contrastive_loss(head: nn.Module, pair: Mapping[str, Any], temperature: float = 0.07) -> torch.Tensor:
-    """InfoNCE over target locations: each source keypoint's feature should pick
-    the target feature cell holding its matching keypoint among all ``ht * wt`` cells."""
+    """The official symmetric CLIP loss (``task-corres.py: compute_clip_loss``): cosine
+    similarities between every cell of the two head outputs, scaled by ``1 / temperature``;
+    each source keypoint's cell must pick its target keypoint's cell among all target cells
+    and vice versa; the mean of the two cross-entropies."""
     src, trg = head(_check_feat("src_feat", pair["src_feat"])), head(_check_feat("trg_feat", pair["trg_feat"]))
     src_size, trg_size = _check_size("src_size", pair["src_size"]), _check_size("trg_size", pair["trg_size"])
     src_kps, trg_kps = _check_kps("src_kps", pair["src_kps"]), _check_kps("trg_kps", pair["trg_kps"])
-    q = F.normalize(_sample_at(src, src_kps.to(src.device), src_size), dim=1)  # (N, D)
-    keys = F.normalize(trg.flatten(1), dim=0)  # (D, ht * wt)
-    cells = pixel_to_cell(trg_kps, trg_size, tuple(trg.shape[1:])).to(trg.device)
-    labels = cells[:, 1] * trg.shape[2] + cells[:, 0]
-    return F.cross_entropy(q @ keys / temperature, labels)
+    s_idx = _flat_cells(src_kps, src_size, tuple(src.shape[1:])).to(src.device)
+    t_idx = _flat_cells(trg_kps, trg_size, tuple(trg.shape[1:])).to(trg.device)
+    S, T = F.normalize(src.flatten(1), dim=0), F.normalize(trg.flatten(1), dim=0)  # (D, cells)
+    loss_src = F.cross_entropy(S[:, s_idx].T @ T / temperature, t_idx)
+    loss_trg = F.cross_entropy(T[:, t_idx].T @ S / temperature, s_idx)
+    return (loss_src + loss_trg) / 2
 
 
 def train_conv_head(
-    train_pairs: Sequence[Mapping[str, Any]] | Callable[[], Iterable[Mapping[str, Any]]],
-    out_dim: int = 64,
-    epochs: int = 10,
-    lr: float = 1e-3,
+    train_pairs: Sequence[Mapping[str, Any]],
+    out_dim: int | None = None,
+    epochs: int = 2,
+    steps_per_epoch: int = 5000,
+    lr: float = 5e-4,
+    weight_decay: float = 0.01,
     seed: int = 0,
     temperature: float = 0.07,
-    weight_decay: float = 0.0,
     show_progress: bool | None = None,
 ) -> ConvHead:
-    """Train a :class:`ConvHead` with :func:`contrastive_loss`, one Adam step per pair.
+    """Train a :class:`ConvHead` with :func:`contrastive_loss`, one AdamW step per pair.
+
+    Defaults are the official ``task-corres.py`` ones: 2 epochs, each over at most 5000
+    pairs in a fresh random order, AdamW lr 5e-4, weight decay 0.01, temperature 0.07.
+    (The official script also validates every 500 steps and reports the best validation
+    score; here the final head is returned.)
 
     Args:
-        train_pairs: pairs as for :func:`evaluate_pairs`; a sequence (visited in a
-            seeded random order each epoch) or a function returning a fresh
-            iterator per epoch (visited in its order).
-        out_dim: D, output channels.
-        epochs: passes over the pairs.
-        lr: Adam learning rate.
+        train_pairs: pairs as for :func:`evaluate_pairs` (a sequence; may be lazy).
+        out_dim: D (None: C, as the official single-model head).
+        epochs, steps_per_epoch, lr, weight_decay, temperature: the schedule above.
         seed: seeds the initialisation and the pair order.
-        temperature: InfoNCE temperature.
-        weight_decay: Adam weight decay.
         show_progress: tqdm bar (None: only on a terminal).
 
     Returns:
         The trained head, in eval mode.
     """
-    stream = train_pairs if callable(train_pairs) else None
-    pairs = None if stream else list(train_pairs)
-    first = next(iter(stream()), None) if stream else (pairs[0] if pairs else None)
-    if first is None:
+    if len(train_pairs) == 0:
         raise ValueError("train_conv_head needs at least one training pair")
+    first = train_pairs[0]
     _check_pair(0, first)
     in_channels = _check_feat("src_feat", first["src_feat"]).shape[0]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = ConvHead(in_channels, out_dim)
-    opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
     head.train()
     for _ in progress(range(epochs), desc="conv head", enabled=show_progress):
-        order = stream() if stream else (pairs[i] for i in torch.randperm(len(pairs), generator=gen).tolist())
-        for i, pair in enumerate(order):
+        order = torch.randperm(len(train_pairs), generator=gen)[:steps_per_epoch].tolist()
+        for i in order:
+            pair = train_pairs[i]
             _check_pair(i, pair)
             loss = contrastive_loss(head, pair, temperature)
             opt.zero_grad()

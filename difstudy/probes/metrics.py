@@ -141,3 +141,63 @@ def accuracy(pred: ArrayLike, target: ArrayLike) -> float:
     if p.size == 0:
         raise ValueError("accuracy needs at least one element, got an empty array")
     return float(np.mean(p == t))
+
+
+def label_confusion(pred: ArrayLike, target: ArrayLike, num_classes: int, ignore_index: int | None) -> np.ndarray:
+    """Confusion counts that keep the ignored pixels, for :func:`ddpmseg_miou`.
+
+    Args:
+        pred: integer predictions in ``0 .. K-1``, any shape.
+        target: integer labels, same shape; values in ``0 .. K-1`` or ``ignore_index``.
+        num_classes: K.
+        ignore_index: the unlabelled value. Inside ``0 .. K-1`` (Bedroom-28's 0) it keeps its
+            own row; outside (255) its pixels go to an extra last row.
+
+    Returns:
+        (K + 1, K) int64 counts ``cm[target, pred]``; row K holds the out-of-range ignored pixels.
+    """
+    p, t = as_numpy(pred), as_numpy(target)
+    if p.shape != t.shape:
+        raise ValueError(f"pred and target must have the same shape, got {p.shape} and {t.shape}")
+    p, t = p.reshape(-1).astype(np.int64), t.reshape(-1).astype(np.int64).copy()
+    if ignore_index is not None and not 0 <= ignore_index < num_classes:
+        t[t == ignore_index] = num_classes
+    if p.size and (p.min() < 0 or p.max() >= num_classes):
+        raise ValueError(f"pred holds labels outside 0..{num_classes - 1} (min {p.min()}, max {p.max()})")
+    if t.size and (t.min() < 0 or t.max() > num_classes):
+        raise ValueError(
+            f"target holds labels outside 0..{num_classes - 1} that are not ignore_index={ignore_index}"
+            f" (min {t.min()}, max {t.max()})"
+        )
+    cm = np.bincount(t * num_classes + p, minlength=(num_classes + 1) * num_classes)
+    return cm.reshape(num_classes + 1, num_classes).astype(np.int64)
+
+
+def ddpmseg_iou_per_class(cm: ArrayLike, ignore_index: int | None) -> np.ndarray:
+    """Per-class IoU exactly as DDPM-segmentation's ``compute_iou`` (``src/pixel_classifier.py``,
+    the same in generic-diffusion-feature's ``scarce_segmentation``).
+
+    For every class ``c != ignore_index``: ``inter / (1e-8 + union)`` with ``union`` counted over
+    **all** pixels, ignored ones included (a prediction of ``c`` on an unlabelled pixel is a false
+    positive), and a class absent from both prediction and target scoring 0 (not skipped).
+
+    Args:
+        cm: (K + 1, K) counts from :func:`label_confusion` summed over images.
+        ignore_index: the class left out of the mean (None: none).
+
+    Returns:
+        IoU of the classes ``0 .. K-1`` except ``ignore_index``, in order.
+    """
+    cm = as_numpy(cm).astype(np.float64)
+    k = cm.shape[1]
+    if cm.ndim != 2 or cm.shape[0] != k + 1:
+        raise ValueError(f"expected (K + 1, K) counts from label_confusion, got shape {cm.shape}")
+    inter = np.diag(cm[:k])
+    union = cm.sum(0) + cm[:k].sum(1) - inter
+    keep = [c for c in range(k) if c != ignore_index]
+    return inter[keep] / (1e-8 + union[keep])
+
+
+def ddpmseg_miou(cm: ArrayLike, ignore_index: int | None) -> float:
+    """Mean of :func:`ddpmseg_iou_per_class` (DDPM-seg's reported mIoU, as a fraction)."""
+    return float(ddpmseg_iou_per_class(cm, ignore_index).mean())

@@ -6,8 +6,8 @@
   each model with its own seed, trained on pixels streamed through a bounded
   shuffle buffer, predicting by majority vote.
 - :class:`SegHead` (multi-scale light decoder) and :class:`LinearPixelProbe`
-  (per-pixel linear), trained with :func:`train_seg_head` and evaluated with
-  :func:`eval_seg_head` by accumulating a confusion matrix over a stream.
+  (per-pixel linear), trained with :func:`train_seg_head`; :func:`seg_predictions`
+  streams their label maps (metrics: :mod:`difstudy.probes.metrics`).
 
 Layouts: per-pixel features (N, C) float, labels (N,) int64; feature maps
 (B, C, h, w); label maps (B, H, W) int64; ``ignore_index`` marks unlabelled pixels.
@@ -95,7 +95,7 @@ class ShuffleBuffer:
         return block
 
 
-def _check_chunk(x: torch.Tensor, y: torch.Tensor, in_dim: int, num_classes: int, ignore_index: int):
+def _check_chunk(x: torch.Tensor, y: torch.Tensor, in_dim: int, num_classes: int, ignore_index: int | None):
     """Validated float32 (n, C) features and int64 (n,) labels with ignored rows removed."""
     x, y = torch.as_tensor(x), torch.as_tensor(y)
     if x.ndim != 2 or x.shape[1] != in_dim:
@@ -103,8 +103,10 @@ def _check_chunk(x: torch.Tensor, y: torch.Tensor, in_dim: int, num_classes: int
     if y.shape != (x.shape[0],):
         raise ValueError(f"pixel labels must have shape ({x.shape[0]},) to match the features, got {tuple(y.shape)}")
     y = y.long()
-    keep = y != ignore_index
-    x, y = x[keep].float(), y[keep]
+    if ignore_index is not None:
+        keep = y != ignore_index
+        x, y = x[keep], y[keep]
+    x = x.float()
     if len(y) and (y.min() < 0 or y.max() >= num_classes):
         raise ValueError(f"pixel labels must lie in 0..{num_classes - 1} or equal ignore_index={ignore_index}")
     return x, y
@@ -120,37 +122,70 @@ def _blocks(batch_fn: PixelChunks, buffer: ShuffleBuffer, check) -> Iterator[tup
 
 # ----------------------------------------------------------------------------
 # DDPM-seg ensemble
-def pixel_mlp(in_dim: int, num_classes: int, hidden: Sequence[int] = (256, 128)) -> nn.Sequential:
-    """DDPM-seg ``pixel_classifier``: ``[Linear, ReLU, BatchNorm1d] * len(hidden)``, then Linear.
-    DDPM-seg uses hidden (256, 128) for >= 30 classes and (128, 32) below."""
+def official_hidden(num_classes: int) -> tuple[int, int]:
+    """Hidden sizes of DDPM-seg's ``pixel_classifier``: (128, 32) below 30 classes, (256, 128) otherwise."""
+    return (128, 32) if num_classes < 30 else (256, 128)
+
+
+def pixel_mlp(in_dim: int, num_classes: int, hidden: Sequence[int] | None = None) -> nn.Sequential:
+    """DDPM-seg ``pixel_classifier``: ``[Linear, ReLU, BatchNorm1d] * len(hidden)``, then Linear,
+    Linear weights drawn from N(0, 0.02) and zero biases (``init_weights("normal", 0.02)``).
+    ``hidden=None`` takes the official sizes (:func:`official_hidden`)."""
     layers: list[nn.Module] = []
     d = in_dim
-    for h in hidden:
+    for h in official_hidden(num_classes) if hidden is None else hidden:
         layers += [nn.Linear(d, h), nn.ReLU(), nn.BatchNorm1d(h)]
         d = h
     layers.append(nn.Linear(d, num_classes))
     net = nn.Sequential(*layers)
-    for m in net.modules():  # DDPM-seg init_weights(init_type="normal", gain=0.02)
+    for m in net.modules():
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, 0.0, 0.02)
             nn.init.zeros_(m.bias)
     return net
 
 
+class _EarlyStop:
+    """DDPM-seg's stopping rule for one model: from epoch ``min_epochs`` on, every batch loss
+    below the best so far resets a counter, any other adds one; more than ``patience``
+    non-improving batches in a row stop the model (``train_interpreter.py``: ``epoch > 3``,
+    ``break_count > 50``)."""
+
+    def __init__(self, min_epochs: int, patience: int | None):
+        self.min_epochs, self.patience = min_epochs, patience
+        self.best, self.count, self.stopped = float("inf"), 0, False
+
+    def update(self, epoch: int, loss: float) -> bool:
+        if self.patience is None or epoch < self.min_epochs:
+            return False
+        if loss < self.best:
+            self.best, self.count = loss, 0
+        else:
+            self.count += 1
+        self.stopped = self.count > self.patience
+        return self.stopped
+
+
 class PixelMLPEnsemble:
-    """Ensemble of ``n_models`` pixel MLPs (DDPM-seg protocol).
+    """Ensemble of ``n_models`` pixel MLPs, trained and voting as DDPM-seg's ``train_interpreter.py``.
 
-    Model ``m`` is initialised with seed ``(seed, m)`` and sees each shuffled
-    block in its own seeded order; all models train in one pass over the
-    stream, so features are read ``epochs`` times, not ``epochs * n_models``.
+    Each model: :func:`pixel_mlp` (official hidden sizes unless ``hidden`` is given), Adam
+    (lr 1e-3), cross-entropy, minibatches of 64 pixels in a fresh random order every epoch
+    with the last incomplete batch dropped (generic-diffusion-feature's ``drop_last=True``),
+    up to 100 epochs with the official early stop (:class:`_EarlyStop`).
+    Prediction is the **majority vote** of the models' argmax labels, ties going to the
+    smallest label (what DDPM-seg's ``torch.mode`` returns on CPU).
 
-    Prediction is the **majority vote** of the models' argmax labels (as
-    DDPM-seg's ``torch.mode``), ties broken by the highest mean softmax;
-    :meth:`predict_proba` gives the mean of the softmaxes.
+    Streaming (a difstudy choice, so that features never have to fit in memory): all models
+    train in one pass over the stream per epoch, through a shuffle buffer of
+    ``buffer_pixels`` rows. When all training pixels fit in the buffer, every epoch is one
+    block and each model sees an exact uniform permutation, as the official DataLoader;
+    beyond that the shuffle is local to the buffer.
 
-    Attributes after :meth:`fit`: ``max_buffer_rows_`` (peak rows held by the
-    shuffle buffer, never above ``buffer_pixels``), ``n_steps_`` (optimizer steps
-    per model), ``n_pixels_`` (labelled pixels seen).
+    Model ``m`` is initialised with seed ``(seed, m)`` and shuffles with its own seeded
+    generator. Attributes after :meth:`fit`: ``max_buffer_rows_``, ``n_steps_`` (optimizer
+    steps per model), ``epochs_`` (epochs each model trained, its last one included),
+    ``n_pixels_`` (labelled pixels streamed).
     """
 
     def __init__(
@@ -158,33 +193,36 @@ class PixelMLPEnsemble:
         in_dim: int,
         num_classes: int,
         n_models: int = 10,
-        hidden: Sequence[int] = (256, 128),
+        hidden: Sequence[int] | None = None,
         seed: int = 0,
-        ignore_index: int = 255,
+        ignore_index: int | None = 255,
         device: str | torch.device = "cpu",
     ):
         if in_dim < 1 or num_classes < 2 or n_models < 1:
             got = f"{in_dim}, {num_classes}, {n_models}"
             raise ValueError(f"need in_dim >= 1, num_classes >= 2, n_models >= 1; got {got}")
         self.in_dim, self.num_classes, self.n_models = in_dim, num_classes, n_models
+        self.hidden = tuple(official_hidden(num_classes) if hidden is None else hidden)
         self.seed, self.ignore_index, self.device = seed, ignore_index, torch.device(device)
         self.models: list[nn.Sequential] = []
         for m in range(n_models):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(_seed_of(seed, m))
-                self.models.append(pixel_mlp(in_dim, num_classes, hidden).to(self.device))
+                self.models.append(pixel_mlp(in_dim, num_classes, self.hidden).to(self.device))
         self.max_buffer_rows_ = 0
-        self.n_steps_ = 0
+        self.n_steps_ = [0] * n_models
+        self.epochs_ = [0] * n_models
         self.n_pixels_ = 0
 
     def fit(
         self,
         batch_fn: PixelChunks,
-        epochs: int = 4,
+        max_epochs: int = 100,
         batch_pixels: int = 64,
-        buffer_pixels: int = 65536,
         lr: float = 1e-3,
-        max_steps: int | None = None,
+        min_epochs: int = 4,
+        patience: int | None = 50,
+        buffer_pixels: int = 1 << 18,
         show_progress: bool | None = None,
     ) -> PixelMLPEnsemble:
         """Train every model on pixels streamed from ``batch_fn``.
@@ -192,19 +230,20 @@ class PixelMLPEnsemble:
         Args:
             batch_fn: returns a fresh iterator of ``(features (n, C) float, labels (n,) int64)``
                 chunks (one pass over the training pixels); ``ignore_index`` rows are dropped.
-            epochs: passes over the stream.
-            batch_pixels: minibatch size (DDPM-seg: 64); minibatches of one row are skipped
-                (BatchNorm needs two).
+            max_epochs: most passes over the stream (DDPM-seg: 100).
+            batch_pixels: minibatch size (DDPM-seg: 64); incomplete batches are dropped.
+            lr: Adam learning rate (DDPM-seg: 1e-3).
+            min_epochs: epochs before the early stop starts watching (DDPM-seg: 4, ``epoch > 3``).
+            patience: non-improving batches tolerated (DDPM-seg: 50); None never stops early.
             buffer_pixels: shuffle buffer capacity in rows: the most pixels held at once.
-            lr: Adam learning rate (DDPM-seg: 1e-3), cross-entropy loss.
-            max_steps: stop after this many steps per model (None: run all epochs).
-            show_progress: tqdm bar (None: only on a terminal).
+            show_progress: tqdm bar over epochs (None: only on a terminal).
 
         Returns:
             self.
         """
         opts = [torch.optim.Adam(m.parameters(), lr=lr) for m in self.models]
         gens = [torch.Generator().manual_seed(_seed_of(self.seed, m, 1)) for m in range(self.n_models)]
+        stops = [_EarlyStop(min_epochs, patience) for _ in range(self.n_models)]
         buffer = ShuffleBuffer(buffer_pixels, torch.Generator().manual_seed(_seed_of(self.seed, 2**31)))
 
         def check(x, y):
@@ -212,40 +251,38 @@ class PixelMLPEnsemble:
 
         for net in self.models:
             net.train()
-        self.n_steps_ = self.n_pixels_ = 0
-        bar = progress(desc="pixel MLP ensemble", total=max_steps, enabled=show_progress)
-        for _ in range(epochs):
-            for bx, by in _blocks(batch_fn, buffer, check):
-                self.n_pixels_ += len(by)
-                steps = self._train_block(bx.to(self.device), by.to(self.device), opts, gens, batch_pixels, max_steps)
-                self.n_steps_ += steps
-                bar.update(steps)
-                if max_steps is not None and self.n_steps_ >= max_steps:
-                    break
-            if max_steps is not None and self.n_steps_ >= max_steps:
+        self.n_steps_, self.epochs_, self.n_pixels_ = [0] * self.n_models, [0] * self.n_models, 0
+        for epoch in progress(range(max_epochs), desc="pixel MLP ensemble", enabled=show_progress):
+            live = [m for m in range(self.n_models) if not stops[m].stopped]
+            if not live:
                 break
-        bar.close()
+            for m in live:
+                self.epochs_[m] = epoch + 1
+            for bx, by in _blocks(batch_fn, buffer, check):
+                if epoch == 0:
+                    self.n_pixels_ += len(by)
+                bx, by = bx.to(self.device), by.to(self.device)
+                for m in live:
+                    if not stops[m].stopped:
+                        self._train_block(m, bx, by, opts[m], gens[m], stops[m], epoch, batch_pixels)
         self.max_buffer_rows_ = buffer.max_rows
         for net in self.models:
             net.eval()
         return self
 
-    def _train_block(self, bx, by, opts, gens, batch_pixels: int, max_steps: int | None) -> int:
-        """One pass of every model over a block in its own order; returns steps per model."""
-        budget = None if max_steps is None else max_steps - self.n_steps_
-        n_steps = 0
-        for net, opt, gen in zip(self.models, opts, gens, strict=True):
-            perm = torch.randperm(len(by), generator=gen).to(self.device)
-            starts = [s for s in range(0, len(by), batch_pixels) if min(batch_pixels, len(by) - s) >= 2]
-            starts = starts if budget is None else starts[:budget]
-            for s in starts:
-                idx = perm[s : s + batch_pixels]
-                loss = F.cross_entropy(net(bx[idx]), by[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            n_steps = len(starts)
-        return n_steps
+    def _train_block(self, m, bx, by, opt, gen, stop: _EarlyStop, epoch: int, batch_pixels: int) -> None:
+        """Model ``m``'s pass over one block in its own order (full batches only)."""
+        net = self.models[m]
+        perm = torch.randperm(len(by), generator=gen).to(self.device)
+        for s in range(0, len(by) - batch_pixels + 1, batch_pixels):
+            idx = perm[s : s + batch_pixels]
+            loss = F.cross_entropy(net(bx[idx]), by[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            self.n_steps_[m] += 1
+            if stop.update(epoch, loss.item()):
+                return
 
     @torch.no_grad()
     def _logits(self, features: torch.Tensor, chunk_pixels: int) -> Iterator[torch.Tensor]:
@@ -265,26 +302,17 @@ class PixelMLPEnsemble:
         return torch.cat(out) if out else torch.zeros(0, self.num_classes)
 
     def predict(self, features: torch.Tensor, chunk_pixels: int = 65536) -> torch.Tensor:
-        """(N, C) features -> (N,) int64 labels: majority vote, ties to the highest mean softmax."""
+        """(N, C) features -> (N,) int64 labels: majority vote, ties to the smallest label."""
         out = []
         for logits in self._logits(features, chunk_pixels):
-            votes = F.one_hot(logits.argmax(-1), self.num_classes).sum(0).float()  # (n, K)
-            mean_p = logits.softmax(-1).mean(0)  # in [0, 1]: only breaks ties between integer counts
-            out.append((votes + 0.5 * mean_p).argmax(-1).cpu())
+            votes = F.one_hot(logits.argmax(-1), self.num_classes).sum(0)  # (n, K) counts
+            out.append(votes.argmax(-1).cpu())  # first maximum: the smallest tied label
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
     def predict_map(self, feat: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         """(C, h, w) feature map -> (H, W) label map (upsampled to ``size`` first when given)."""
         H, W = size if size is not None else feat.shape[1:]
         return self.predict(pixels_from_map(feat, size)).reshape(H, W)
-
-    def evaluate(self, chunks: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-        """mIoU and pixel accuracy over a stream of ``(features (n, C), labels (n,))`` chunks,
-        accumulated as a confusion matrix."""
-        cm = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
-        for x, y in chunks:
-            cm += confusion_matrix(self.predict(x), y, self.num_classes, self.ignore_index)
-        return _scores(cm)
 
 
 # ----------------------------------------------------------------------------
@@ -352,14 +380,20 @@ class LinearPixelProbe(_MultiScale):
         return sum(self._up(p(f), size) for p, f in zip(self.proj, levels, strict=True))
 
 
-SegBatches = Callable[[], Iterable[tuple[Any, torch.Tensor]]]
+SegBatches = Callable[[], Iterable[tuple[Any, Any]]]
 
 
-def _check_labels(labels: torch.Tensor, batch: int) -> torch.Tensor:
-    labels = torch.as_tensor(labels)
-    if labels.ndim != 3 or labels.shape[0] != batch:
-        raise ValueError(f"label maps must have shape ({batch}, H, W), got shape {tuple(labels.shape)}")
-    return labels.long()
+def _label_list(labels: Any, batch: int) -> list[torch.Tensor]:
+    """Label maps of a batch as a list of (H_i, W_i) int64 tensors (sizes may differ per image)."""
+    if isinstance(labels, torch.Tensor | np.ndarray):
+        labels = torch.as_tensor(labels)
+        if labels.ndim != 3 or labels.shape[0] != batch:
+            raise ValueError(f"label maps must have shape ({batch}, H, W), got shape {tuple(labels.shape)}")
+        return [y.long() for y in labels]
+    labels = [torch.as_tensor(y).long() for y in labels]
+    if len(labels) != batch or any(y.ndim != 2 for y in labels):
+        raise ValueError(f"expected {batch} label maps of shape (H, W), got {[tuple(y.shape) for y in labels]}")
+    return labels
 
 
 def seg_logits(head: nn.Module, feats: Any, size: tuple[int, int]) -> torch.Tensor:
@@ -368,6 +402,18 @@ def seg_logits(head: nn.Module, feats: Any, size: tuple[int, int]) -> torch.Tens
     if tuple(logits.shape[2:]) == tuple(size):
         return logits
     return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def _per_image_logits(head: nn.Module, levels: list[torch.Tensor], labels: list[torch.Tensor]):
+    """(1, K, H_i, W_i) logits per image, each upsampled to its own label size."""
+    logits = head(levels)
+    for i, y in enumerate(labels):
+        yield F.interpolate(logits[i : i + 1], size=tuple(y.shape), mode="bilinear", align_corners=False)
+
+
+def poly_lr(step: int, total: int, lr: float, min_lr: float, power: float = 0.9) -> float:
+    """mmseg's ``PolyLR``: ``(lr - min_lr) * (1 - step / total) ** power + min_lr``."""
+    return (lr - min_lr) * max(0.0, 1 - step / total) ** power + min_lr
 
 
 def train_seg_head(
@@ -379,28 +425,36 @@ def train_seg_head(
     epochs: int = 10,
     lr: float = 1e-3,
     weight_decay: float = 1e-4,
+    min_lr: float = 0.0,
+    total_steps: int | None = None,
     seed: int = 0,
-    ignore_index: int = 255,
+    ignore_index: int | None = 255,
     show_progress: bool | None = None,
 ) -> nn.Module:
     """Train a :class:`SegHead` (``kind="conv"``) or :class:`LinearPixelProbe` (``"linear"``).
 
+    AdamW, optionally with mmseg's poly schedule (:func:`poly_lr`, power 0.9, down to
+    ``min_lr`` at ``total_steps``; None keeps the rate constant). The official values
+    (lr 1.6e-4, weight decay 1e-3, poly down to 1e-4, width 512) are the defaults of
+    :class:`difstudy.protocols.SemSegConfig`, which passes them here.
+
     Args:
         train_iter_fn: returns a fresh iterator of ``(feats, labels)`` batches per epoch:
-            feats a list of (B, C_i, h_i, w_i) maps (or one tensor), labels (B, H, W) int64.
-            Shuffle in the iterator if wanted (seeded).
+            feats a list of (B, C_i, h_i, w_i) maps (or one tensor), labels (B, H, W) int64
+            or a list of B (H_i, W_i) maps of any sizes. Shuffle in the iterator (seeded).
         in_channels_list: C_i of the levels.
         num_classes: K.
         kind: ``"conv"`` or ``"linear"``.
         dim: SegHead's common width.
-        epochs, lr, weight_decay: AdamW schedule (constant rate).
+        epochs: passes over the batches.
+        lr, weight_decay, min_lr, total_steps: the schedule above.
         seed: seeds the initialisation.
-        ignore_index: label of unlabelled pixels.
+        ignore_index: label of unlabelled pixels (None: every pixel is labelled).
         show_progress: tqdm bar (None: only on a terminal).
 
     Returns:
-        The trained head in eval mode; the loss is pixel cross-entropy on logits
-        upsampled to the label resolution.
+        The trained head in eval mode; the loss is the pixel cross-entropy, averaged over
+        the labelled pixels of the batch, on logits upsampled to each label map's size.
     """
     if kind not in ("conv", "linear"):
         raise ValueError(f"kind must be 'conv' or 'linear', got {kind!r}")
@@ -411,47 +465,58 @@ def train_seg_head(
         else:
             head = LinearPixelProbe(in_channels_list, num_classes)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    ignore = -100 if ignore_index is None else ignore_index
     head.train()
+    step = 0
     for _ in progress(range(epochs), desc=f"seg head ({kind})", enabled=show_progress):
         for feats, labels in train_iter_fn():
             levels = _as_levels(feats)
-            labels = _check_labels(labels, levels[0].shape[0])
-            if not (labels != ignore_index).any():
+            ys = _label_list(labels, levels[0].shape[0])
+            n_valid = sum(int((y != ignore).sum()) for y in ys)
+            if n_valid == 0:
                 continue
-            loss = F.cross_entropy(seg_logits(head, levels, labels.shape[1:]), labels, ignore_index=ignore_index)
+            if total_steps is not None:
+                for g in opt.param_groups:
+                    g["lr"] = poly_lr(step, total_steps, lr, min_lr)
+            if isinstance(labels, torch.Tensor | np.ndarray):  # one label size: one loss call
+                y = torch.stack(ys)
+                loss = F.cross_entropy(seg_logits(head, levels, y.shape[1:]), y, ignore_index=ignore)
+            else:  # label maps of different sizes: the same mean over all labelled pixels
+                total = sum(
+                    F.cross_entropy(lg, y[None], ignore_index=ignore, reduction="sum")
+                    for lg, y in zip(_per_image_logits(head, levels, ys), ys)
+                )
+                loss = total / n_valid
             opt.zero_grad()
             loss.backward()
             opt.step()
+            step += 1
     return head.eval()
 
 
 @torch.no_grad()
-def seg_confusion(
-    head: nn.Module, batches: Iterable[tuple[Any, torch.Tensor]], num_classes: int, ignore_index: int = 255
-) -> np.ndarray:
-    """(K, K) confusion matrix of ``head`` summed over a stream of ``(feats, labels)`` batches."""
+def seg_predictions(head: nn.Module, batches: Iterable[tuple[Any, Any]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(prediction (H, W), label (H, W)) per image of a stream of ``(feats, labels)`` batches,
+    logits upsampled to each label map's size."""
     head.eval()
-    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
     for feats, labels in batches:
         levels = _as_levels(feats)
-        labels = _check_labels(labels, levels[0].shape[0])
-        pred = seg_logits(head, levels, labels.shape[1:]).argmax(1)
-        cm += confusion_matrix(pred, labels, num_classes, ignore_index)
-    return cm
-
-
-def _scores(cm: np.ndarray) -> dict[str, float]:
-    total = cm.sum()
-    return {"miou": miou_from_confusion(cm), "pixel_acc": float(np.trace(cm) / total) if total else float("nan")}
+        ys = _label_list(labels, levels[0].shape[0])
+        for lg, y in zip(_per_image_logits(head, levels, ys), ys):
+            yield lg[0].argmax(0), y
 
 
 def eval_seg_head(
     head: nn.Module,
-    eval_iter: Iterable[tuple[Any, torch.Tensor]] | SegBatches,
+    eval_iter: Iterable[tuple[Any, Any]] | SegBatches,
     num_classes: int,
-    ignore_index: int = 255,
+    ignore_index: int | None = 255,
 ) -> dict[str, float]:
-    """Streamed evaluation: ``{"miou", "pixel_acc"}`` from the confusion matrix accumulated
+    """``{"miou", "pixel_acc"}`` (mmseg rules: ignored pixels skipped, absent classes left out)
     over ``eval_iter`` (an iterable of ``(feats, labels)`` batches or a function returning one)."""
     batches = eval_iter() if callable(eval_iter) else eval_iter
-    return _scores(seg_confusion(head, batches, num_classes, ignore_index))
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    for pred, y in seg_predictions(head, batches):
+        cm += confusion_matrix(pred, y, num_classes, -1 if ignore_index is None else ignore_index)
+    total = cm.sum()
+    return {"miou": miou_from_confusion(cm), "pixel_acc": float(np.trace(cm) / total) if total else float("nan")}

@@ -1,0 +1,1174 @@
+"""GATE (Meng et al., "Suppress Content Shift", NeurIPS 2024): content shift,
+the Img2Img guideline, generation techniques as extraction variants, and
+feature amalgamation.
+
+**Content shift, measured.** The paper shows content shift only as pictures
+(contours and exact shapes that the U-Net's reconstruction of a noised image
+gets wrong), and its official repository (Darkbblue/diffusion-content-shift)
+has no scoring code. difstudy therefore defines two scores between an input
+image ``x`` and a reconstruction ``y`` (both RGB, compared in [0, 1]):
+
+- ``contour``: mean absolute difference of the Laplacians of the grey images,
+  ``mean_p |L(g(x))_p - L(g(y))_p|`` with ``g`` = luminance
+  (``skimage.color.rgb2gray``) after an optional Gaussian blur of ``sigma``
+  pixels (``skimage.filters.gaussian``, default 1; 0 = none) and ``L`` the
+  3x3 Laplacian of ``skimage.filters.laplace``. Edges that move, vanish or
+  appear all add to it; a vertical step edge of height 1 that moves by one
+  pixel gives ``4 / W`` (without blur) on a ``W`` px wide image.
+- ``structure``: ``1 - SSIM(x, y)`` (``skimage.metrics.structural_similarity``
+  over the RGB channels, data range 1, default 7x7 window).
+
+Both are 0 for identical images. ``vae`` rows (encode then decode, no U-Net)
+measure the floor that the autoencoder alone causes; the claims compare the
+U-Net's reconstructions against it.
+
+**Reconstructions**, through diffusers only:
+
+- ``x0``: the predicted clean image of one U-Net forward at timestep ``t`` on
+  the noised VAE latent (the same latent, noise draw and forward as feature
+  extraction, :class:`GateExtractor` with the activation ``unet-out``), turned
+  into ``x0`` by ``DDPMScheduler.step(...).pred_original_sample`` (epsilon,
+  v or sample prediction from the scheduler config) and decoded by the VAE.
+  This is what the features "see".
+- ``img2img``: diffusers' Img2Img pipeline (``AutoPipelineForImage2Image.from_pipe``,
+  the ControlNet variant when a technique has one) at strength ``t / 1000`` with a
+  DDIM scheduler of ``steps`` steps (trailing spacing, so the first step is at
+  ``t - 1`` for multiples of ``1000 / steps``; the ``t_start`` column records it),
+  no classifier-free guidance, a seeded generator.
+
+**Techniques** are conditioning variants of the one extraction protocol
+(:class:`Technique`): a prompt rule (``empty``, ``generic``, ``fine``,
+``text:<prompt>``; real data get fine captions from a CSV with
+:func:`with_captions`), optionally a ControlNet fed the image's Canny edges
+(its residuals are added to the U-Net as ``down_block_additional_residuals`` /
+``mid_block_additional_residual``), optionally a LoRA adapter (diffusers/peft
+format). All techniques of a batch go through **one** U-Net forward: rows
+without a ControlNet get zero residuals (adding 0 is exact) and LoRA rows are
+routed through peft's mixed-adapter batches (``adapter_names``; other rows use
+``__base__``), with capture and early stop as usual. Each technique is a cache
+variant: a prompt-only technique has exactly the key of that prompt variant
+(``fine`` features from ``difstudy extract --variants fine`` are reused), a
+ControlNet/LoRA technique gets ``<prompt>+<name>-<digest of its weights>``.
+The official code runs one full extraction per technique.
+
+**Amalgamation** (:class:`Amalgamation`) follows the official code
+(``scarce_segmentation_gate/segmentation/pixel_classifier.py`` and
+``correspondence_gate/correspondence/aggregation_network.py``): ``k`` weight
+assigners, each applied to every bucket (basic or technique features of the
+same activations) and giving a weight per bucket and channel, softmax over the
+buckets; the ``k`` weighted sums are concatenated for the head. Assigner:
+``Linear(C, 128) -> ReLU -> BatchNorm1d -> Dropout(0.5) -> Linear(128, C)``
+on pixel vectors, ``Conv3x3(C, 128, no bias) -> ReLU -> BatchNorm2d ->
+Dropout(0.5) -> global average pool -> Linear(128, C)`` on feature maps (one
+weight per image and channel). ``k = 1`` (both official task scripts build
+``weight_num=1``). The official sparsity term (mean L2 norm of the weights
+across buckets, rewarded) is available with a fixed coefficient, default 0
+(the official scripts random-walk it from 0 in steps of 1e-5).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .cache import FeatureCache, Key
+from .capture import Capture, split_batch
+from .errors import DifstudyError, ModelNotFoundError
+from .extract import Extractor, Summary, cache_group, image_digest, prompt_for, variant_key
+
+MODELS_DIR = Path(__file__).parent / "models"
+MINI_CONTROLNET_PATH = MODELS_DIR / "difstudy-mini-canny"
+MINI_LORA_PATH = MODELS_DIR / "difstudy-mini-lora-checkered"
+CONTROLNET_ALIASES = {
+    "sd15-canny": "lllyasviel/sd-controlnet-canny",  # what the official GATE code uses for SD1.5
+    "sdxl-canny": "diffusers/controlnet-canny-sdxl-1.0",  # ... and for SDXL
+}
+TIMESTEPS = (25, 50, 100, 200, 400)
+METHODS = ("vae", "x0", "img2img")
+MEASURES = ("contour", "structure")
+
+
+# ================================================================================
+# 1. content shift: the two scores
+def _rgb01(image, name: str) -> np.ndarray:
+    a = np.asarray(image)
+    if a.ndim != 3 or a.shape[2] != 3:
+        raise DifstudyError(f"{name} must be an RGB image (H, W, 3), got shape {a.shape}")
+    if a.dtype == np.uint8:
+        return a.astype(np.float64) / 255.0
+    a = a.astype(np.float64)
+    if a.min() < -1e-6 or a.max() > 1 + 1e-6:
+        raise DifstudyError(
+            f"{name}: float images must lie in [0, 1], got values in [{a.min():.3g}, {a.max():.3g}]; "
+            "pass uint8 or rescale"
+        )
+    return a
+
+
+def laplacian_map(image, sigma: float = 1.0) -> np.ndarray:
+    """Laplacian (skimage 3x3 kernel) of the grey image in [0, 1], after a Gaussian blur of ``sigma`` px."""
+    from skimage.color import rgb2gray
+    from skimage.filters import gaussian, laplace
+
+    g = rgb2gray(_rgb01(image, "image"))
+    if sigma > 0:
+        g = gaussian(g, sigma=sigma, preserve_range=True)
+    return laplace(g, ksize=3)
+
+
+def content_shift(image, reconstruction, sigma: float = 1.0) -> dict[str, float]:
+    """``{"contour", "structure"}`` between an image and its reconstruction (module doc).
+
+    Both RGB (H, W, 3), uint8 or float in [0, 1], of the same size."""
+    from skimage.metrics import structural_similarity
+
+    x, y = _rgb01(image, "image"), _rgb01(reconstruction, "reconstruction")
+    if x.shape != y.shape:
+        raise DifstudyError(
+            f"image {x.shape} and reconstruction {y.shape} differ in size; resize the image to the model's size first"
+        )
+    contour = float(np.abs(laplacian_map(x, sigma) - laplacian_map(y, sigma)).mean())
+    ssim = structural_similarity(x, y, channel_axis=2, data_range=1.0)
+    return {"contour": contour, "structure": float(1.0 - ssim)}
+
+
+def edge_map(image, sigma: float = 1.0) -> np.ndarray:
+    """Canny edges (``skimage.feature.canny``, default thresholds) of the grey image: (H, W) bool."""
+    from skimage.color import rgb2gray
+    from skimage.feature import canny
+
+    return canny(rgb2gray(_rgb01(image, "image")), sigma=sigma)
+
+
+def resize_uint8(image: np.ndarray, size: int) -> np.ndarray:
+    """RGB uint8 at ``size`` x ``size`` (bicubic, as :func:`difstudy.extract.to_tensor`)."""
+    image = np.asarray(image)
+    if image.shape[:2] == (size, size):
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+
+
+def control_images(images: Sequence[np.ndarray], size: int, sigma: float = 1.0) -> torch.Tensor:
+    """ControlNet conditions: Canny edges of each image at ``size`` px as (B, 3, size, size) in {0, 1}."""
+    e = np.stack([edge_map(resize_uint8(im, size), sigma) for im in images]).astype(np.float32)
+    return torch.from_numpy(e)[:, None].expand(-1, 3, -1, -1).contiguous()
+
+
+# ================================================================================
+# 2. techniques, ControlNets and LoRAs
+@dataclass(frozen=True)
+class Technique:
+    """A generation technique as an extraction variant.
+
+    name: unique label (``basic``, ``fine``, ``controlnet``, ``lora`` ...).
+    prompt: prompt rule of :func:`difstudy.extract.prompt_for` (``empty``, ``generic``,
+        ``fine``, ``text:<prompt>``).
+    controlnet: ``None``, a ``ControlNetModel``, ``"mini"`` (the committed mini canny
+        ControlNet), an alias (``sd15-canny``, ``sdxl-canny``), a hub id or a folder.
+    lora: ``None``, ``"mini"`` (the committed mini LoRA), or a diffusers/peft LoRA
+        folder, file or hub id (its U-Net part is used).
+    conditioning_scale: ControlNet residual scale (1 as in the official code).
+    canny_sigma: Gaussian sigma of the Canny edge detector for the ControlNet condition.
+    """
+
+    name: str
+    prompt: str = "empty"
+    controlnet: Any = None
+    lora: str | os.PathLike | None = None
+    conditioning_scale: float = 1.0
+    canny_sigma: float = 1.0
+
+    def __post_init__(self):
+        if not self.name or "|" in self.name or "/" in self.name:
+            raise DifstudyError(f"technique name {self.name!r} must be non-empty without '|' or '/'")
+        prompt_for(self.prompt, {"generic": "x", "fine": "x"})  # validates the rule
+
+
+BASIC = Technique("basic")
+
+
+def _weights_digest(tensors) -> str:
+    h = hashlib.sha1()
+    for name, p in tensors:
+        h.update(name.encode())
+        h.update(p.detach().flatten()[::997].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:8]
+
+
+def load_controlnet(name_or_path, dtype=None, device=None):
+    """A diffusers ``ControlNetModel`` from a built-in name, alias, hub id or folder (see :class:`Technique`)."""
+    from diffusers import ControlNetModel
+
+    if isinstance(name_or_path, ControlNetModel):
+        cn = name_or_path
+    else:
+        name = str(name_or_path)
+        kw = {"torch_dtype": dtype} if dtype is not None else {}
+        path = MINI_CONTROLNET_PATH if name == "mini" else Path(name).expanduser()
+        if name == "mini" or path.exists() or name.startswith((".", "/", "~")):
+            if not path.is_dir():
+                hint = " Train it with `python -m difstudy.train.controlnet`." if name == "mini" else ""
+                raise ModelNotFoundError(f"ControlNet folder {str(path)!r} does not exist.{hint}")
+            if not (path / "config.json").exists():
+                found = sorted(p.name for p in path.iterdir())[:10]
+                raise ModelNotFoundError(
+                    f"{str(path)!r} is not a diffusers ControlNet folder: config.json is missing (found: {found}). "
+                    "Expected config.json and diffusion_pytorch_model.safetensors, as written by "
+                    "`controlnet.save_pretrained(folder)` or `huggingface-cli download ID --local-dir folder`."
+                )
+            try:
+                cn = ControlNetModel.from_pretrained(str(path), local_files_only=True, **kw)
+            except (OSError, ValueError) as e:
+                raise ModelNotFoundError(f"could not load the ControlNet folder {str(path)!r}: {e}") from None
+        elif "/" in CONTROLNET_ALIASES.get(name, name):
+            repo = CONTROLNET_ALIASES.get(name, name)
+            try:
+                cn = ControlNetModel.from_pretrained(repo, **kw)
+            except Exception as e:  # hub/network errors come in many types
+                reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                raise ModelNotFoundError(
+                    f"could not load the ControlNet {repo!r} from the Hugging Face hub or its local cache: {reason}. "
+                    f"On a machine with network run `huggingface-cli download {repo} --local-dir DIR` and pass DIR."
+                ) from None
+        else:
+            raise ModelNotFoundError(
+                f"unknown ControlNet {name!r}: use 'mini', an alias ({', '.join(CONTROLNET_ALIASES)}), "
+                "a hub id (org/name) or an existing folder"
+            )
+    if (dtype is not None and cn.dtype != dtype) or (device is not None and cn.device != torch.device(device)):
+        cn = cn.to(device=device, dtype=dtype)
+    return cn.eval().requires_grad_(False)
+
+
+def build_controlnet(pipe):
+    """A new ControlNet initialised from the pipeline's U-Net (``ControlNetModel.from_unet``), its
+    condition encoder downsampling by the VAE factor (4 for the mini model, 8 for SD)."""
+    from diffusers import ControlNetModel
+
+    from .models import vae_scale_factor
+
+    levels = int(np.log2(vae_scale_factor(pipe))) + 1
+    channels = (16, 32, 96, 256, 256)[:levels]
+    return ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=channels)
+
+
+def _check_controlnet(cn, unet, label: str) -> None:
+    for key in ("block_out_channels", "cross_attention_dim", "in_channels"):
+        a, b = getattr(cn.config, key), getattr(unet.config, key)
+        if (tuple(a) if isinstance(a, (list, tuple)) else a) != (tuple(b) if isinstance(b, (list, tuple)) else b):
+            raise DifstudyError(
+                f"ControlNet of technique {label!r} has {key}={a}, the pipeline's U-Net {key}={b}: "
+                "use a ControlNet made for this model family (e.g. sd15-canny for SD1.5)"
+            )
+
+
+def _lora_source(lora) -> str:
+    if str(lora) == "mini":
+        if not MINI_LORA_PATH.is_dir():
+            raise ModelNotFoundError(
+                f"the mini LoRA is missing from {MINI_LORA_PATH}; train it with `python -m difstudy.train.lora`"
+            )
+        return str(MINI_LORA_PATH)
+    p = Path(str(lora)).expanduser()
+    if p.exists():
+        return str(p)
+    if str(lora).startswith((".", "/", "~")) or str(lora).count("/") != 1:
+        raise ModelNotFoundError(
+            f"LoRA {str(lora)!r} does not exist: pass 'mini', a folder holding pytorch_lora_weights.safetensors "
+            "(as written by `StableDiffusionPipeline.save_lora_weights`), a .safetensors file or a hub id (org/name)"
+        )
+    return str(lora)
+
+
+def load_lora(pipe, lora, adapter_name: str) -> str:
+    """Load the U-Net part of a diffusers/peft LoRA into ``pipe.unet`` as ``adapter_name``;
+    returns a digest of its weights. Remove it with ``pipe.unet.delete_adapters(adapter_name)``."""
+    src = _lora_source(lora)
+    kw = {}
+    if Path(src).is_file():
+        kw = {"weight_name": Path(src).name}
+        src = str(Path(src).parent)
+    try:
+        got = pipe.lora_state_dict(src, **kw)
+    except Exception as e:
+        raise ModelNotFoundError(f"could not read the LoRA {str(lora)!r}: {str(e).splitlines()[0][:200]}") from None
+    state, alphas = got[0], got[1]
+    unet_keys = [k for k in state if k.startswith("unet.")]
+    if not unet_keys:
+        raise DifstudyError(f"LoRA {str(lora)!r} holds no U-Net weights (keys start with {sorted(state)[:3]})")
+    digest = _weights_digest(sorted((k, state[k]) for k in unet_keys))
+    pipe.load_lora_into_unet(state, alphas, pipe.unet, adapter_name=adapter_name, _pipeline=pipe)
+    pipe.unet.enable_lora()
+    return digest
+
+
+@contextmanager
+def _adapter_rows(unet, names: list[str] | None):
+    """Route each batch row through its own LoRA adapter (peft mixed-adapter batches)."""
+    if names is None:
+        yield
+        return
+    from peft.tuners.lora import LoraLayer
+
+    def hook(module, args, kwargs):
+        return args, {**kwargs, "adapter_names": names}
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in unet.modules() if isinstance(m, LoraLayer)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _has_peft_layers(unet) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) for m in unet.modules())
+
+
+def _remove_adapters(unet, names: list[str], keep_layers: bool) -> None:
+    """Delete ``names``; without other adapters (``keep_layers`` False) unload the peft layers too."""
+    if keep_layers:
+        unet.delete_adapters(names)
+    else:
+        unet.unload_lora()
+
+
+# ================================================================================
+# 3. extraction with techniques as variants
+class GateExtractor(Extractor):
+    """The extraction protocol of :class:`difstudy.extract.Extractor` with techniques as variants.
+
+    ``GateExtractor(pipe, activations, techniques=(BASIC,), timesteps=(50,), seed=0)``; use it as a
+    context manager (LoRA adapters are loaded into ``pipe.unet`` for its lifetime and removed on
+    exit). :meth:`features` returns ``{Key: tensor}`` with ``Key.variant`` = :attr:`variant_keys`.
+    """
+
+    def __init__(
+        self, pipe, activations, techniques=(BASIC,), timesteps=(50,), seed=0, image_size=None, stop_early=True
+    ):
+        from diffusers import DDPMScheduler
+
+        techniques = tuple(techniques)
+        names = [tq.name for tq in techniques]
+        if not techniques or len(set(names)) != len(names):
+            raise DifstudyError(f"techniques need distinct names, got {names}")
+        super().__init__(pipe, activations, timesteps, [tq.prompt for tq in techniques], seed, image_size, stop_early)
+        self.techniques = techniques
+        # x0 from the model output for any prediction type (noising itself is the Extractor's ddpm_noise)
+        self.step_scheduler = DDPMScheduler.from_config(pipe.scheduler.config, clip_sample=False, thresholding=False)
+        self._had_peft = _has_peft_layers(self.unet)
+        self.controlnets: dict[int, Any] = {}
+        self.adapters: dict[int, str] = {}
+        self.variant_keys: list[str] = []
+        try:
+            for v, tq in enumerate(techniques):
+                parts = []
+                if tq.controlnet is not None:
+                    cn = load_controlnet(tq.controlnet, dtype=self.dtype, device=self.device)
+                    _check_controlnet(cn, self.unet, tq.name)
+                    self.controlnets[v] = cn
+                    parts.append(_weights_digest(cn.named_parameters()))
+                    parts.append(f"{tq.conditioning_scale:g}/{tq.canny_sigma:g}")
+                if tq.lora is not None:
+                    adapter = f"difstudy-{tq.name}"
+                    parts.append(load_lora(pipe, tq.lora, adapter))
+                    self.adapters[v] = adapter
+                key = variant_key(tq.prompt)
+                if parts:
+                    key += f"+{tq.name}-" + hashlib.sha1("|".join(parts).encode()).hexdigest()[:10]
+                self.variant_keys.append(key)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Remove the LoRA adapters loaded for the techniques (all peft layers when the U-Net had
+        none before, so its module tree, and with it its cache group, is as it was)."""
+        if self.adapters:
+            _remove_adapters(self.unet, list(self.adapters.values()), self._had_peft)
+            self.adapters = {}
+
+    def __enter__(self) -> GateExtractor:
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.close()
+        return False
+
+    @torch.no_grad()
+    def unet_inputs(self, images, captions, z0=None):
+        """``(sample, t, kwargs, adapter_names)`` of the one forward of B images x T timesteps x
+        V techniques, rows in (b, t, v) order: :meth:`Extractor.unet_kwargs` plus the techniques'
+        ControlNet residuals (zeros on other rows) and per-row LoRA adapter names."""
+        B, T, V = len(images), len(self.timesteps), len(self.techniques)
+        N = B * T * V
+        z0 = self.encode_images(images) if z0 is None else z0
+        sample, tt, kw = self.unet_kwargs(captions, self.noisy_latents(z0, images))
+        ehs = kw["encoder_hidden_states"]
+        tech = torch.arange(V, device=self.device).repeat(B * T)
+        if self.controlnets:
+            down, mid = None, None
+            for v, cn in self.controlnets.items():
+                tq = self.techniques[v]
+                rows = (tech == v).nonzero().flatten()
+                cond = control_images(images, self.image_size, tq.canny_sigma).to(self.device, self.dtype)
+                extra = {}
+                if self.is_xl:
+                    extra["added_cond_kwargs"] = {k: x[rows] for k, x in kw["added_cond_kwargs"].items()}
+                d, m = cn(
+                    sample[rows],
+                    tt[rows],
+                    encoder_hidden_states=ehs[rows],
+                    controlnet_cond=cond[rows // (T * V)],
+                    conditioning_scale=tq.conditioning_scale,
+                    return_dict=False,
+                    **extra,
+                )
+                if down is None:  # rows without a ControlNet add zeros, which is exact
+                    down = [x.new_zeros((N, *x.shape[1:])) for x in d]
+                    mid = m.new_zeros((N, *m.shape[1:]))
+                for full, part in zip(down, d):
+                    full[rows] = part
+                mid[rows] = m
+            kw["down_block_additional_residuals"] = down
+            kw["mid_block_additional_residual"] = mid
+        names = [self.adapters.get(int(v), "__base__") for v in tech] if self.adapters else None
+        return sample, tt, kw, names
+
+    @torch.no_grad()
+    def features(
+        self, ids: Sequence[str], images: list[np.ndarray], captions: list[dict], store_dtype=None
+    ) -> dict[Key, torch.Tensor]:
+        """``{Key: (C, H, W)}`` for one batch, ``Key.variant`` from :attr:`variant_keys`; with
+        ``store_dtype`` on the CPU in that dtype."""
+        B, T, V = len(ids), len(self.timesteps), len(self.techniques)
+        sample, tt, kw, adapter_names = self.unet_inputs(images, captions)
+        with (
+            _adapter_rows(self.unet, adapter_names),
+            Capture(self.unet, self.names, stop=self.stop_early, catalog=self.catalog) as cap,
+        ):
+            cap.run(sample, tt, **kw)
+        out: dict[Key, torch.Tensor] = {}
+        for name, val in cap.cache.items():
+            a = self.catalog[name] if name in self.catalog else None
+            if a is not None and a.is_map:  # (N, heads, Nq, Nk) -> (N, Nk, H, W), as Extractor stores maps
+                h, w = self.catalog[name.replace("-map", "-q")].shape[1:]
+                val = val.float().mean(1).transpose(1, 2).reshape(val.shape[0], -1, h, w)
+            if store_dtype is not None:
+                val = val.to(dtype=store_dtype).cpu()
+            val = split_batch(val, B, T, V)
+            for b, iid in enumerate(ids):
+                for j, t in enumerate(self.timesteps):
+                    for k, vk in enumerate(self.variant_keys):
+                        out[Key(name, t, vk, self.seed, iid)] = val[b, j, k]
+        return out
+
+    @torch.no_grad()
+    def reconstruct_x0(self, images, captions) -> dict[tuple[str, int], np.ndarray]:
+        """``{(technique name, t): (B, S, S, 3) uint8}``: the decoded ``pred_original_sample`` of
+        the same forward that gives the features (one U-Net pass for all techniques and t)."""
+        B, T, V = len(images), len(self.timesteps), len(self.techniques)
+        sample, tt, kw, adapter_names = self.unet_inputs(images, captions)
+        with _adapter_rows(self.unet, adapter_names):
+            pred = self.unet(sample, tt, **kw).sample
+        pred, sample = split_batch(pred, B, T, V), split_batch(sample, B, T, V)
+        out = {}
+        g = torch.Generator(device=self.device).manual_seed(self.seed)
+        for j, t in enumerate(self.timesteps):
+            for v, tq in enumerate(self.techniques):
+                x0 = self.step_scheduler.step(pred[:, j, v], t, sample[:, j, v], generator=g).pred_original_sample
+                out[(tq.name, t)] = decode_latents(self.pipe, x0)
+        return out
+
+
+def _vae_dtype(pipe):
+    vae = pipe.vae
+    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    return torch.float32 if upcast else vae.dtype
+
+
+@torch.no_grad()
+def decode_latents(pipe, latents: torch.Tensor) -> np.ndarray:
+    """Scaled VAE latents -> (B, H, W, 3) uint8 through the VAE decoder."""
+    vae, dt = pipe.vae, _vae_dtype(pipe)
+    orig = vae.dtype
+    if dt != orig:
+        vae.to(dt)
+    try:
+        x = vae.decode(latents.to(dt) / vae.config.scaling_factor).sample
+    finally:
+        if dt != orig:
+            vae.to(orig)
+    return (x.float().clamp(-1, 1).add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()).copy()
+
+
+@torch.no_grad()
+def vae_reconstruction(pipe, images, image_size: int | None = None) -> np.ndarray:
+    """Encode (posterior mean) and decode, no U-Net: the autoencoder's own floor of content shift."""
+    ex = Extractor(pipe, ["unet-out"], image_size=image_size)
+    return decode_latents(pipe, ex.encode_images(list(images)))
+
+
+def _captions_of(captions, n):
+    if captions is None:
+        return [{"generic": None, "fine": None}] * n
+    if len(captions) != n:
+        raise DifstudyError(f"got {len(captions)} caption dicts for {n} images")
+    return list(captions)
+
+
+def predicted_x0(
+    pipe, images, t: int, technique: Technique = BASIC, captions=None, seed: int = 0, image_size=None
+) -> np.ndarray:
+    """Decoded ``x0`` predicted by one U-Net forward at timestep ``t``, on the latent noised
+    exactly as feature extraction noises it: (B, S, S, 3) uint8. ``captions``: per image
+    ``{"generic": ..., "fine": ...}`` for prompt rules that need them."""
+    images = list(images)
+    with GateExtractor(pipe, ["unet-out"], [technique], [t], seed, image_size) as ex:
+        return ex.reconstruct_x0(images, _captions_of(captions, len(images)))[(technique.name, int(t))]
+
+
+def img2img_start(pipe, t: int, steps: int = 50) -> int:
+    """The timestep of the first denoising step of :func:`img2img` at strength ``t / 1000``."""
+    sched = _img2img_scheduler(pipe)
+    sched.set_timesteps(steps)
+    n_train = sched.config.num_train_timesteps
+    init = min(int(steps * t / n_train), steps)
+    if init < 1:
+        raise DifstudyError(
+            f"img2img at t={t} with {steps} steps runs no step (strength {t / n_train:g} x {steps} < 1); "
+            f"use steps >= {int(np.ceil(n_train / max(t, 1)))}"
+        )
+    return int(sched.timesteps[steps - init])
+
+
+def _img2img_scheduler(pipe):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(
+        pipe.scheduler.config, timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=False
+    )
+
+
+@torch.no_grad()
+def img2img(
+    pipe,
+    images,
+    t: int,
+    technique: Technique = BASIC,
+    captions=None,
+    seed: int = 0,
+    steps: int = 50,
+    image_size: int | None = None,
+) -> np.ndarray:
+    """diffusers Img2Img (ControlNet Img2Img for a ControlNet technique) at strength ``t / 1000``,
+    DDIM with ``steps`` steps, no guidance: (B, S, S, 3) uint8."""
+    from diffusers import AutoPipelineForImage2Image
+
+    from .models import vae_scale_factor
+
+    images = list(images)
+    size = int(image_size or pipe.unet.config.sample_size * vae_scale_factor(pipe))
+    img2img_start(pipe, t, steps)  # validates t and steps
+    caps = _captions_of(captions, len(images))
+    pil = [Image.fromarray(resize_uint8(im, size)) for im in images]
+    call: dict[str, Any] = dict(
+        prompt=[prompt_for(technique.prompt, c) for c in caps],
+        image=pil,
+        strength=t / pipe.scheduler.config.num_train_timesteps,
+        num_inference_steps=steps,
+        guidance_scale=1.0,
+        generator=torch.Generator(device=pipe.unet.device).manual_seed(seed),
+        output_type="np",
+    )
+    extra = {}
+    if technique.controlnet is not None:
+        cn = load_controlnet(technique.controlnet, dtype=pipe.unet.dtype, device=pipe.unet.device)
+        _check_controlnet(cn, pipe.unet, technique.name)
+        extra["controlnet"] = cn
+        edges = control_images(images, size, technique.canny_sigma)
+        call["control_image"] = [Image.fromarray((e[0].numpy() * 255).astype(np.uint8)).convert("RGB") for e in edges]
+        call["controlnet_conditioning_scale"] = technique.conditioning_scale
+    i2i = AutoPipelineForImage2Image.from_pipe(pipe, scheduler=_img2img_scheduler(pipe), **extra)
+    i2i.set_progress_bar_config(disable=True)
+    adapter, had_peft = None, _has_peft_layers(pipe.unet)
+    try:
+        if technique.lora is not None:
+            adapter = f"difstudy-{technique.name}"
+            load_lora(pipe, technique.lora, adapter)
+            pipe.unet.set_adapters([adapter])
+        out = i2i(**call).images
+    finally:
+        if adapter is not None:
+            _remove_adapters(pipe.unet, [adapter], had_peft)
+    return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
+
+
+# ================================================================================
+# 4. content shift over t, complexity and techniques; claims and the guideline
+@dataclass(frozen=True)
+class ShiftConfig:
+    """What :func:`content_shift_table` measures."""
+
+    timesteps: tuple[int, ...] = TIMESTEPS
+    methods: tuple[str, ...] = METHODS
+    seed: int = 0
+    steps: int = 50  # img2img DDIM steps
+    batch_size: int = 8
+    sigma: float = 1.0  # Gaussian blur before the Laplacian of the contour score
+    image_size: int | None = None
+
+    def __post_init__(self):
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise DifstudyError(f"unknown reconstruction methods {bad}; use some of {list(METHODS)}")
+
+
+def _sample(ds, i):
+    """(image_id, RGB uint8, captions dict, complexity or None) of a ToySample or a loader dict."""
+    s = ds[i]
+    if isinstance(s, dict):
+        caps = {"generic": s.get("caption"), "fine": s.get("fine_caption")}
+        return str(s["image_id"]), s["image"], caps, s.get("complexity")
+    return s.image_id, s.image, {"generic": s.caption, "fine": s.fine_caption}, getattr(s, "complexity", None)
+
+
+def content_shift_table(
+    pipe, dataset, techniques=(BASIC,), config: ShiftConfig = ShiftConfig(), progress: bool = True
+) -> pd.DataFrame:
+    """Content shift of every image, technique, method and t: a tidy frame with columns
+    ``image_id, complexity, technique, method, t, t_start, contour, structure``.
+
+    ``vae`` rows (technique ``basic``, t = 0) are the autoencoder floor; ``x0`` runs one U-Net
+    forward per batch for all t and techniques; ``img2img`` one pipeline call per (t, technique)."""
+    from .models import vae_scale_factor
+
+    size = int(config.image_size or pipe.unet.config.sample_size * vae_scale_factor(pipe))
+    starts = {t: img2img_start(pipe, t, config.steps) for t in config.timesteps} if "img2img" in config.methods else {}
+    rows = []
+    n = len(dataset)
+    batches = [range(i, min(i + config.batch_size, n)) for i in range(0, n, config.batch_size)]
+    with GateExtractor(pipe, ["unet-out"], techniques, config.timesteps, config.seed, size) as ex:
+        for idx in tqdm(batches, desc="content shift", unit="batch", disable=not progress):
+            items = [_sample(dataset, i) for i in idx]
+            ids, images, caps = (
+                [it[0] for it in items],
+                [resize_uint8(it[1], size) for it in items],
+                [it[2] for it in items],
+            )
+            recs: dict[tuple[str, str, int], np.ndarray] = {}
+            if "vae" in config.methods:
+                recs[("basic", "vae", 0)] = decode_latents(pipe, ex.encode_images(images))
+            if "x0" in config.methods:
+                for (name, t), r in ex.reconstruct_x0(images, caps).items():
+                    recs[(name, "x0", t)] = r
+            if "img2img" in config.methods:
+                for tq in techniques:
+                    for t in config.timesteps:
+                        recs[(tq.name, "img2img", t)] = img2img(
+                            pipe, images, t, tq, caps, config.seed, config.steps, size
+                        )
+            for (name, method, t), rec in recs.items():
+                for b, it in enumerate(items):
+                    cs = content_shift(images[b], rec[b], config.sigma)
+                    t_start = starts[t] if method == "img2img" else t
+                    rows.append(
+                        dict(
+                            image_id=ids[b], complexity=it[3], technique=name, method=method, t=t, t_start=t_start, **cs
+                        )
+                    )
+    return pd.DataFrame(rows)
+
+
+def _bootstrap(df: pd.DataFrame, stat, n_boot: int, seed: int) -> tuple[float, float, float]:
+    """Statistic and its 95% percentile interval, resampling images."""
+    groups = {k: g for k, g in df.groupby("image_id")}
+    keys = list(groups)
+    rng = np.random.default_rng(seed)
+    value = float(stat(df))
+    boots = []
+    for _ in range(n_boot):
+        pick = rng.integers(0, len(keys), len(keys))
+        boots.append(stat(pd.concat([groups[keys[i]] for i in pick], ignore_index=True)))
+    lo, hi = np.nanpercentile(boots, [2.5, 97.5])
+    return value, float(lo), float(hi)
+
+
+def _verdict(lo: float, hi: float) -> str:
+    return "holds" if lo > 0 else ("fails" if hi < 0 else "inconclusive")
+
+
+def spearman(x, y) -> float:
+    """Spearman rank correlation (Pearson correlation of average ranks)."""
+    return float(pd.Series(np.asarray(x, float)).rank().corr(pd.Series(np.asarray(y, float)).rank()))
+
+
+def content_shift_claims(
+    df: pd.DataFrame, technique: str = "basic", t_ref: int = 50, n_boot: int = 1000, seed: int = 0
+) -> pd.DataFrame:
+    """Claim rows ``claim, measure, value, verdict, ci_low, ci_high, method`` for
+    "content shift exists" (mean excess of the reconstruction's shift at ``t_ref`` over the VAE
+    floor, or the raw shift without ``vae`` rows; holds when the 95% bootstrap interval over
+    images lies above 0) and "content shift grows with t" (Spearman rho of t and shift over
+    all (image, t) rows; holds when its interval lies above 0)."""
+    rows = []
+    d = df[df["technique"] == technique]
+    floor = df[df["method"] == "vae"].set_index("image_id")
+    for method in [m for m in ("x0", "img2img") if m in set(d["method"])]:
+        dm = d[d["method"] == method]
+        ts = sorted(dm["t"].unique())
+        t0 = t_ref if t_ref in ts else ts[len(ts) // 2]
+        for measure in MEASURES:
+            at = dm[dm["t"] == t0][["image_id", measure]].copy()
+            if len(floor):
+                at[measure] = at[measure].to_numpy() - floor.loc[at["image_id"], measure].to_numpy()
+            what = "above the VAE floor" if len(floor) else ""
+            v, lo, hi = _bootstrap(at, lambda g, m=measure: g[m].mean(), n_boot, seed)
+            rows.append(
+                dict(
+                    claim=f"content shift exists ({method}, t={t0}{', ' + what if what else ''})",
+                    measure=f"mean {measure} shift",
+                    value=v,
+                    verdict=_verdict(lo, hi),
+                    ci_low=lo,
+                    ci_high=hi,
+                    method=method,
+                )
+            )
+            if len(ts) > 1:
+                v, lo, hi = _bootstrap(dm, lambda g, m=measure: spearman(g["t"], g[m]), n_boot, seed)
+                rows.append(
+                    dict(
+                        claim=f"content shift grows with t ({method}, t={ts[0]}..{ts[-1]})",
+                        measure=f"Spearman rho(t, {measure})",
+                        value=v,
+                        verdict=_verdict(lo, hi),
+                        ci_low=lo,
+                        ci_high=hi,
+                        method=method,
+                    )
+                )
+    return pd.DataFrame(rows)
+
+
+def guideline_table(df: pd.DataFrame, baseline: str = "basic", n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """The GATE guideline per technique, method and measure: mean shift without (``baseline``)
+    and with the technique on the same images and t, the paired difference with a 95% bootstrap
+    interval over images, and a verdict: ``helps`` (interval below 0), ``hurts`` (above 0) or
+    ``no clear effect``."""
+    d = df[df["method"] != "vae"]
+    base = d[d["technique"] == baseline].set_index(["image_id", "method", "t"])
+    rows = []
+    for (name, method), g in d[d["technique"] != baseline].groupby(["technique", "method"], sort=False):
+        for measure in MEASURES:
+            b = base.loc[[(i, method, t) for i, t in zip(g["image_id"], g["t"])], measure].to_numpy()
+            diff = g[["image_id"]].assign(d=g[measure].to_numpy() - b)
+            v, lo, hi = _bootstrap(diff, lambda x: x["d"].mean(), n_boot, seed)
+            verdict = "helps" if hi < 0 else ("hurts" if lo > 0 else "no clear effect")
+            rows.append(
+                dict(
+                    technique=name,
+                    method=method,
+                    measure=measure,
+                    without=float(b.mean()),
+                    with_technique=float(g[measure].mean()),
+                    difference=v,
+                    ci_low=lo,
+                    ci_high=hi,
+                    verdict=verdict,
+                )
+            )
+    return pd.DataFrame(rows)
+
+
+def guideline_claims(table: pd.DataFrame) -> pd.DataFrame:
+    """Claim rows "<technique> lowers content shift" from :func:`guideline_table`."""
+    verdicts = {"helps": "holds", "hurts": "fails", "no clear effect": "inconclusive"}
+    return pd.DataFrame(
+        [
+            dict(
+                claim=f"{r.technique} lowers content shift ({r.method})",
+                measure=f"mean {r.measure} shift with - without",
+                value=r.difference,
+                verdict=verdicts[r.verdict],
+                ci_low=r.ci_low,
+                ci_high=r.ci_high,
+                method=r.method,
+            )
+            for r in table.itertuples()
+        ],
+        columns=["claim", "measure", "value", "verdict", "ci_low", "ci_high", "method"],
+    )
+
+
+# ================================================================================
+# 5. real data: fine-grained captions from a CSV
+def read_captions(path: str | os.PathLike) -> dict[str, str]:
+    """``{image_id: caption}`` from a CSV with the header ``image_id,caption``."""
+    p = Path(path)
+    if not p.is_file():
+        raise DifstudyError(f"caption file {str(p)!r} does not exist; expected a CSV with columns image_id,caption")
+    with open(p, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"image_id", "caption"} <= set(reader.fieldnames):
+            raise DifstudyError(
+                f"caption file {str(p)!r} has columns {reader.fieldnames}; it needs a header image_id,caption"
+            )
+        return {row["image_id"]: row["caption"] for row in reader}
+
+
+class with_captions:  # noqa: N801 - used like a function
+    """A dataset view whose items carry fine-grained captions from a CSV (``image_id,caption``).
+
+    ``extract(..., variants=["fine"])`` and ``Technique("fine", prompt="fine")`` then read the
+    user's captions: ``ds = with_captions(load_dataset("spair", root), "captions.csv")``.
+    Items become dicts (``image_id``, ``image``, ``caption``, ``fine_caption`` and the item's
+    other fields); an image without a caption is an error naming it. The cache keys these
+    features ``fine``: keep one caption file per cache folder."""
+
+    def __init__(self, dataset, path: str | os.PathLike):
+        self.dataset, self.path = dataset, str(path)
+        self.captions = read_captions(path)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        s = self.dataset[i]
+        d = dict(s) if isinstance(s, dict) else {k: getattr(s, k) for k in s.__dataclass_fields__}
+        if "caption" not in d:
+            d["caption"] = None
+        iid = str(d["image_id"])
+        if iid not in self.captions:
+            raise DifstudyError(f"image {iid!r} has no caption in {self.path!r}; add a row '{iid},<caption>'")
+        d["fine_caption"] = self.captions[iid]
+        return d
+
+
+# ================================================================================
+# 6. extraction of techniques into the feature cache
+def extract_techniques(
+    model,
+    dataset,
+    activations,
+    techniques=(BASIC,),
+    timesteps=(50,),
+    seed: int = 0,
+    image_size: int | None = None,
+    batch_size: int = 8,
+    cache_dir="cache/features",
+    store_dtype=torch.float16,
+    dtype=None,
+    device=None,
+    model_name: str | None = None,
+    progress: bool = True,
+) -> tuple[FeatureCache, Summary]:
+    """:func:`difstudy.extract.extract` with techniques as variants: the same cache group (the
+    base model's), keys and resumability; only missing (image, activation, t, technique) entries
+    are computed, all techniques of a batch in one U-Net forward."""
+    from .models import load
+
+    t0 = time.time()
+    if isinstance(model, str):
+        model_name = model_name or model
+        model = load(model, dtype=dtype, device=device)
+    model_name = model_name or getattr(model, "name_or_path", None) or type(model).__name__
+    probe = Extractor(model, activations, timesteps, [tq.prompt for tq in techniques], seed, image_size)
+    group, meta = cache_group(model, model_name, probe.image_size, store_dtype)  # before any LoRA is loaded
+    cache = FeatureCache(cache_dir, group, meta)
+    summary = Summary(cache_dir=str(cache.dir))
+    summary.repaired = len(cache.verify())
+    n = len(dataset)
+    pending = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+    seen: dict[str, int] = {}
+    with GateExtractor(model, activations, techniques, timesteps, seed, probe.image_size) as ex:
+        per_image = len(ex.names) * len(ex.timesteps) * len(ex.variant_keys)
+
+        def keys_of(ids):
+            return [Key(a, t, v, seed, i) for i in ids for a in ex.names for t in ex.timesteps for v in ex.variant_keys]
+
+        def load_batch(idx):
+            items = [_sample(dataset, i) for i in idx]
+            for i, it in zip(idx, items):
+                if seen.setdefault(it[0], i) != i:
+                    raise DifstudyError(
+                        f"image id {it[0]!r} names two images of the dataset (index {seen[it[0]]} and {i}); "
+                        "ids key the feature cache: make them unique, e.g. '<dataset>/<split>/<path>'"
+                    )
+            digests = {it[0]: image_digest(it[1]) for it in items}
+            for iid, d in digests.items():
+                if cache.image_digest(iid) not in (None, d):
+                    raise DifstudyError(
+                        f"image id {iid!r} is cached in {cache.dir} for another image (different pixels); "
+                        "namespace the ids or use another cache_dir"
+                    )
+            return items, digests
+
+        bar = tqdm(total=n, desc=f"extract {len(techniques)} techniques", unit="img", disable=not progress)
+        while pending:
+            busy = []
+            for idx in pending:
+                items, digests = load_batch(idx)
+                ids = [it[0] for it in items]
+                if not cache.missing(keys_of(ids)):
+                    summary.reused += len(ids) * per_image
+                    bar.update(len(idx))
+                    continue
+                bk = hashlib.sha1(repr([ids, ex.names, ex.timesteps, ex.variant_keys, seed]).encode()).hexdigest()[:16]
+                lock = cache.claim(bk)
+                if lock is None:  # another process computes this batch
+                    busy.append(idx)
+                    continue
+                try:
+                    cache.refresh()
+                    todo = set(cache.missing(keys_of(ids)))
+                    if todo:
+                        need = {k.image_id for k in todo}
+                        sel = [it for it in items if it[0] in need]
+                        feats = ex.features([s[0] for s in sel], [s[1] for s in sel], [s[2] for s in sel], store_dtype)
+                        feats = {k: v for k, v in feats.items() if k in todo}
+                        cache.write(bk, feats, extra=dict(model=model_name), images={i: digests[i] for i in need})
+                        summary.computed += len(feats)
+                        summary.images += len(sel)
+                    summary.reused += len(ids) * per_image - len(todo)
+                finally:
+                    lock.release()
+                bar.update(len(idx))
+            if busy:
+                summary.skipped_busy += len(busy)
+                time.sleep(0.5)
+                cache.refresh()
+            pending = busy
+        bar.close()
+    summary.seconds = time.time() - t0
+    if progress:
+        print(summary)
+    return cache, summary
+
+
+# ================================================================================
+# 7. feature amalgamation
+class WeightAssigner(nn.Module):
+    """One official GATE weight assigner: features of one bucket -> a logit per channel.
+
+    Maps (B, C, H, W): ``Conv3x3(C, hidden, no bias) -> ReLU -> BatchNorm2d -> Dropout -> GAP ->
+    Linear(hidden, C)`` (a logit per image and channel). Vectors (B, C): ``Linear(C, hidden) ->
+    ReLU -> BatchNorm1d -> Dropout -> Linear(hidden, C)``."""
+
+    def __init__(self, channels: int, hidden: int = 128, dropout: float = 0.5, spatial: bool = True):
+        super().__init__()
+        if spatial:
+            self.net = nn.Sequential(
+                nn.Conv2d(channels, hidden, 3, padding=1, bias=False),
+                nn.ReLU(),
+                nn.BatchNorm2d(hidden),
+                nn.Dropout(dropout),
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
+                nn.Linear(hidden, channels),
+            )
+        else:
+            self.net = nn.Sequential(
+                nn.Linear(channels, hidden),
+                nn.ReLU(),
+                nn.BatchNorm1d(hidden),
+                nn.Dropout(dropout),
+                nn.Linear(hidden, channels),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Amalgamation(nn.Module):
+    """``k`` learned weight assigners combining ``n_buckets`` feature buckets of ``channels`` each.
+
+    Input: buckets concatenated along channels, (B, V*C, H, W) (or (B, V*C) with
+    ``spatial=False``), bucket ``v`` in channels ``v*C:(v+1)*C`` (so the probes' 4D batches
+    carry them unchanged). Output ``(features (B, k*C, ...), weights (B, k, V, C))``: per
+    assigner, softmax over buckets of its per-channel logits, and the weighted sum of the buckets.
+    ``weights=`` fixes the weights instead ((V,), (k, V) or (B, k, V, C); e.g. one-hot picks a bucket).
+    """
+
+    def __init__(
+        self, channels: int, n_buckets: int, k: int = 1, hidden: int = 128, dropout: float = 0.5, spatial: bool = True
+    ):
+        super().__init__()
+        if channels < 1 or n_buckets < 1 or k < 1:
+            raise ValueError(f"channels, n_buckets and k must be >= 1, got {channels}, {n_buckets}, {k}")
+        self.channels, self.n_buckets, self.k, self.spatial = channels, n_buckets, k, spatial
+        self.assigners = nn.ModuleList(WeightAssigner(channels, hidden, dropout, spatial) for _ in range(k))
+
+    @property
+    def out_channels(self) -> int:
+        return self.k * self.channels
+
+    def buckets(self, x: torch.Tensor) -> torch.Tensor:
+        want = 4 if self.spatial else 2
+        if x.ndim != want or x.shape[1] != self.n_buckets * self.channels:
+            shape = "(B, V*C, H, W)" if self.spatial else "(B, V*C)"
+            raise ValueError(
+                f"expected {shape} with V*C = {self.n_buckets}*{self.channels} = {self.n_buckets * self.channels}, "
+                f"got shape {tuple(x.shape)}"
+            )
+        return x.float().reshape(x.shape[0], self.n_buckets, self.channels, *x.shape[2:])
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        xb = self.buckets(x)  # (B, V, C, ...)
+        B, V, C = xb.shape[:3]
+        if weights is None:
+            logits = torch.stack([torch.stack([a(xb[:, v]) for v in range(V)], 1) for a in self.assigners], 1)
+            w = F.softmax(logits, dim=2)  # (B, k, V, C)
+        else:
+            w = torch.as_tensor(weights, dtype=xb.dtype, device=xb.device)
+            if w.ndim == 1:
+                w = w[None, None, :, None].expand(B, self.k, V, C)
+            elif w.ndim == 2:
+                w = w[None, :, :, None].expand(B, self.k, V, C)
+            if tuple(w.shape) != (B, self.k, V, C):
+                raise ValueError(f"weights must have shape (V,), (k, V) or (B, k, V, C) = {(B, self.k, V, C)}")
+        extra = (None,) * (xb.ndim - 3)
+        mixed = [(w[(slice(None), j, slice(None), slice(None), *extra)] * xb).sum(1) for j in range(self.k)]
+        return torch.cat(mixed, 1), w
+
+    @staticmethod
+    def sparsity(weights: torch.Tensor) -> torch.Tensor:
+        """The official sparsity term: L2 norm of the weights across buckets, mean over the batch
+        and channels, averaged over the ``k`` assigners (1 for one-hot weights, 1/sqrt(V) for uniform)."""
+        return torch.linalg.norm(weights, dim=2).mean()
+
+
+class AmalgamatedHead(nn.Module):
+    """An :class:`Amalgamation` followed by a probe head (e.g. :class:`difstudy.probes.SegHead`
+    built for ``amalgamation.out_channels``); accepts what the probes' training loops pass
+    (a tensor or a one-element list of (B, V*C, H, W)). ``weights`` fixes the bucket weights."""
+
+    def __init__(self, amalgamation: Amalgamation, head: nn.Module, weights: torch.Tensor | None = None):
+        super().__init__()
+        self.amalgamation, self.head = amalgamation, head
+        self.register_buffer("weights", None if weights is None else torch.as_tensor(weights, dtype=torch.float32))
+        self.last_weights: torch.Tensor | None = None
+
+    def forward(self, feats):
+        x = feats if isinstance(feats, torch.Tensor) else feats[0]
+        if not isinstance(feats, torch.Tensor) and len(feats) != 1:
+            raise ValueError(f"AmalgamatedHead takes one feature level (the buckets), got {len(feats)}")
+        mixed, self.last_weights = self.amalgamation(x, self.weights)
+        return self.head(mixed)
+
+
+def train_amalgamated_head(
+    train_iter_fn,
+    channels: int,
+    n_buckets: int,
+    num_classes: int,
+    kind: str = "linear",
+    k: int = 1,
+    weights: torch.Tensor | None = None,
+    dim: int = 128,
+    epochs: int = 10,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    sparsity: float = 0.0,
+    seed: int = 0,
+    ignore_index: int = 255,
+    show_progress: bool | None = None,
+) -> AmalgamatedHead:
+    """Train amalgamation and segmentation head jointly, as :func:`difstudy.probes.train_seg_head`
+    (same head, initialisation from ``seed``, AdamW and loss) on bucketed features (B, V*C, h, w).
+
+    ``weights`` fixes the bucket weights (no assigner is trained): with one-hot weights the result
+    equals ``train_seg_head`` on that bucket alone. ``sparsity`` > 0 adds ``-sparsity *
+    Amalgamation.sparsity(w)`` to the loss (the official term, with a fixed coefficient)."""
+    from .probes.runner import progress as _progress
+    from .probes.segmentation import LinearPixelProbe, SegHead, seg_logits
+
+    if kind not in ("conv", "linear"):
+        raise ValueError(f"kind must be 'conv' or 'linear', got {kind!r}")
+    amal = Amalgamation(channels, n_buckets, k)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the head first: the same initialisation as train_seg_head
+        head = (
+            SegHead([amal.out_channels], num_classes, dim)
+            if kind == "conv"
+            else LinearPixelProbe([amal.out_channels], num_classes)
+        )
+        torch.manual_seed(seed + 1)
+        amal = Amalgamation(channels, n_buckets, k)
+    model = AmalgamatedHead(amal, head, weights)
+    params = list(head.parameters()) + ([] if weights is not None else list(amal.parameters()))
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    model.train()
+    for _ in _progress(range(epochs), desc=f"amalgamated head ({kind}, k={k})", enabled=show_progress):
+        for feats, labels in train_iter_fn():
+            x = (feats if isinstance(feats, torch.Tensor) else feats[0]).float()
+            labels = torch.as_tensor(labels).long()
+            if labels.ndim != 3 or labels.shape[0] != x.shape[0]:
+                raise ValueError(f"label maps must have shape ({x.shape[0]}, H, W), got shape {tuple(labels.shape)}")
+            if not (labels != ignore_index).any():
+                continue
+            loss = F.cross_entropy(seg_logits(model, [x], labels.shape[1:]), labels, ignore_index=ignore_index)
+            if sparsity and weights is None:
+                loss = loss - sparsity * Amalgamation.sparsity(model.last_weights)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def stack_buckets(per_bucket: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Buckets (each (B, C, h, w) or (B, C), same shape) -> (B, V*C, ...) for :class:`Amalgamation`."""
+    shapes = {tuple(x.shape) for x in per_bucket}
+    if len(shapes) != 1:
+        raise ValueError(f"buckets must share one shape, got {sorted(shapes)}; resize them to a common size first")
+    return torch.cat([x.float() for x in per_bucket], 1)
+
+
+__all__ = [
+    "BASIC",
+    "Amalgamation",
+    "AmalgamatedHead",
+    "GateExtractor",
+    "ShiftConfig",
+    "Technique",
+    "WeightAssigner",
+    "build_controlnet",
+    "content_shift",
+    "content_shift_claims",
+    "content_shift_table",
+    "control_images",
+    "decode_latents",
+    "edge_map",
+    "extract_techniques",
+    "guideline_claims",
+    "guideline_table",
+    "img2img",
+    "img2img_start",
+    "laplacian_map",
+    "load_controlnet",
+    "load_lora",
+    "predicted_x0",
+    "read_captions",
+    "spearman",
+    "stack_buckets",
+    "train_amalgamated_head",
+    "vae_reconstruction",
+    "with_captions",
+]

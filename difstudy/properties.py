@@ -1,0 +1,702 @@
+"""The three properties of diffusion U-Nets (Meng et al., NeurIPS'24) as numbers.
+
+The paper shows its three properties only as PCA pictures; here each is a
+number per activation, so that filtering is reproducible and each claim can be
+tested:
+
+- :func:`noise_share` (asymmetric diffusion noise): how much of an
+  activation's variance comes from the noise draw of the forward process;
+- :func:`granularity` (in-resolution granularity changes): the power-weighted
+  mean spatial frequency of a map, in cycles per pixel of the map;
+- :func:`locality_index` (locality without positional embeddings): how much
+  more similar near pixels are than far ones, with the part held fixed.
+
+All three take any activation as stored by :mod:`difstudy.extract`: spatial
+maps ``(C, H, W)`` (q/k/v with heads merged) and attention maps laid out as
+``(keys, H, W)``. Every function returns ``nan`` (never 0) where its value is
+undefined (a constant map, too few pixel pairs), so that averages over images
+skip it; ``n_images`` in the tables counts the images that gave a value.
+
+:func:`measure_properties` computes them for every activation of a model's
+catalogue over toy-world images and timesteps, through the feature cache, into
+one tidy table (``activation, kind, stage, level, repeat, t, measure, value,
+n_images, size``); :func:`claims` states the paper's claims on that table with the
+measured number and a holds / fails verdict.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .fileio import write_csv_atomic
+
+MEASURES = ("noise_share", "granularity", "locality")
+COLUMNS = ["activation", "kind", "stage", "level", "repeat", "t", "measure", "value", "n_images", "size"]
+BLOCK_OUTPUT_KINDS = ("res-out", "vit-out", "downsampler-out", "upsampler-out")
+CLAIM_COLUMNS = ["claim", "measure", "value", "verdict"]
+
+
+def _as_tensor(x) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+
+
+def _check_ndim(x: torch.Tensor, ndim: int, what: str, layout: str) -> None:
+    if x.dim() != ndim:
+        raise ValueError(f"{what} must be {layout} ({ndim} dims), got shape {tuple(x.shape)}")
+    if any(s == 0 for s in x.shape):
+        raise ValueError(f"{what} must be {layout} with no empty dimension, got shape {tuple(x.shape)}")
+
+
+# -- 1. asymmetric diffusion noise ---------------------------------------------
+def noise_share(maps) -> float:
+    """Share of an activation's variance that comes from the noise draw.
+
+    ``maps`` is ``(K, C, H, W)``: one image at one timestep under ``K >= 2``
+    noise draws. Each of the ``P = C*H*W`` channel-positions is a group of
+    ``K`` values; the one-way random-effects ANOVA splits the variance into
+
+    - noise variance ``s2_noise = MSW``, the mean over channel-positions of the
+      variance across draws (``ddof=1``), and
+    - signal variance ``s2_signal = max(0, (MSB - MSW) / K)``, the variance
+      across channel-positions of the draw-mean with the noise that remains
+      in a mean of ``K`` draws taken out (``MSB = K * sum_p (m_p - m)^2 / (P - 1)``),
+
+    and returns ``s2_noise / (s2_noise + s2_signal)``: 0 when the map ignores
+    the noise draw, 1 when it is pure noise (no structure shared by the draws),
+    ``a^2 / (a^2 + b^2)`` for ``signal * b + noise * a`` with unit-variance
+    signal and independent unit-variance noise. Unlike "variance across draws /
+    total variance" it has no ``(K - 1) / K`` bias for small ``K``.
+    Channels with larger values weigh more (no per-channel normalisation).
+    A constant map (no variance at all) gives ``nan``.
+    """
+    x = _as_tensor(maps)
+    _check_ndim(x, 4, "noise_share maps", "(K draws, C, H, W)")
+    k = x.shape[0]
+    if k < 2:
+        raise ValueError(f"noise_share needs at least 2 noise draws, got shape {tuple(x.shape)} (K = {k})")
+    x = x.reshape(k, -1).double()
+    p = x.shape[1]
+    mean_p = x.mean(0)
+    msw = float(((x - mean_p) ** 2).sum() / (p * (k - 1)))
+    msb = float(k * ((mean_p - mean_p.mean()) ** 2).sum() / (p - 1)) if p > 1 else 0.0
+    signal = max(0.0, (msb - msw) / k)
+    total = msw + signal
+    if total <= 1e-12 * float((x * x).mean()):  # a constant (or all-zero) map
+        return float("nan")
+    return msw / total
+
+
+# -- 2. in-resolution granularity ------------------------------------------------
+def granularity(feat) -> float:
+    """Power-weighted mean radial spatial frequency of a map, in cycles per pixel.
+
+    ``feat`` is ``(C, H, W)``. Each channel's spatial mean is removed, the 2-D
+    discrete Fourier transform taken, and the mean of the radial frequency
+    ``sqrt(fy^2 + fx^2)`` (``fy = k / H``, ``fx = l / W`` cycles per pixel of
+    the map, from ``torch.fft.fftfreq``) weighted by the power ``|F|^2``
+    summed over channels::
+
+        granularity = sum_{c,k,l} |F_c(k,l)|^2 r(k,l) / sum_{c,k,l} |F_c(k,l)|^2
+
+    A single sinusoid of frequency ``f`` cycles per pixel gives ``f`` (for
+    frequencies on the DFT grid); white noise gives about 0.38 at any size;
+    the maximum is ``sqrt(2) / 2`` (a checkerboard). Cycles per pixel make
+    maps of different resolutions comparable: a pattern with the same period
+    in pixels scores the same at 16 and 64 px (multiply by ``W`` for cycles
+    per image). A map that is constant in space gives ``nan``.
+    """
+    x = _as_tensor(feat)
+    _check_ndim(x, 3, "granularity feat", "(C, H, W)")
+    x0 = x.double()
+    x = x0 - x0.mean(dim=(1, 2), keepdim=True)
+    if float((x * x).sum()) <= 1e-24 * float((x0 * x0).sum()):  # constant in space
+        return float("nan")
+    power = torch.fft.fft2(x).abs().pow(2).sum(0)
+    h, w = x.shape[1:]
+    fy = torch.fft.fftfreq(h, dtype=torch.float64)[:, None]
+    fx = torch.fft.fftfreq(w, dtype=torch.float64)[None, :]
+    r = torch.sqrt(fy**2 + fx**2)
+    total = float(power.sum())
+    return float((power * r).sum() / total)
+
+
+# -- 3. locality without positional embeddings -----------------------------------
+@dataclass(frozen=True)
+class LocalityConfig:
+    """Parameters of :func:`locality_index` (see there)."""
+
+    near: float = 0.1
+    far: float = 0.3
+    n_pairs: int = 4000
+    min_pairs: int = 5
+    seed: int = 0
+
+
+def distance_thresholds(h: int, w: int, near: float = 0.1, far: float = 0.3) -> tuple[float, float]:
+    """(near_px, far_px) of :func:`locality_index` for an ``h x w`` map.
+
+    ``near_px = max(1, near * max(h, w))`` (so the 4-neighbours are always
+    near), ``far_px = max(far * max(h, w), near_px + 1)`` (so near and far
+    never overlap)."""
+    if not 0 < near < far:
+        raise ValueError(f"locality thresholds must satisfy 0 < near < far, got near={near}, far={far}")
+    size = max(h, w)
+    near_px = max(1.0, near * size)
+    return near_px, max(far * size, near_px + 1.0)
+
+
+@lru_cache(maxsize=64)
+def _pairs(h: int, w: int, near: float, far: float, n_pairs: int, seed: int):
+    """Flat pixel-index pairs (i_near, j_near, i_far, j_far), deterministic in ``seed``."""
+    near_px, far_px = distance_thresholds(h, w, near, far)
+    rng = np.random.default_rng(seed)
+    # near: every unordered pair within near_px (offsets in a half plane), subsampled
+    r = int(np.floor(near_px))
+    ii, jj = [], []
+    ys, xs = np.mgrid[0:h, 0:w]
+    for dy in range(0, r + 1):
+        for dx in range(-r, r + 1):
+            if (dy == 0 and dx <= 0) or dy * dy + dx * dx > near_px * near_px:
+                continue
+            ok = (ys + dy < h) & (xs + dx >= 0) & (xs + dx < w)
+            ii.append((ys * w + xs)[ok])
+            jj.append(((ys + dy) * w + xs + dx)[ok])
+    i_near = np.concatenate(ii) if ii else np.zeros(0, np.int64)
+    j_near = np.concatenate(jj) if jj else np.zeros(0, np.int64)
+    if len(i_near) > n_pairs:
+        sel = rng.choice(len(i_near), n_pairs, replace=False)
+        i_near, j_near = i_near[sel], j_near[sel]
+    # far: every unordered pair at >= far_px for small maps, random pairs for large ones
+    n = h * w
+    if n <= 1024:
+        i_far, j_far = np.triu_indices(n, 1)
+    else:
+        i_far, j_far = rng.integers(0, n, 4 * n_pairs), rng.integers(0, n, 4 * n_pairs)
+    d2 = (i_far // w - j_far // w) ** 2 + (i_far % w - j_far % w) ** 2
+    keep = d2 >= far_px * far_px
+    i_far, j_far = i_far[keep], j_far[keep]
+    if len(i_far) > n_pairs:
+        sel = rng.choice(len(i_far), n_pairs, replace=False)
+        i_far, j_far = i_far[sel], j_far[sel]
+    return i_near, j_near, i_far, j_far
+
+
+def locality_index(
+    feat, parts, near: float = 0.1, far: float = 0.3, n_pairs: int = 4000, min_pairs: int = 5, seed: int = 0
+) -> float:
+    """How much nearness beats semantics in a feature map (positive: locality wins).
+
+    ``feat`` is ``(C, H, W)``, ``parts`` an ``(H, W)`` integer part mask (every
+    id, background 0 included, is a part). Each pixel's feature vector is
+    centred (each channel's spatial mean removed) and compared by cosine
+    similarity ``s``. A pair of pixels is *near* when its Euclidean distance
+    is at most ``near_px`` and *far* when it is at least ``far_px``
+    (:func:`distance_thresholds`: fractions ``near`` and ``far`` of the map's
+    larger side, so the index is comparable across resolutions). Then::
+
+        locality = ( (s[same part, near] - s[same part, far])
+                   + (s[different parts, near] - s[different parts, far]) ) / 2
+
+    with ``s[...]`` the mean similarity of the pairs in that group. Holding the
+    part fixed separates the effect of distance from that of semantics: a map
+    that only encodes the part (one-hot of the part id) scores about 0, a map
+    that only encodes position (a smooth ramp, like a positional embedding)
+    scores clearly above 0.
+
+    Pairs are all near pairs and all far pairs of the map, each set subsampled
+    to ``n_pairs`` with ``numpy.random.default_rng(seed)`` (the same pairs for
+    every map of one size). ``nan`` when a group has fewer than ``min_pairs``
+    pairs (e.g. a 2x2 map, or a mask with a single part) or the map is
+    constant.
+    """
+    x = _as_tensor(feat)
+    m = _as_tensor(parts)
+    _check_ndim(x, 3, "locality_index feat", "(C, H, W)")
+    if m.dim() != 2 or tuple(m.shape) != tuple(x.shape[1:]):
+        raise ValueError(
+            f"locality_index parts must be an (H, W) mask of the feature map's size {tuple(x.shape[1:])}, "
+            f"got shape {tuple(m.shape)}; resize the mask with nearest-neighbour first"
+        )
+    if m.is_floating_point() or m.is_complex():
+        raise ValueError(f"locality_index parts must be integer part ids, got dtype {m.dtype}")
+    c, h, w = x.shape
+    i_n, j_n, i_f, j_f = _pairs(h, w, float(near), float(far), int(n_pairs), int(seed))
+    v = x.reshape(c, -1).double()
+    v = v - v.mean(1, keepdim=True)
+    norm = v.norm(dim=0)
+    if float(norm.max()) <= 1e-12 * max(float(x.double().abs().max()), 1e-300):
+        return float("nan")
+    u = v / norm.clamp_min(1e-12 * float(norm.max()))
+    lab = m.reshape(-1).long()
+
+    def group_means(i, j):
+        i, j = torch.from_numpy(i), torch.from_numpy(j)
+        s = (u[:, i] * u[:, j]).sum(0)
+        same = lab[i] == lab[j]
+        out = []
+        for sel in (same, ~same):
+            out.append(float(s[sel].mean()) if int(sel.sum()) >= min_pairs else float("nan"))
+        return out
+
+    (sn, dn), (sf, df) = group_means(i_n, j_n), group_means(i_f, j_f)
+    return ((sn - sf) + (dn - df)) / 2
+
+
+# -- the table over a model's catalogue -------------------------------------------
+def _image_id(sample) -> str:
+    return str(sample["image_id"] if isinstance(sample, dict) else sample.image_id)
+
+
+def _mask(sample) -> np.ndarray:
+    m = sample.get("mask") if isinstance(sample, dict) else getattr(sample, "mask", None)
+    if m is None:
+        raise ValueError(
+            f"locality needs part masks, and sample {_image_id(sample)!r} has none; "
+            "use the toy world or a dataset with part masks, or leave 'locality' out of measures"
+        )
+    return np.asarray(m)
+
+
+def resize_mask(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """An integer mask resized to ``hw`` = (H, W) with nearest-neighbour sampling."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"a part mask must be (H, W), got shape {mask.shape}")
+    if mask.shape == tuple(hw):
+        return mask.astype(np.int64)
+    img = Image.fromarray(mask.astype(np.int32), mode="I")
+    return np.asarray(img.resize((hw[1], hw[0]), Image.NEAREST)).astype(np.int64)
+
+
+def properties_from_cache(
+    cache,
+    frame: pd.DataFrame,
+    image_ids: Sequence[str],
+    timesteps: Sequence[int],
+    seeds: Sequence[int],
+    masks: Sequence[np.ndarray] | None = None,
+    measures: Sequence[str] = MEASURES,
+    variant: str = "empty",
+    locality: LocalityConfig = LocalityConfig(),
+    progress: bool = True,
+) -> pd.DataFrame:
+    """The property table from features already in ``cache`` (anything with ``load``).
+
+    ``frame``: catalogue rows (``name``, ``kind``, ``stage``, ``level``,
+    ``repeat``) in forward order, as :meth:`difstudy.catalog.Catalog.to_frame`.
+    ``noise_share`` uses every seed (the noise draws); ``granularity`` and
+    ``locality`` use the first seed. Each value is the mean over images of the
+    per-image measure (``nan`` values skipped; ``n_images`` counts the rest);
+    ``size`` is the map's spatial side (``min(H, W)``), e.g. to turn
+    granularity into cycles per image (``value * size``).
+    """
+    measures = _check_measures(measures)
+    if "noise_share" in measures and len(seeds) < 2:
+        raise ValueError(f"noise_share needs at least 2 seeds (noise draws), got seeds={list(seeds)}")
+    if "locality" in measures and (masks is None or len(masks) != len(image_ids)):
+        raise ValueError(
+            f"locality needs one part mask per image: got {0 if masks is None else len(masks)} masks "
+            f"for {len(image_ids)} images"
+        )
+    ids = list(image_ids)
+    rows = []
+    bar = tqdm(list(frame.itertuples(index=False)), desc="properties", unit="act", disable=not progress)
+    for a in bar:
+        for t in timesteps:
+            first = cache.load(a.name, ids, t, variant, seeds[0]).float()  # (N, C, H, W)
+            per_image: dict[str, list[float]] = {m: [] for m in measures}
+            if "noise_share" in measures:
+                draws = torch.stack([first] + [cache.load(a.name, ids, t, variant, s).float() for s in seeds[1:]])
+                per_image["noise_share"] = [noise_share(draws[:, n]) for n in range(len(ids))]
+            if "granularity" in measures:
+                per_image["granularity"] = [granularity(f) for f in first]
+            if "locality" in measures:
+                hw = tuple(first.shape[-2:])
+                per_image["locality"] = [
+                    locality_index(f, resize_mask(mk, hw), **asdict(locality)) for f, mk in zip(first, masks)
+                ]
+            for m in measures:
+                vals = np.asarray(per_image[m], dtype=float)
+                ok = np.isfinite(vals)
+                rows.append(
+                    dict(
+                        activation=a.name,
+                        kind=a.kind,
+                        stage=a.stage,
+                        level=a.level,
+                        repeat=a.repeat,
+                        t=int(t),
+                        measure=m,
+                        value=float(vals[ok].mean()) if ok.any() else float("nan"),
+                        n_images=int(ok.sum()),
+                        size=int(min(first.shape[-2:])),
+                    )
+                )
+    return _tidy(pd.DataFrame(rows, columns=COLUMNS))
+
+
+def _tidy(df: pd.DataFrame) -> pd.DataFrame:
+    return df.astype({"level": "Int64", "repeat": "Int64", "t": int, "n_images": int, "size": int, "value": float})
+
+
+def _check_measures(measures) -> list[str]:
+    measures = [measures] if isinstance(measures, str) else list(measures)
+    bad = [m for m in measures if m not in MEASURES]
+    if bad or not measures:
+        raise ValueError(f"unknown measures {bad or measures}; use some of {list(MEASURES)}")
+    return measures
+
+
+def _model_frame(model, model_name, image_size, activations):
+    """(pipeline, name, image size, catalogue rows of ``activations`` in forward order)."""
+    from .catalog import Catalog
+    from .models import load, vae_scale_factor
+
+    if isinstance(model, str):
+        model_name = model_name or model
+        model = load(model)
+    factor = vae_scale_factor(model)
+    size = int(image_size or model.unet.config.sample_size * factor)
+    catalog = Catalog(model.unet, latent_size=size // factor, text_len=model.tokenizer.model_max_length)
+    names = catalog.resolve(activations)
+    frame = catalog.to_frame()
+    return model, model_name, size, frame[frame["name"].isin(names)]
+
+
+def measure_properties(
+    model,
+    dataset,
+    timesteps: Sequence[int] = (50,),
+    seeds: Sequence[int] = (0, 1, 2, 3),
+    measures: Sequence[str] = MEASURES,
+    activations="all",
+    variant: str = "empty",
+    image_size: int | None = None,
+    cache_dir: str | os.PathLike = "cache/features",
+    model_name: str | None = None,
+    locality: LocalityConfig = LocalityConfig(),
+    batch_size: int = 1,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """The three properties of every activation of ``model`` over ``dataset``.
+
+    ``model``: a pipeline or a name for :func:`difstudy.models.load`;
+    ``dataset``: toy-world samples (or loader dicts with ``image``,
+    ``image_id`` and, for locality, ``mask``). Features come from
+    :func:`difstudy.extract.extract` (one run per noise draw ``seed``; cached,
+    so a second call only reads), part masks from each sample's ``mask``
+    resized with nearest-neighbour to each activation's ``(H, W)``. Only the
+    seeds a measure needs are extracted (``noise_share`` all, the others the
+    first). Returns the tidy table of :func:`properties_from_cache`
+    (``activation, kind, stage, level, repeat, t, measure, value,
+    n_images, size``), activations in forward order. ``batch_size`` 1 keeps cache
+    shards small, which makes reading single activations fast.
+    """
+    from .extract import extract, variant_key
+
+    measures = _check_measures(measures)
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("seeds is empty; give at least one noise draw (two or more for noise_share)")
+    model, model_name, size, frame = _model_frame(model, model_name, image_size, activations)
+    names = list(frame["name"])
+    need = seeds if "noise_share" in measures else seeds[:1]
+    cache = None
+    for s in need:
+        cache, _ = extract(
+            model,
+            dataset,
+            names,
+            timesteps=timesteps,
+            variants=[variant],
+            seed=s,
+            image_size=size,
+            batch_size=batch_size,
+            cache_dir=cache_dir,
+            model_name=model_name,
+            progress=progress,
+        )
+    samples = [dataset[i] for i in range(len(dataset))]
+    masks = [_mask(s) for s in samples] if "locality" in measures else None
+    return properties_from_cache(
+        cache,
+        frame,
+        [_image_id(s) for s in samples],
+        timesteps,
+        need,
+        masks=masks,
+        measures=measures,
+        variant=variant_key(variant),
+        locality=locality,
+        progress=progress,
+    )
+
+
+def activation_maps(
+    model,
+    sample,
+    t: int = 50,
+    seed: int = 0,
+    activations="all",
+    variant: str = "empty",
+    image_size: int | None = None,
+    cache_dir: str | os.PathLike = "cache/features",
+    model_name: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Every requested activation of one image, ``{name: (C, H, W) float tensor}`` in forward order."""
+    from .extract import extract, variant_key
+
+    model, model_name, size, frame = _model_frame(model, model_name, image_size, activations)
+    names = list(frame["name"])
+    cache, _ = extract(
+        model,
+        [sample],
+        names,
+        timesteps=[t],
+        variants=[variant],
+        seed=seed,
+        image_size=size,
+        batch_size=1,
+        cache_dir=cache_dir,
+        model_name=model_name,
+        progress=False,
+    )
+    iid = _image_id(sample)
+    return {n: cache.load(n, [iid], t, variant_key(variant), seed)[0].float() for n in names}
+
+
+def pca_pictures(maps: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """PCA-to-RGB picture ``(H, W, 3)`` in [0, 1] of each ``(C, H, W)`` map (one PCA per activation)."""
+    from .extract import pca_rgb
+
+    out = {}
+    for name, m in maps.items():
+        m = _as_tensor(m).float()
+        _check_ndim(m, 3, f"map {name!r}", "(C, H, W)")
+        k = min(3, m.shape[0], m.shape[1] * m.shape[2])
+        pic = pca_rgb(m[None], n_components=k)[0].numpy()
+        if k < 3:
+            pic = np.concatenate([pic, np.repeat(pic[..., -1:], 3 - k, axis=-1)], axis=-1)
+        out[name] = pic
+    return out
+
+
+# -- results on disk ---------------------------------------------------------------
+def write_part(df: pd.DataFrame, path: str | os.PathLike, key: str = "measure") -> pd.DataFrame:
+    """Replace this part of a shared CSV: rows of ``path`` whose ``key`` value
+    occurs in ``df`` are replaced by ``df``, others kept. Locked
+    (``filelock``) and written atomically, so notebooks that each own some
+    measures (or claims) can run side by side. Returns the whole table."""
+    from filelock import FileLock
+
+    if key not in df.columns:
+        raise ValueError(f"key column {key!r} is not among the columns {list(df.columns)}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if path.exists():
+            old = pd.read_csv(path)
+            old = old[~old[key].isin(set(df[key]))]
+            both = pd.concat([old, df], ignore_index=True) if len(old) else df
+        else:
+            both = df
+        write_csv_atomic(both, path)
+    return both
+
+
+# -- claims ---------------------------------------------------------------------------
+def resolution_group(df: pd.DataFrame) -> pd.Series:
+    """Resolution level of each row: ``"down0"``... ``"mid"``, ``"up0"``...; ``""`` for unet-in/-out.
+
+    A downsampler's (upsampler's) output has the resolution of the next level,
+    so it is counted there, not under the level in its name."""
+    shift = df["kind"].isin(["downsampler-out", "upsampler-out"]).astype(int)
+    lev = df["level"].astype("Int64") + shift
+    out = df["stage"].astype(str) + lev.astype(str).str.replace("<NA>", "", regex=False)
+    out[df["stage"] == "unet"] = ""
+    out[df["stage"] == "mid"] = "mid"
+    return out
+
+
+def _at_t(df: pd.DataFrame, measure: str, t: int | None) -> tuple[pd.DataFrame, int]:
+    d = df[df["measure"] == measure]
+    ts = sorted(int(t) for t in d["t"].unique())
+    if t is None:
+        t = 50 if 50 in ts else int(ts[0])
+    if t not in ts:
+        raise ValueError(f"t={t} is not in the table for {measure}; it holds timesteps {ts}")
+    d = d[d["t"] == t].copy()
+    d["group"] = resolution_group(d)
+    return d, int(t)
+
+
+def _verdict(ok: bool | None) -> str:
+    return "inconclusive" if ok is None else ("holds" if ok else "fails")
+
+
+def claims(
+    df: pd.DataFrame,
+    t: int | None = None,
+    majority: float = 0.5,
+    comparable: float = 0.5,
+    margin: float = 0.05,
+    min_size: int = 8,
+) -> pd.DataFrame:
+    """Paper 1's property claims on a property table: rows (claim, measure, value, verdict).
+
+    Only claims whose measure is in ``df`` are stated. Stage claims are read
+    at timestep ``t`` (default 50, the papers' t, else the smallest in the
+    table), on medians over the activations of a group (unet-in/-out left
+    out); groups are resolution levels (:func:`resolution_group`). Rules:
+
+    - asymmetric noise, down: median noise share of the down stage divided by
+      the lower of the mid stage's and the early up stage's (up levels in the
+      first half); holds when > 1.
+    - asymmetric noise, late up: the same ratio for the last up level (the
+      highest resolution); holds when > 1 ("partly reappears").
+    - noise grows with t: share of activations whose noise share rises at
+      every step from the smallest to the largest timestep; holds when >
+      ``majority``.
+    - in-resolution granularity: median over levels of the standard deviation
+      of granularity within a level, divided by the median absolute change of
+      mean granularity between consecutive levels of a stage; holds when >=
+      ``comparable``. Only levels whose maps are at least ``min_size`` pixels
+      wide count: a 2x2 map has just three frequencies (0, 0.5, 0.71 cycles
+      per pixel), so any non-constant 2x2 map scores >= 0.5 and the level
+      change would measure the grid, not the features.
+    - locality: median locality index of self-attention q and k minus that of
+      block outputs (res-out, vit-out, down/upsampler-out); holds when >
+      ``margin``.
+
+    Verdicts: ``holds``, ``fails``, or ``inconclusive`` where the number
+    cannot be computed (one timestep only, no level with two activations).
+    A failing claim is reported as failing; the thresholds are parameters,
+    not tuned per model.
+    """
+    rows = []
+    if "noise_share" in set(df["measure"]):
+        d, t0 = _at_t(df, "noise_share", t)
+        up_levels = sorted(int(g[2:]) for g in d["group"].unique() if g.startswith("up"))
+        n_up = len(up_levels)
+        early = [f"up{lv}" for lv in up_levels if lv < n_up / 2]
+        late = f"up{up_levels[-1]}" if up_levels else None
+        med = lambda groups: float(d.loc[d["group"].isin(groups), "value"].median())
+        down = med([g for g in d["group"].unique() if g.startswith("down")])
+        low = min(med(["mid"]), med(early))
+        r_down, r_late = down / low, med([late]) / low
+        rows += [
+            dict(
+                claim="asymmetric noise: the down stage is noisier than the mid and early up stages",
+                measure=f"median noise share, down / min(mid, {'+'.join(early)}), t={t0}",
+                value=r_down,
+                verdict=_verdict(bool(r_down > 1) if np.isfinite(r_down) else None),
+            ),
+            dict(
+                claim="asymmetric noise: noise partly reappears late in the up stage",
+                measure=f"median noise share, {late} / min(mid, {'+'.join(early)}), t={t0}",
+                value=r_late,
+                verdict=_verdict(bool(r_late > 1) if np.isfinite(r_late) else None),
+            ),
+        ]
+        n = df[df["measure"] == "noise_share"].pivot_table(index="activation", columns="t", values="value")
+        ts = sorted(int(t) for t in n.columns)
+        if len(ts) >= 2:
+            n = n.dropna()
+            rises = (n[ts].diff(axis=1).iloc[:, 1:] > 0).all(axis=1)
+            frac = float(rises.mean()) if len(n) else float("nan")
+            ok = bool(frac > majority) if np.isfinite(frac) else None
+        else:
+            frac, ok = float("nan"), None
+        rows.append(
+            dict(
+                claim="asymmetric noise: the noise share grows with t",
+                measure=f"share of activations whose noise share rises over t={ts}",
+                value=frac,
+                verdict=_verdict(ok),
+            )
+        )
+    if "granularity" in set(df["measure"]):
+        d, t0 = _at_t(df, "granularity", t)
+        d = d[(d["group"] != "") & (d["size"] >= min_size)].dropna(subset=["value"])
+        within = d.groupby("group")["value"].std().median()
+        means = d.groupby("group")["value"].mean()
+        changes = []
+        for stage in ("down", "up"):
+            lv = sorted(int(g[len(stage) :]) for g in means.index if g.startswith(stage))
+            changes += [abs(means[f"{stage}{a}"] - means[f"{stage}{b}"]) for a, b in zip(lv, lv[1:])]
+        between = float(np.median(changes)) if changes else float("nan")
+        ratio = float(within / between) if between else float("nan")
+        rows.append(
+            dict(
+                claim="in-resolution granularity: granularity varies within a resolution level as much as between levels",
+                measure=(
+                    f"median within-level std / median between-level change of granularity (cycles/px), "
+                    f"levels {'+'.join(means.index)} (maps >= {min_size} px), t={t0}"
+                ),
+                value=ratio,
+                verdict=_verdict(bool(ratio >= comparable) if np.isfinite(ratio) else None),
+            )
+        )
+    if "locality" in set(df["measure"]):
+        d, t0 = _at_t(df, "locality", t)
+        qk = float(d.loc[d["kind"].isin(["self-q", "self-k"]), "value"].median())
+        blocks = float(d.loc[d["kind"].isin(BLOCK_OUTPUT_KINDS), "value"].median())
+        diff = qk - blocks
+        rows.append(
+            dict(
+                claim="locality: self-attention q/k are more local than block outputs",
+                measure=f"median locality index, self-q/k minus block outputs, t={t0}",
+                value=diff,
+                verdict=_verdict(bool(diff > margin) if np.isfinite(diff) else None),
+            )
+        )
+    return pd.DataFrame(rows, columns=CLAIM_COLUMNS)
+
+
+def group_summary(df: pd.DataFrame, measure: str, by: str = "level") -> pd.DataFrame:
+    """Median of ``measure`` per resolution level (``by="level"``, :func:`resolution_group`,
+    forward order) or per activation kind (``by="kind"``), one column per timestep."""
+    d = df[df["measure"] == measure].copy()
+    if d.empty:
+        raise ValueError(f"measure {measure!r} is not in the table; it holds {sorted(df['measure'].unique())}")
+    if by == "level":
+        d["group"] = resolution_group(d).replace("", "unet in/out")
+    elif by == "kind":
+        d["group"] = d["kind"]
+    else:
+        raise ValueError(f"group_summary by={by!r}; use 'level' or 'kind'")
+    order = list(dict.fromkeys(d["group"]))
+    out = d.pivot_table(index="group", columns="t", values="value", aggfunc="median")
+    out.columns = [f"t={c}" for c in out.columns]
+    out.index.name = by
+    return out.reindex(order)
+
+
+__all__ = [
+    "MEASURES",
+    "COLUMNS",
+    "LocalityConfig",
+    "noise_share",
+    "granularity",
+    "locality_index",
+    "distance_thresholds",
+    "resize_mask",
+    "properties_from_cache",
+    "measure_properties",
+    "activation_maps",
+    "pca_pictures",
+    "write_part",
+    "claims",
+    "group_summary",
+    "resolution_group",
+]

@@ -1,0 +1,303 @@
+"""Parameter sweeps of a notebook: ``difstudy sweep NOTEBOOK --grid grid.yaml [--params ci] [--out DIR]``.
+
+**The grid** is a YAML mapping of notebook parameters to lists of values; the
+sweep runs their cartesian product (keys in file order). A scalar is a fixed
+value; a parameter whose value is itself a list is written as a list of lists::
+
+    model: [mini, tiny-sd15]
+    t: [25, 50, 100]
+    acts: [[mid-vit-out], [up-level1-repeat1-vit-out, up-level2-repeat1-vit-out]]
+
+Every other parameter comes from ``--params`` (``ci``/``full``: the YAML beside
+the notebook, or a YAML file), else the notebook's defaults.
+
+**The convention.** The notebook declares an ``out_dir`` parameter and writes
+its tidy results to ``{out_dir}/results.csv`` (:func:`difstudy.study.write_results`).
+The sweep sets ``out_dir`` to the grid point's own folder.
+
+**Layout of DIR** (one folder per grid point, named from its values plus a
+hash of them, so the same point keeps its folder when the grid grows)::
+
+    points/<point>/params.json          the point's parameters
+    points/<point>/notebook.ipynb       the executed notebook
+    points/<point>/results.csv          the point's tidy results (written by the notebook)
+    points/<point>/notebook.failed.ipynb  only after a failure: the traceback
+    results.csv     every finished point's rows, the grid's values added as columns (plus ``point``)
+    failures.csv    the points that failed in this run: point, notebook, error
+    summary.png     mean of the metric per grid point
+
+**Resume.** A point is finished when both its executed notebook and its
+``results.csv`` exist; the notebook is renamed into place only after its last
+cell ran, so a crash or a failing cell never leaves a finished-looking point.
+Finished points are skipped; failed ones run again next time.
+
+**Failures** of one point (a failing cell, a missing ``results.csv``) are listed
+with the point's notebook and error while the other points run; the command
+then exits non-zero.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from .errors import DifstudyError, closest
+from .fileio import atomic_write, write_csv_atomic
+from .study import ROOT, declared_parameters, read_params, run_notebook
+
+
+@dataclass(frozen=True)
+class Point:
+    """One grid point: its folder name and the grid's values for it."""
+
+    id: str
+    values: dict = field(hash=False)
+
+
+@dataclass(frozen=True)
+class Failure:
+    point: str
+    notebook: Path
+    error: str
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    out: Path
+    points: tuple[Point, ...]
+    ran: tuple[str, ...]
+    skipped: tuple[str, ...]
+    failed: tuple[Failure, ...]
+    table: Path | None
+    figure: Path | None
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def load_grid(grid: str | Path | dict) -> dict[str, list]:
+    """The grid as ``{parameter: [values]}`` (a YAML file or a dict); scalars become one-value lists."""
+    if not isinstance(grid, dict):
+        path = Path(grid)
+        if not path.exists():
+            raise DifstudyError(f"grid file {path} not found; write a YAML mapping such as `t: [25, 50]`")
+        grid = yaml.safe_load(path.read_text())
+        if not isinstance(grid, dict) or not grid:
+            raise DifstudyError(f"grid file {path} must map parameter names to lists of values, e.g. `t: [25, 50]`")
+    out = {}
+    for k, v in grid.items():
+        values = v if isinstance(v, list) else [v]
+        if not values:
+            raise DifstudyError(f"grid parameter {k!r} has an empty list of values; give at least one")
+        out[str(k)] = values
+    return out
+
+
+def _short(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return "+".join(_short(x) for x in v)
+    return str(v)
+
+
+def point_id(values: dict) -> str:
+    """Readable, filesystem-safe and unique: ``t=50_model=mini-1a2b3c4d``."""
+    readable = "_".join(f"{k}={_short(v)}" for k, v in values.items())
+    readable = re.sub(r"[^A-Za-z0-9.=+_-]", "-", readable)[:60].strip("-_")
+    digest = hashlib.sha1(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{readable}-{digest}"
+
+
+def grid_points(grid: dict[str, list]) -> list[Point]:
+    """The cartesian product of ``grid`` (first key varies slowest), each point with its :func:`point_id`."""
+    keys = list(grid)
+    points = [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+    return [Point(point_id(p), p) for p in points]
+
+
+def resolve_notebook(notebook: str | Path, root: Path = ROOT) -> Path:
+    """A path to an ``.ipynb``, or a study notebook's name (``notebooks/<name>.ipynb``)."""
+    path = Path(notebook)
+    if path.suffix == ".ipynb" and path.exists():
+        return path
+    named = root / "notebooks" / f"{notebook}.ipynb"
+    if named.exists():
+        return named
+    available = sorted(p.stem for p in (root / "notebooks").glob("*.ipynb"))
+    raise DifstudyError(f"notebook {notebook!r} not found: give a .ipynb path or one of {available}")
+
+
+def check_parameters(nb_path: Path, grid: dict, base: dict) -> None:
+    """The grid and base parameters must be parameters the notebook declares, ``out_dir`` included."""
+    import nbformat
+
+    declared = declared_parameters(nbformat.read(nb_path, as_version=4))
+    if "out_dir" not in declared:
+        raise DifstudyError(
+            f"{nb_path} declares no out_dir parameter; the sweep gives each grid point its own folder through "
+            f'it: add `out_dir = "results/{nb_path.stem}"` to the parameters cell and write '
+            "{out_dir}/results.csv with difstudy.study.write_results"
+        )
+    for k in [*grid, *base]:
+        if k not in declared:
+            raise DifstudyError(
+                f"{k!r} is not a parameter of {nb_path}; closest: {closest(k, declared) or sorted(declared)}"
+            )
+
+
+def is_finished(point_dir: Path) -> bool:
+    return (point_dir / "notebook.ipynb").exists() and (point_dir / "results.csv").exists()
+
+
+def sweep(
+    notebook: str | Path,
+    grid: str | Path | dict,
+    params: str | None = None,
+    out: str | Path | None = None,
+    metric: str | None = None,
+    root: Path = ROOT,
+    progress: bool = True,
+) -> SweepReport:
+    """Run every grid point not yet finished, collect the results; see the module docstring."""
+    from tqdm.auto import tqdm
+
+    nb_path = resolve_notebook(notebook, root)
+    grid = load_grid(grid)
+    base = read_params(nb_path, params) if params else {}
+    check_parameters(nb_path, grid, base)
+    out = Path(out) if out is not None else root / "results" / "sweeps" / nb_path.stem
+    points = grid_points(grid)
+    todo = [p for p in points if not is_finished(out / "points" / p.id)]
+    skipped = tuple(p.id for p in points if p not in todo)
+    ran, failed = [], []
+    bar = tqdm(
+        total=len(points), initial=len(skipped), desc=f"sweep {nb_path.stem}", unit="point", disable=not progress
+    )
+    for p in todo:
+        d = (out / "points" / p.id).resolve()
+        d.mkdir(parents=True, exist_ok=True)
+        values = {**base, **p.values, "out_dir": str(d)}
+        (d / "params.json").write_text(json.dumps(values, indent=2, default=str))
+        bar.set_postfix_str(p.id[:40])
+        try:
+            run_notebook(nb_path, d / "notebook.ipynb", values, cwd=root, failed=d / "notebook.failed.ipynb")
+            if not (d / "results.csv").exists():
+                (d / "notebook.ipynb").replace(d / "notebook.failed.ipynb")
+                raise DifstudyError(
+                    f"the notebook ran but wrote no {d / 'results.csv'}; "
+                    "write it with difstudy.study.write_results(df, out_dir)"
+                )
+            ran.append(p.id)
+        except Exception as e:  # one point's failure must not stop the others
+            kept = d / "notebook.failed.ipynb"
+            error = str(e) if isinstance(e, DifstudyError) else f"{type(e).__name__}: {e}"
+            failed.append(Failure(p.id, kept if kept.exists() else d, error))
+        bar.update(1)
+    bar.close()
+    table = collect(out, points)
+    figure = None
+    if table is not None:
+        figure = out / "summary.png"
+        save_summary(pd.read_csv(table), list(grid), figure, metric, title=f"Sweep of {nb_path.stem}")
+    fail_df = pd.DataFrame([dict(point=f.point, notebook=str(f.notebook), error=f.error) for f in failed])
+    write_csv_atomic(fail_df if failed else pd.DataFrame(columns=["point", "notebook", "error"]), out / "failures.csv")
+    return SweepReport(out, tuple(points), tuple(ran), skipped, tuple(failed), table, figure)
+
+
+def collect(out: Path, points: list[Point]) -> Path | None:
+    """``out/results.csv``: the finished points' rows with ``point`` and the grid's values as columns."""
+    frames = []
+    for p in points:
+        d = out / "points" / p.id
+        if not is_finished(d):
+            continue
+        df = pd.read_csv(d / "results.csv")
+        for k, v in p.values.items():  # the grid value wins over a column of the same name
+            df[k] = ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else v
+        df.insert(0, "point", p.id)
+        frames.append(df)
+    if not frames:
+        return None
+    return write_csv_atomic(pd.concat(frames, ignore_index=True), out / "results.csv")
+
+
+def pick_metric(df: pd.DataFrame, keys: list[str], metric: str | None = None) -> str:
+    """``metric`` if given, else ``value``, else the first numeric column that is not a grid key."""
+    if metric is not None:
+        if metric not in df.columns:
+            raise DifstudyError(f"metric {metric!r} is not a column of the results; columns: {list(df.columns)}")
+        return metric
+    if "value" in df.columns:
+        return "value"
+    numeric = [c for c in df.select_dtypes("number").columns if c not in keys and c not in ("seed", "point")]
+    if not numeric:
+        raise DifstudyError(f"the results have no numeric column to plot; columns: {list(df.columns)}")
+    return numeric[0]
+
+
+def plot_sweep(df: pd.DataFrame, keys: list[str], metric: str, ax=None, title: str = "Sweep"):
+    """Mean +- std of ``metric`` per grid point: the first varying key on x, one line per other combination."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4))
+    varying = [k for k in keys if df[k].nunique() > 1] or keys[:1]
+    x, rest = varying[0], varying[1:]
+    stats = df.groupby([*rest, x], sort=False)[metric].agg(["mean", "std"]).reset_index()
+    groups = stats.groupby(rest, sort=False) if rest else [((), stats)]
+    for name, g in groups:
+        name = name if isinstance(name, tuple) else (name,)
+        label = ", ".join(f"{k}={v}" for k, v in zip(rest, name)) or metric
+        ax.errorbar(g[x].astype(str), g["mean"], yerr=g["std"].fillna(0), marker="o", capsize=3, label=label)
+    ax.set_xlabel(x)
+    ax.set_ylabel(f"{metric} (mean +- std over rows)")
+    ax.set_title(title)
+    if rest:
+        ax.legend(fontsize="small")
+    return ax
+
+
+def save_summary(df: pd.DataFrame, keys: list[str], path: Path, metric: str | None = None, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    m = pick_metric(df, keys, metric)
+    ax = plot_sweep(df, keys, m, title=f"{title}: {m} per grid point")
+    ax.figure.tight_layout()
+    try:
+        return atomic_write(path, lambda f: ax.figure.savefig(f, format="png", dpi=100))
+    finally:
+        plt.close(ax.figure)
+
+
+def _cli(a) -> None:
+    report = sweep(a.notebook, a.grid, a.params, a.out, a.metric, progress=not a.no_progress)
+    print(
+        f"[difstudy sweep] {len(report.points)} points: {len(report.ran)} ran, {len(report.skipped)} skipped "
+        f"(finished before), {len(report.failed)} failed"
+    )
+    if report.table:
+        print(f"[difstudy sweep] results: {report.table}\n[difstudy sweep] figure: {report.figure}")
+    if report.failed:
+        lines = [f"  {f.point}:\n    " + f.error.replace("\n", "\n    ") for f in report.failed]
+        raise DifstudyError(f"{len(report.failed)} of {len(report.points)} grid points failed:\n" + "\n".join(lines))
+
+
+def add_cli(sub) -> None:
+    s = sub.add_parser("sweep", help="run a notebook over a parameter grid (papermill), resumable; one tidy table")
+    s.add_argument("notebook", help="a study notebook's name (notebooks/<name>.ipynb) or a .ipynb path")
+    s.add_argument("--grid", required=True, help="YAML mapping parameter -> list of values (cartesian product)")
+    s.add_argument("--params", default=None, help="base parameters: ci, full or a YAML file (default: notebook's)")
+    s.add_argument("--out", default=None, help="output folder (default: results/sweeps/<notebook>)")
+    s.add_argument("--metric", default=None, help="results column for summary.png (default: value or first numeric)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(fn=_cli)

@@ -1,0 +1,168 @@
+"""What the GATE training scripts (:mod:`difstudy.train.controlnet`, :mod:`difstudy.train.lora`)
+share: atomic checkpoints, the CSV log with accumulated CPU time, the learning-rate schedule,
+toy-world data rendered once into ``data.npz``, and the diffusion loss target of the base
+model's prediction type."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+
+def atomic_save(obj, path: Path) -> None:
+    """``torch.save`` to a temporary name, then rename: a kill leaves the old checkpoint or the new one."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class CsvLog:
+    """Append-only CSV log (``step, loss, lr, seconds, cpu_seconds``); ``cpu_seconds`` adds this
+    process's CPU time to the last logged total, so it accumulates across resumed runs."""
+
+    COLUMNS = ("stage", "step", "loss", "lr", "seconds", "cpu_seconds")
+
+    def __init__(self, path: Path):
+        self.path = path
+        new = not path.exists()
+        self.cpu0 = 0.0
+        if not new:
+            rows = list(csv.DictReader(open(path)))
+            if rows and rows[-1].get("cpu_seconds"):
+                self.cpu0 = float(rows[-1]["cpu_seconds"])
+        self.t0 = time.process_time()
+        self.f = open(path, "a", newline="")
+        self.w = csv.writer(self.f)
+        if new:
+            self.w.writerow(self.COLUMNS)
+
+    def __call__(self, stage: str, step: int, loss: float, lr: float, seconds: float) -> None:
+        cpu = self.cpu0 + time.process_time() - self.t0
+        self.w.writerow([stage, step, f"{loss:.5f}", f"{lr:.2e}", f"{seconds:.1f}", f"{cpu:.1f}"])
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def cosine_lr(step: int, total: int, base: float, warmup: int = 100) -> float:
+    """Linear warmup, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def diffusion_target(scheduler, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the U-Net predicts under ``scheduler.config.prediction_type`` (epsilon, v or sample)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(z0, noise, t)
+    if kind == "sample":
+        return z0
+    raise ValueError(
+        f"unknown prediction_type {kind!r} in the scheduler config; expected epsilon, v_prediction or sample"
+    )
+
+
+def toy_data(
+    out: Path,
+    n: int,
+    seed: int,
+    size: int,
+    tokenizer,
+    background: str | None = None,
+    exclude_background: str | None = None,
+    canny_sigma: float | None = None,
+) -> dict:
+    """Render ``n`` toy-world training images once into ``out/data.npz`` (reused when it matches):
+    images, backgrounds, tokenised fine/generic/empty captions and, with ``canny_sigma``, Canny
+    edge maps. ``background`` keeps only images with that background (rendering more as
+    needed); ``exclude_background`` drops them."""
+    from ..data.toyworld import ToyWorld
+
+    path = out / "data.npz"
+    spec = np.array([n, seed, size, zlib.crc32(repr((background, exclude_background, canny_sigma)).encode())])
+    if path.exists():
+        d = dict(np.load(path))
+        if np.array_equal(d.get("spec"), spec):
+            return d
+    world = ToyWorld("train", n=10**7, size=size, seed=seed)
+    images, backgrounds, generic, fine = [], [], [], []
+    bar = tqdm(total=n, desc="render toy world", mininterval=5)
+    i = 0
+    while len(images) < n:
+        s = world[i]
+        i += 1
+        bg = s.attributes["background"]
+        if (background and bg != background) or (exclude_background and bg == exclude_background):
+            continue
+        images.append(s.image)
+        backgrounds.append(bg)
+        generic.append(s.caption)
+        fine.append(s.fine_caption)
+        bar.update(1)
+    bar.close()
+
+    def tok(texts):
+        ml = tokenizer.model_max_length
+        return tokenizer(texts, padding="max_length", max_length=ml, truncation=True, return_tensors="np").input_ids
+
+    d = dict(
+        spec=spec,
+        images=np.stack(images),
+        backgrounds=np.array(backgrounds),
+        ids_generic=tok(generic),
+        ids_fine=tok(fine),
+        ids_empty=tok([""]),
+    )
+    if canny_sigma is not None:
+        from ..gate import edge_map
+
+        d["edges"] = np.stack([edge_map(im, canny_sigma) for im in d["images"]])
+    tmp = out / "data.tmp.npz"
+    np.savez(tmp, **d)
+    os.replace(tmp, path)
+    return d
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
+@torch.no_grad()
+def encode_latents(out: Path, vae, images: np.ndarray, batch: int = 128) -> dict:
+    """VAE posterior means and stds of all images, computed once into ``out/latents.npz``."""
+    path = out / "latents.npz"
+    if path.exists():
+        d = dict(np.load(path))
+        if len(d["mean"]) == len(images):
+            return d
+    means, stds = [], []
+    for i in tqdm(range(0, len(images), batch), desc="encode latents", mininterval=10):
+        post = vae.encode(to_tensor(images[i : i + batch]).to(vae.device, vae.dtype)).latent_dist
+        means.append(post.mean.float().cpu().numpy())
+        stds.append(post.std.float().cpu().numpy())
+    d = dict(mean=np.concatenate(means), std=np.concatenate(stds))
+    tmp = out / "latents.tmp.npz"
+    np.savez(tmp, **d)
+    os.replace(tmp, path)
+    return d
+
+
+def caption_ids(data: dict, idx: np.ndarray, u: torch.Tensor) -> torch.Tensor:
+    """Token ids per drawn image: fine (60%), generic (30%) or empty (10%), as the mini model trained."""
+    f, g = torch.from_numpy(data["ids_fine"][idx]), torch.from_numpy(data["ids_generic"][idx])
+    e = torch.from_numpy(data["ids_empty"]).expand(len(idx), -1)
+    ids = torch.where((u < 0.6)[:, None], f, g)
+    return torch.where((u >= 0.9)[:, None], e, ids)
