@@ -1,4 +1,5 @@
 import csv
+import json
 import subprocess
 import sys
 
@@ -117,6 +118,31 @@ def test_training_smoke_loss_goes_down_and_resumes(tmp_path):
     train_mini.main(args[:-8] + ["--unet-steps", "50", "--vae-lr", "3e-3", "--unet-lr", "3e-3"])
     rows = list(csv.DictReader(open(tmp_path / "log.csv")))
     assert [int(r["step"]) for r in rows if r["stage"] == "unet"][-10:] == list(range(41, 51))
+
+    # --init-from continues the exported model: same VAE, U-Net starts from its weights, the log
+    # and snapshots count total steps, and the exported record says so
+    cont = tmp_path / "cont"
+    before = load(str(tmp_path / "export"))
+    train_mini.main(
+        ["--out", str(cont), "--n-train", "64", "--batch", "8", "--unet-steps", "6", "--ckpt-every", "3"]
+        + ["--snapshot-every", "3", "--threads", "1", "--init-from", str(tmp_path / "export")]
+        + ["--export", str(cont / "export")]
+    )
+    after = load(str(cont / "export"))
+    vae_a, vae_b = before.vae.state_dict(), after.vae.state_dict()
+    assert all(torch.equal(vae_a[k], vae_b[k]) for k in vae_a)
+    moved = [not torch.equal(p, q) for p, q in zip(before.unet.parameters(), after.unet.parameters())]
+    assert any(moved)
+    head = list(csv.DictReader(open(tmp_path / "export" / "training_log.csv")))
+    crows = list(csv.DictReader(open(cont / "export" / "training_log.csv")))
+    assert crows[: len(head)] == head  # the continued model's log is the head
+    assert [int(r["step"]) for r in crows if r["stage"] == "unet"][-6:] == list(range(41, 47))
+    assert sorted(p.name for p in (cont / "snapshots").glob("unet_*")) == [
+        "unet_000043.safetensors",
+        "unet_000046.safetensors",
+    ]
+    meta = json.loads((cont / "export" / "difstudy_training.json").read_text())
+    assert meta["total_unet_steps"] == 46 and meta["previous_run"]["unet_steps"] == 40
 
 
 def test_cli_missing_model_folder_message():

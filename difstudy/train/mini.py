@@ -187,12 +187,19 @@ def train_unet(
     holdout_background: str | None = "checkered",
     snr_gamma: float = 5.0,
     snapshot_every: int = 1000,
+    init=None,
+    step_offset: int = 0,
 ):
+    """Train U-Net and text encoder; ``init`` (a loaded pipeline) continues from its weights, and
+    ``step_offset`` (the steps it already had) names the snapshots by total U-Net steps."""
     from diffusers.training_utils import EMAModel, compute_snr
 
     torch.manual_seed(seed)
-    tokenizer = mini.build_tokenizer(vocabulary())
-    unet, te = mini.build_unet(), mini.build_text_encoder(tokenizer)
+    if init is not None:
+        tokenizer, unet, te = init.tokenizer, init.unet.train(), init.text_encoder.train()
+    else:
+        tokenizer = mini.build_tokenizer(vocabulary())
+        unet, te = mini.build_unet(), mini.build_text_encoder(tokenizer)
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     ema = EMAModel(params, decay=0.999, use_ema_warmup=True, power=0.75)
@@ -245,18 +252,40 @@ def train_unet(
         ema.step(params)
         step += 1
         bar.update(1)
-        log("unet", step, loss.item(), opt.param_groups[0]["lr"], time.time() - t0)
+        log("unet", step_offset + step, loss.item(), opt.param_groups[0]["lr"], time.time() - t0)
         if step % ckpt_every == 0 or step == steps:
             state = dict(unet=unet.state_dict(), te=te.state_dict(), opt=opt.state_dict(), ema=ema.state_dict())
             atomic_save(dict(state, gen=gen.get_state(), step=step), ckpt)
         if snapshot_every and (step % snapshot_every == 0 or step == steps):
             ema.store(params)
             ema.copy_to(params)
-            _save_snapshot(out / "snapshots", step, unet, te)
+            _save_snapshot(out / "snapshots", step_offset + step, unet, te)
             ema.restore(params)
     bar.close()
     ema.copy_to(params)
     return unet, te, tokenizer
+
+
+def _load_init(folder: Path):
+    """Load the exported pipeline to continue from, and the arguments it was trained with."""
+    from diffusers import StableDiffusionPipeline
+
+    if not (folder / "model_index.json").exists():
+        raise FileNotFoundError(f"--init-from {folder}: no model_index.json there; pass an exported pipeline folder")
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    for module in (pipe.unet, pipe.text_encoder, pipe.vae):  # own memory: export may overwrite these files
+        for t in list(module.parameters()) + list(module.buffers()):
+            t.data = t.data.clone()
+    meta = folder / "difstudy_training.json"
+    return pipe, (json.loads(meta.read_text()) if meta.exists() else {})
+
+
+def _seed_log(folder: Path, out: Path) -> None:
+    """The continued model's training log becomes the head of this run's log (once), so the
+    exported log and its CPU total cover the whole training."""
+    head = out / "log.csv"
+    if (folder / "training_log.csv").exists() and not head.exists():
+        shutil.copyfile(folder / "training_log.csv", head)
 
 
 def export(folder: Path, vae, unet, te, tokenizer, scaling: float, meta: dict) -> None:
@@ -296,18 +325,32 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ckpt-every", type=int, default=200)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="continue from an exported pipeline folder: keep its VAE, train its U-Net and text encoder "
+        "for --unet-steps more steps (fresh optimiser, warmup + cosine); the log and snapshots count total steps",
+    )
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
+    if a.init_from:
+        _seed_log(a.init_from, a.out)
     log = CsvLog(a.out / "log.csv")
     t_start = time.time()
     torch.manual_seed(a.seed)
     tokenizer = mini.build_tokenizer(vocabulary())
     data = make_data(a.out, a.n_train, a.seed, tokenizer)
-    vae = train_vae(
-        a.out, data, a.vae_steps, a.batch, a.vae_lr, a.seed, log, a.ckpt_every, a.vae_crop, a.vae_full_steps
-    )
+    init, offset, prior = None, 0, {}
+    if a.init_from:
+        init, prior = _load_init(a.init_from)
+        vae, offset = init.vae, int(prior.get("total_unet_steps", prior.get("unet_steps", 0)))
+    else:
+        vae = train_vae(
+            a.out, data, a.vae_steps, a.batch, a.vae_lr, a.seed, log, a.ckpt_every, a.vae_crop, a.vae_full_steps
+        )
     lat = encode_latents(a.out, vae, data)
     unet, te, tokenizer = train_unet(
         a.out,
@@ -322,9 +365,15 @@ def main(argv=None) -> None:
         a.holdout_background or None,
         a.snr_gamma,
         a.snapshot_every,
+        init,
+        offset,
     )
     if a.export:
         meta = dict(vars(a), out=str(a.out), export=str(a.export), scaling_factor=float(lat["scaling"]))
+        meta["init_from"] = str(a.init_from) if a.init_from else None
+        meta["total_unet_steps"] = offset + a.unet_steps
+        if prior:
+            meta["previous_run"] = prior
         meta["wall_seconds_this_invocation"] = round(time.time() - t_start, 1)
         export(a.export, vae, unet, te, tokenizer, float(lat["scaling"]), meta)
         shutil.copyfile(a.out / "log.csv", a.export / "training_log.csv")
