@@ -7,6 +7,9 @@ Format: a folder of **safetensors shards**, each with a JSON sidecar::
                                                           content digest of each image it holds ("images")
     <root>/<group>/group.json                             what the group is (model, image size, dtype)
     <root>/<group>/quarantine/                            shards that failed their checksum (kept, never deleted)
+    <root>/<group>/requests/<digest>.json                 what an extraction asked for: activations, timesteps,
+                                                          variants, seed, number of images, batch size, dataset
+    <root>/<group>/requests/<digest>/<batch>.json         the image ids of batch ``<batch>`` of that request
 
 Why safetensors rather than zarr: it is already the field's weight format (no
 extra dependency), readers memory-map single tensors without loading a shard,
@@ -22,6 +25,17 @@ the image's pixels; :meth:`FeatureCache.image_digest` answers it, so a writer
 can refuse an id that the cache already holds for another image (two datasets
 that name different images alike would otherwise share features silently).
 
+Requests: :func:`difstudy.extract.extract` records what it was asked for
+before its first batch, and the image ids of each batch as it reaches it, so
+the cache knows what it *should* hold: :func:`verify_cache` reports, per
+activation, timestep and variant, the entries expected (images of the
+request) against those present, and finds corrupt entries (a shard that fails
+its checksum, cannot be parsed or is missing; a tensor of the wrong shape or
+dtype). ``repair=True`` quarantines corrupt shards (a checksum covers a
+shard, not single tensors, so every entry of a shard whose bytes changed is
+suspect) and rewrites a shard with wrong-shaped tensors without them; good
+entries are never changed, and the next extraction recomputes what is gone.
+
 Concurrency: writers never share a file. Each extraction batch is claimed
 through a lock file (``filelock``) so two processes on one cache split the
 work instead of duplicating it; readers see a shard only after it is complete.
@@ -35,6 +49,7 @@ import json
 import os
 import uuid
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +101,14 @@ def _atomic_write_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _quarantine(group_dir: Path, *paths: Path) -> None:
+    q = Path(group_dir) / "quarantine"
+    q.mkdir(exist_ok=True)
+    for p in paths:
+        if p.exists():
+            os.replace(p, q / p.name)
 
 
 class FeatureCache:
@@ -188,11 +211,7 @@ class FeatureCache:
 
     # -- integrity -------------------------------------------------------
     def _quarantine(self, *paths: Path) -> None:
-        q = self.dir / "quarantine"
-        q.mkdir(exist_ok=True)
-        for p in paths:
-            if p.exists():
-                os.replace(p, q / p.name)
+        _quarantine(self.dir, *paths)
 
     def check_shard(self, shard: Path) -> bool:
         """sha256 of ``shard`` against its sidecar; a bad shard is quarantined (with a warning)."""
@@ -275,8 +294,227 @@ class FeatureCache:
         self._add(shard.with_suffix(".json").name, list(tensors), images)
         return shard
 
+    # -- requests ----------------------------------------------------------
+    def record_request(self, spec: dict) -> str:
+        """Record what an extraction asks for (JSON-able ``spec``); returns its digest.
+
+        Every shard of one extraction records the same spec, hence the same file."""
+        text = json.dumps(spec, sort_keys=True, default=str)
+        digest = hashlib.sha1(text.encode()).hexdigest()[:12]
+        path = self.dir / "requests" / f"{digest}.json"
+        if not path.exists():
+            path.parent.mkdir(exist_ok=True)
+            _atomic_write_text(path, text)
+        return digest
+
+    def record_batch(self, request: str, batch: int, image_ids) -> None:
+        """Record the image ids of batch number ``batch`` of ``request`` (once)."""
+        path = self.dir / "requests" / request / f"{int(batch):06d}.json"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write_text(path, json.dumps(list(map(str, image_ids))))
+
     def summary(self) -> dict:
         shards = set(self._index.values())
         return dict(
             entries=len(self._index), shards=len(shards), bytes=sum(p.stat().st_size for p in shards if p.exists())
         )
+
+
+# -- verification ----------------------------------------------------------------------
+_ST_DTYPES = {"float16": "F16", "float32": "F32", "bfloat16": "BF16", "float64": "F64"}
+COMPLETENESS_COLUMNS = ["group", "request", "dataset", "activation", "t", "variant", "seed", "expected", "present"]
+CORRUPT_COLUMNS = ["group", "shard", "entries", "reason", "action"]
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What :func:`verify_cache` found: tidy ``completeness`` (one row per request, activation, t,
+    variant and seed), ``corrupt`` (one row per corrupt shard), duplicated entries, and whether
+    corrupt shards were repaired."""
+
+    completeness: pd.DataFrame
+    corrupt: pd.DataFrame
+    duplicates: int
+    repaired: bool
+
+    @property
+    def complete(self) -> bool:
+        c = self.completeness
+        return bool((c["present"] >= c["expected"]).all())
+
+    @property
+    def ok(self) -> bool:
+        """Nothing corrupt is left in the cache."""
+        return self.corrupt.empty or self.repaired
+
+
+def cache_groups(path: str | os.PathLike) -> list[Path]:
+    """The group folders of a cache root, or ``[path]`` when ``path`` is a group itself."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CacheError(f"feature cache {path} does not exist (give the --cache folder of `difstudy extract`)")
+    if (path / "group.json").exists() or (path / "shards").is_dir():
+        return [path]
+    groups = sorted(p for p in path.iterdir() if (p / "group.json").exists() or (p / "shards").is_dir())
+    if not groups:
+        raise CacheError(f"{path} holds no feature cache group (no */group.json); is it the --cache folder?")
+    return groups
+
+
+def _inspect_shard(shard: Path, info: dict, dtype: str | None) -> tuple[str | None, dict[str, tuple]]:
+    """(reason the shard is corrupt or None, {key: shape} of its tensors)."""
+    if not shard.exists():
+        return "shard file missing (its sidecar exists)", {}
+    size = shard.stat().st_size
+    if "bytes" in info and size != info["bytes"]:
+        return f"truncated or overwritten: {size} bytes, the sidecar says {info['bytes']}", {}
+    if _sha256(shard) != info.get("sha256"):
+        return "checksum mismatch (sha256 differs from the sidecar's)", {}
+    try:
+        with safe_open(shard, framework="pt") as f:
+            names = set(f.keys())
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in names}
+            dtypes = {k: f.get_slice(k).get_dtype() for k in names}
+    except Exception as e:  # safetensors raises its own error types
+        return f"unreadable safetensors file ({type(e).__name__}: {e})", {}
+    if names != set(info["keys"]):
+        return f"holds {len(names)} tensors, the sidecar lists {len(info['keys'])}", {}
+    want = _ST_DTYPES.get(dtype or "")
+    bad = sorted(k for k, d in dtypes.items() if want and d != want)
+    if bad:
+        return f"{len(bad)} tensor(s) stored as {dtypes[bad[0]]}, the group's dtype is {dtype} (e.g. {bad[0]})", {}
+    return None, shapes
+
+
+def _verify_group(gdir: Path, repair: bool) -> tuple[list[dict], list[dict], int]:
+    meta = json.loads((gdir / "group.json").read_text()) if (gdir / "group.json").exists() else {}
+    shards_dir = gdir / "shards"
+    corrupt: list[dict] = []
+    good: dict[str, dict[Key, tuple]] = {}  # sidecar name -> {key: shape}
+    infos: dict[str, dict] = {}
+    for side in sorted(shards_dir.glob("*.json")):
+        shard = side.with_suffix(".safetensors")
+        try:
+            info = json.loads(side.read_text())
+            keys = [Key.decode(k) for k in info["keys"]]
+        except (json.JSONDecodeError, KeyError, ValueError, OSError, AttributeError) as e:
+            corrupt.append(dict(shard=shard.name, entries=0, reason=f"unreadable sidecar ({type(e).__name__})"))
+            continue
+        reason, shapes = _inspect_shard(shard, info, meta.get("dtype"))
+        if reason:
+            corrupt.append(dict(shard=shard.name, entries=len(keys), reason=reason))
+            continue
+        good[side.name] = {Key.decode(k): s for k, s in shapes.items()}
+        infos[side.name] = info
+    # wrong shape: every entry of an activation has one shape in a group (one model, one image size)
+    by_act: dict[str, dict[tuple, int]] = {}
+    for shapes in good.values():
+        for k, s in shapes.items():
+            by_act.setdefault(k.activation, {}).setdefault(s, 0)
+            by_act[k.activation][s] += 1
+    usual = {a: max(c, key=lambda s: (c[s], s)) for a, c in by_act.items()}
+    reshape: dict[str, list[Key]] = {}
+    for name, shapes in good.items():
+        wrong = sorted(k for k, s in shapes.items() if len(s) != 3 or s != usual[k.activation])
+        if wrong:
+            k = wrong[0]
+            reshape[name] = wrong
+            corrupt.append(
+                dict(
+                    shard=name.replace(".json", ".safetensors"),
+                    entries=len(wrong),
+                    reason=f"{len(wrong)} tensor(s) of the wrong shape, e.g. {k.activation} {shapes[k]} "
+                    f"where the group's others are {usual[k.activation]}",
+                )
+            )
+    for name in reshape:  # the shard's good entries stay, the wrong-shaped ones are dropped
+        good[name] = {k: s for k, s in good[name].items() if k not in reshape[name]}
+    if repair:
+        for row in corrupt:
+            shard = shards_dir / row["shard"]
+            side = shard.with_suffix(".json")
+            if side.name in reshape:
+                _rewrite_without(gdir, shard, infos[side.name], reshape[side.name])
+                row["action"] = "rewritten without the wrong-shaped tensors"
+            else:
+                _quarantine(gdir, shard, side)
+                row["action"] = "quarantined"
+    counts: dict[Key, int] = {}
+    for shapes in good.values():
+        for k in shapes:
+            counts[k] = counts.get(k, 0) + 1
+    duplicates = sum(c - 1 for c in counts.values())
+    return _completeness(gdir, set(counts)), corrupt, duplicates
+
+
+def _rewrite_without(gdir: Path, shard: Path, info: dict, drop: list[Key]) -> None:
+    """Write the shard's other tensors to a new shard (atomically, as a writer does), then quarantine it."""
+    from safetensors.torch import load_file
+
+    keep = {Key.decode(k): v for k, v in load_file(shard).items() if Key.decode(k) not in set(drop)}
+    cache = FeatureCache(gdir.parent, gdir.name)
+    images = {i: d for i, d in info.get("images", {}).items() if any(k.image_id == i for k in keep)}
+    extra = {k: v for k, v in info.items() if k not in ("keys", "sha256", "bytes", "images")}
+    if keep:
+        cache.write(shard.stem.rsplit("-", 1)[0], keep, extra=extra, images=images)
+    _quarantine(gdir, shard, shard.with_suffix(".json"))
+
+
+def _completeness(gdir: Path, present: set[Key]) -> list[dict]:
+    rows = []
+    req_dir = gdir / "requests"
+    for rfile in sorted(req_dir.glob("*.json")) if req_dir.is_dir() else []:
+        try:
+            spec = json.loads(rfile.read_text())
+        except (json.JSONDecodeError, OSError):
+            continue
+        ids: set[str] = set()
+        for b in sorted((req_dir / rfile.stem).glob("*.json")):
+            try:
+                ids.update(json.loads(b.read_text()))
+            except (json.JSONDecodeError, OSError):
+                continue
+        for a in spec["activations"]:
+            for t in spec["timesteps"]:
+                for v in spec["variants"]:
+                    n = sum(Key(a, int(t), v, int(spec["seed"]), i) in present for i in ids)
+                    rows.append(
+                        dict(
+                            request=rfile.stem,
+                            dataset=spec.get("dataset", ""),
+                            activation=a,
+                            t=int(t),
+                            variant=v,
+                            seed=int(spec["seed"]),
+                            expected=int(spec["n_images"]),
+                            present=n,
+                        )
+                    )
+    if not rows and present:  # a cache written before requests were recorded: every image it holds is expected
+        per_seed = Counter(seed for seed, _ in {(k.seed, k.image_id) for k in present})
+        combos = Counter((k.activation, k.t, k.variant, k.seed) for k in present)
+        for (a, t, v, seed), n in sorted(combos.items()):
+            row = dict(activation=a, t=t, variant=v, seed=seed, expected=per_seed[seed], present=n)
+            rows.append(dict(request="", dataset="(no request records)", **row))
+    return rows
+
+
+def verify_cache(path: str | os.PathLike, repair: bool = False) -> VerifyReport:
+    """Check a feature cache (a ``--cache`` root or one group folder); see the module docstring.
+
+    Reads every shard once (sha256, safetensors header). With ``repair``, corrupt
+    shards are quarantined (wrong-shaped tensors dropped from a rewritten copy);
+    a rerun of the same extraction then recomputes exactly what they held."""
+    completeness, corrupt, duplicates = [], [], 0
+    for gdir in cache_groups(path):
+        comp, bad, dup = _verify_group(gdir, repair)
+        completeness += [dict(group=gdir.name, **r) for r in comp]
+        corrupt += [dict(group=gdir.name, action=r.pop("action", "none"), **r) for r in bad]
+        duplicates += dup
+    return VerifyReport(
+        pd.DataFrame(completeness, columns=COMPLETENESS_COLUMNS),
+        pd.DataFrame(corrupt, columns=CORRUPT_COLUMNS),
+        duplicates,
+        repair,
+    )

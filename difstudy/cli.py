@@ -102,7 +102,10 @@ def _extract(a) -> None:
 
     from .data.loaders import load_dataset
     from .extract import extract
+    from .scaleout import Shard, local_device
 
+    shard = Shard.parse(a.shard)  # before loading anything: a bad spec fails at once
+    device = a.device or (local_device() if a.shard == "auto" else None)
     if a.dataset.startswith("toyworld"):
         from .data.toyworld import ToyWorld
 
@@ -124,8 +127,10 @@ def _extract(a) -> None:
         batch_size=a.batch,
         cache_dir=a.cache,
         dtype=a.dtype,
-        device=a.device,
+        device=device,
         store_dtype=torch.float16 if a.store == "fp16" else torch.float32,
+        shard=shard,
+        dataset_name=a.dataset,
     )
 
 
@@ -154,7 +159,61 @@ def _add_extract(sub) -> None:
     p.add_argument("--dtype", default=None, help="model dtype: fp32, fp16, bf16")
     p.add_argument("--device", default=None)
     p.add_argument("--store", choices=["fp16", "fp32"], default="fp16")
+    p.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N|auto",
+        help="compute batches I, I+N, I+2N... only (N workers on one cache = one run); "
+        "auto: the process's rank under accelerate launch / torchrun / srun",
+    )
     p.set_defaults(fn=_extract)
+
+
+def _cache_verify(a) -> None:
+    import pandas as pd
+
+    from .cache import verify_cache
+
+    report = verify_cache(a.cache_dir, repair=a.repair)
+    c = report.completeness
+    if c.empty:
+        print(f"[difstudy cache] {a.cache_dir}: no entries")
+    else:
+        c = c.assign(missing=(c["expected"] - c["present"]).clip(lower=0), request=c["request"].str[:8])
+        with pd.option_context("display.max_rows", None, "display.width", 250, "display.max_colwidth", 60):
+            print(c.drop(columns=["group"]).to_string(index=False))
+        state = "complete" if report.complete else f"incomplete: {int(c['missing'].sum())} entries missing"
+        print(f"[difstudy cache] {len(c)} activation/t/variant rows, {state}")
+    if report.duplicates:
+        print(f"[difstudy cache] {report.duplicates} entries are stored twice (harmless: one copy is read)")
+    if report.corrupt.empty:
+        print("[difstudy cache] no corrupt entries")
+        return
+    with pd.option_context("display.max_rows", None, "display.width", 250, "display.max_colwidth", 100):
+        print(report.corrupt.to_string(index=False))
+    n = int(report.corrupt["entries"].sum())
+    if report.repaired:
+        print(
+            f"[difstudy cache] repaired {len(report.corrupt)} shard(s) ({n} entries); rerun extract to recompute them"
+        )
+    else:
+        print(
+            f"[difstudy cache] {len(report.corrupt)} corrupt shard(s) ({n} entries); run with --repair", file=sys.stderr
+        )
+        sys.exit(1)
+
+
+def _add_cache(sub) -> None:
+    p = sub.add_parser("cache", help="inspect a feature cache")
+    csub = p.add_subparsers(dest="cache_cmd", required=True)
+    v = csub.add_parser(
+        "verify", help="completeness per activation/t/variant and corrupt entries (exit 1 if corrupt, unrepaired)"
+    )
+    v.add_argument("cache_dir", help="the --cache folder of difstudy extract, or one group folder in it")
+    v.add_argument(
+        "--repair", action="store_true", help="quarantine corrupt shards so that a rerun of extract recomputes them"
+    )
+    v.set_defaults(fn=_cache_verify)
 
 
 def _bench(a) -> None:
@@ -198,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_probe_real(sub)
     _add_extract(sub)
+    _add_cache(sub)
 
     from . import bookcheck, study, sweep
 

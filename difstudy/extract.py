@@ -37,6 +37,14 @@ datasets (the loaders namespace them: ``"<dataset>/<split>/<path>"``).
 already holds for different pixels (each shard records the content digest of
 its images).
 
+Sharding: ``extract(..., shard="I/N")`` computes every N-th batch of the
+dataset, starting at batch I: the same batches as a single run, so N workers
+(processes, GPUs, nodes) on one cache together write exactly a single run's
+entries; ``shard="auto"`` takes the rank of an ``accelerate launch`` or
+``torchrun`` process (see :mod:`difstudy.scaleout`). Each run records its
+request and the ids of each batch in the cache, which lets
+:func:`difstudy.cache.verify_cache` tell what is missing.
+
 Cache groups (:func:`cache_group`) separate features that differ: the
 fingerprints of the U-Net, VAE and text encoder(s) (config and weights), the
 noising schedule, the image size, the storage dtype and
@@ -68,6 +76,7 @@ from .cache import FeatureCache, Key
 from .capture import Capture, expand_batch, split_batch
 from .catalog import Catalog
 from .errors import DifstudyError
+from .scaleout import Shard
 
 BUILTIN_VARIANTS = ("empty", "generic", "fine")
 # Version of the extraction protocol, part of every cache group: bump it whenever a change here
@@ -87,12 +96,14 @@ class Summary:
     images: int = 0
     seconds: float = 0.0
     cache_dir: str = ""
+    shard: str = "0/1"
     notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         rate = self.images / self.seconds if self.seconds else 0.0
+        part = "" if self.shard == "0/1" else f" [shard {self.shard}]"
         return (
-            f"extract: {self.computed} feature maps computed, {self.reused} reused, {self.repaired} repaired "
+            f"extract{part}: {self.computed} feature maps computed, {self.reused} reused, {self.repaired} repaired "
             f"({self.images} images in {self.seconds:.1f} s, {rate:.1f} img/s) -> {self.cache_dir}"
         )
 
@@ -457,6 +468,8 @@ def extract(
     device=None,
     model_name: str | None = None,
     progress: bool = True,
+    shard: str | Shard | None = None,
+    dataset_name: str | None = None,
 ) -> tuple[FeatureCache, Summary]:
     """Extract ``activations`` for every image of ``dataset`` into ``cache_dir``.
 
@@ -466,10 +479,14 @@ def extract(
     holds for other pixels, raises :class:`DifstudyError` before that batch is
     computed). Resumable: only missing entries are computed; corrupt shards are
     detected by checksum and recomputed. Returns the cache and a :class:`Summary`.
+    ``shard``: ``"I/N"``, ``"auto"`` or a :class:`~difstudy.scaleout.Shard`: only
+    batches I, I+N, ... (see the module docstring); ``dataset_name`` labels the
+    request recorded in the cache (default: the dataset's type).
     """
     from .models import load
 
     t0 = time.time()
+    shard = Shard.parse(shard)
     if isinstance(model, str):
         model_name = model_name or model
         model = load(model, dtype=dtype, device=device)
@@ -477,11 +494,15 @@ def extract(
     ex = Extractor(model, activations, timesteps, variants, seed, image_size)
     group, meta = cache_group(model, model_name, ex.image_size, store_dtype)
     cache = FeatureCache(cache_dir, group, meta)
-    summary = Summary(cache_dir=str(cache.dir))
+    summary = Summary(cache_dir=str(cache.dir), shard=str(shard))
     summary.repaired = len(cache.verify())
     n = len(dataset)
-    batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+    # (batch number, dataset indices): a single run's batches, this shard's share of them
+    batches = shard.select([(j, list(range(i, min(i + batch_size, n)))) for j, i in enumerate(range(0, n, batch_size))])
     vkeys = [variant_key(v) for v in ex.variants]
+    spec = dict(activations=ex.names, timesteps=ex.timesteps, variants=vkeys, seed=ex.seed, n_images=n)
+    spec |= dict(batch_size=batch_size, dataset=dataset_name or type(dataset).__name__)
+    request = cache.record_request(spec)
     seen: dict[str, int] = {}
 
     def keys_of(ids):
@@ -527,19 +548,20 @@ def extract(
 
     pending = list(batches)
     bar = tqdm(
-        total=n,
+        total=sum(len(idx) for _, idx in batches),
         desc=f"extract {len(ex.names)} acts x {len(ex.timesteps)} t x {len(vkeys)} var",
         unit="img",
         disable=not progress,
     )
     while pending:
         busy = []
-        for idx in pending:
+        for j, idx in pending:
             items, digests = load_batch(idx)
+            cache.record_batch(request, j, [it[0] for it in items])
             if not cache.missing(keys_of([it[0] for it in items])):
                 summary.reused += len(idx) * len(ex.names) * len(ex.timesteps) * len(vkeys)
             elif not compute(idx, items, digests):  # another process computes this batch
-                busy.append(idx)
+                busy.append((j, idx))
                 continue
             bar.update(len(idx))
         if busy:

@@ -22,8 +22,10 @@ hash of them, so the same point keeps its folder when the grid grows)::
     points/<point>/notebook.ipynb       the executed notebook
     points/<point>/results.csv          the point's tidy results (written by the notebook)
     points/<point>/notebook.failed.ipynb  only after a failure: the traceback
+    points/<point>/job.json             submitit executors: the point's job id and stderr log
+    jobs/           submitit executors: sbatch scripts, pickled calls, results and logs of the jobs
     results.csv     every finished point's rows, the grid's values added as columns (plus ``point``)
-    failures.csv    the points that failed in this run: point, notebook, error
+    failures.csv    the points that failed in this run: point, notebook, error, log (the job's stderr)
     summary.png     mean of the metric per grid point
 
 **Resume.** A point is finished when both its executed notebook and its
@@ -34,6 +36,20 @@ Finished points are skipped; failed ones run again next time.
 **Failures** of one point (a failing cell, a missing ``results.csv``) are listed
 with the point's notebook and error while the other points run; the command
 then exits non-zero.
+
+**Executors** (``--executor``): ``local`` runs the points one after another in
+this process; ``submitit-local`` and ``slurm`` submit one job per unfinished
+point through submitit (on Slurm: one job array, one task per point) and wait
+for them, so the same resume rule, table and failure list apply. Job
+resources come from a ``slurm:`` section of the grid file (not a parameter)
+and CLI flags, which win (:class:`difstudy.scaleout.JobConfig`)::
+
+    slurm: {partition: gpu, time: "2:00:00", gpus: 1, cpus: 8, parallelism: 16}
+
+submitit keeps each job's script, pickles and logs in ``DIR/jobs/``; a failed
+point is listed with its job's stderr log. A job takes a lock on its point
+folder and skips a point found finished, so a resubmission while old jobs
+still run never runs a point twice at once.
 """
 
 from __future__ import annotations
@@ -50,6 +66,7 @@ import yaml
 
 from .errors import DifstudyError, closest
 from .fileio import atomic_write, write_csv_atomic
+from .scaleout import EXECUTORS, JobConfig, make_executor
 from .study import ROOT, declared_parameters, read_params, run_notebook
 
 
@@ -66,6 +83,7 @@ class Failure:
     point: str
     notebook: Path
     error: str
+    log: Path | None = None  # the job's stderr (submitit executors)
 
 
 @dataclass(frozen=True)
@@ -83,6 +101,9 @@ class SweepReport:
         return not self.failed
 
 
+JOB_SECTION = "slurm"  # the grid file's section of job resources (not a parameter)
+
+
 def load_grid(grid: str | Path | dict) -> dict[str, list]:
     """The grid as ``{parameter: [values]}`` (a YAML file or a dict); scalars become one-value lists."""
     if not isinstance(grid, dict):
@@ -94,11 +115,24 @@ def load_grid(grid: str | Path | dict) -> dict[str, list]:
             raise DifstudyError(f"grid file {path} must map parameter names to lists of values, e.g. `t: [25, 50]`")
     out = {}
     for k, v in grid.items():
+        if k == JOB_SECTION:  # job resources, not a parameter: see load_job_config
+            continue
         values = v if isinstance(v, list) else [v]
         if not values:
             raise DifstudyError(f"grid parameter {k!r} has an empty list of values; give at least one")
         out[str(k)] = values
     return out
+
+
+def load_job_config(grid: str | Path | dict) -> JobConfig:
+    """The job resources of the grid file's ``slurm:`` section (defaults without one)."""
+    if not isinstance(grid, dict):
+        path = Path(grid)
+        grid = yaml.safe_load(path.read_text()) if path.exists() else {}
+    section = (grid or {}).get(JOB_SECTION) or {}
+    if not isinstance(section, dict):
+        raise DifstudyError(f"the grid's {JOB_SECTION}: section must be a mapping, e.g. `slurm: {{partition: gpu}}`")
+    return JobConfig.from_dict(section)
 
 
 def _short(v) -> str:
@@ -156,36 +190,18 @@ def is_finished(point_dir: Path) -> bool:
     return (point_dir / "notebook.ipynb").exists() and (point_dir / "results.csv").exists()
 
 
-def sweep(
-    notebook: str | Path,
-    grid: str | Path | dict,
-    params: str | None = None,
-    out: str | Path | None = None,
-    metric: str | None = None,
-    root: Path = ROOT,
-    progress: bool = True,
-) -> SweepReport:
-    """Run every grid point not yet finished, collect the results; see the module docstring."""
-    from tqdm.auto import tqdm
+def run_point(nb_path: Path, point_dir: Path, values: dict, root: Path) -> tuple[str, str]:
+    """Run one grid point (here or in a submitit job): ``("ran" | "skipped" | "failed", error)``.
 
-    nb_path = resolve_notebook(notebook, root)
-    grid = load_grid(grid)
-    base = read_params(nb_path, params) if params else {}
-    check_parameters(nb_path, grid, base)
-    out = Path(out) if out is not None else root / "results" / "sweeps" / nb_path.stem
-    points = grid_points(grid)
-    todo = [p for p in points if not is_finished(out / "points" / p.id)]
-    skipped = tuple(p.id for p in points if p not in todo)
-    ran, failed = [], []
-    bar = tqdm(
-        total=len(points), initial=len(skipped), desc=f"sweep {nb_path.stem}", unit="point", disable=not progress
-    )
-    for p in todo:
-        d = (out / "points" / p.id).resolve()
-        d.mkdir(parents=True, exist_ok=True)
-        values = {**base, **p.values, "out_dir": str(d)}
+    Holds a lock on the point folder; a point found finished is skipped."""
+    from filelock import FileLock
+
+    d = Path(point_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(d / ".point.lock")):
+        if is_finished(d):
+            return "skipped", ""
         (d / "params.json").write_text(json.dumps(values, indent=2, default=str))
-        bar.set_postfix_str(p.id[:40])
         try:
             run_notebook(nb_path, d / "notebook.ipynb", values, cwd=root, failed=d / "notebook.failed.ipynb")
             if not (d / "results.csv").exists():
@@ -194,20 +210,113 @@ def sweep(
                     f"the notebook ran but wrote no {d / 'results.csv'}; "
                     "write it with difstudy.study.write_results(df, out_dir)"
                 )
-            ran.append(p.id)
         except Exception as e:  # one point's failure must not stop the others
-            kept = d / "notebook.failed.ipynb"
-            error = str(e) if isinstance(e, DifstudyError) else f"{type(e).__name__}: {e}"
-            failed.append(Failure(p.id, kept if kept.exists() else d, error))
+            return "failed", str(e) if isinstance(e, DifstudyError) else f"{type(e).__name__}: {e}"
+    return "ran", ""
+
+
+def _failure(point: Point, d: Path, error: str, log: Path | None = None) -> Failure:
+    kept = d / "notebook.failed.ipynb"
+    return Failure(point.id, kept if kept.exists() else d, error, log)
+
+
+def _run_local(nb_path, jobs: list[tuple[Point, Path, dict]], root, bar) -> list[tuple[Point, str, Failure | None]]:
+    done = []
+    for p, d, values in jobs:
+        bar.set_postfix_str(p.id[:40])
+        state, error = run_point(nb_path, d, values, root)
+        done.append((p, state, _failure(p, d, error) if state == "failed" else None))
         bar.update(1)
+    return done
+
+
+def submit_points(executor, nb_path: Path, jobs: list[tuple[Point, Path, dict]], root: Path) -> list:
+    """One submitit job per point (a job array on Slurm); returns the jobs, not waiting for them."""
+    if not jobs:
+        return []
+    n = len(jobs)
+    return executor.map_array(run_point, [nb_path] * n, [d for _, d, _ in jobs], [v for _, _, v in jobs], [root] * n)
+
+
+def _run_submitit(executor, nb_path, jobs, root, bar) -> list[tuple[Point, str, Failure | None]]:
+    from submitit.helpers import as_completed
+
+    submitted = submit_points(executor, nb_path, jobs, root)
+    if submitted:
+        first = submitted[0].job_id.split("_")[0]
+        print(f"[difstudy sweep] submitted {len(submitted)} job(s) ({first}...); logs in {executor.folder}", flush=True)
+    which = {id(j): item for j, item in zip(submitted, jobs)}
+    for job, (_, d, _) in zip(submitted, jobs):
+        (d / "job.json").write_text(json.dumps(dict(job_id=job.job_id, stderr=str(job.paths.stderr))))
+    done = []
+    for job in as_completed(submitted, poll_frequency=1):
+        p, d, _ = which[id(job)]
+        try:
+            state, error = job.result()
+        except Exception as e:  # the job itself died: killed, timed out, node failure
+            lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+            state, error = "failed", f"job {job.job_id} failed: " + "\n".join(lines[-3:])
+        log = job.paths.stderr if state == "failed" else None
+        done.append((p, state, _failure(p, d, error, log) if state == "failed" else None))
+        bar.update(1)
+    return done
+
+
+def sweep(
+    notebook: str | Path,
+    grid: str | Path | dict,
+    params: str | None = None,
+    out: str | Path | None = None,
+    metric: str | None = None,
+    root: Path = ROOT,
+    progress: bool = True,
+    executor: str = "local",
+    job: JobConfig | None = None,
+) -> SweepReport:
+    """Run every grid point not yet finished, collect the results; see the module docstring.
+
+    ``executor``: ``local``, ``submitit-local`` or ``slurm``; ``job``: the jobs' resources
+    (default: the grid file's ``slurm:`` section)."""
+    from tqdm.auto import tqdm
+
+    if executor not in EXECUTORS:
+        raise DifstudyError(f"unknown executor {executor!r}; use one of {list(EXECUTORS)}")
+    nb_path = resolve_notebook(notebook, root)
+    job = job if job is not None else load_job_config(grid)
+    grid = load_grid(grid)
+    base = read_params(nb_path, params) if params else {}
+    check_parameters(nb_path, grid, base)
+    out = Path(out) if out is not None else root / "results" / "sweeps" / nb_path.stem
+    points = grid_points(grid)
+    todo = [p for p in points if not is_finished(out / "points" / p.id)]
+    skipped = tuple(p.id for p in points if p not in todo)
+    jobs = []
+    for p in todo:
+        d = (out / "points" / p.id).resolve()
+        d.mkdir(parents=True, exist_ok=True)
+        jobs.append((p, d, {**base, **p.values, "out_dir": str(d)}))
+    bar = tqdm(
+        total=len(points), initial=len(skipped), desc=f"sweep {nb_path.stem}", unit="point", disable=not progress
+    )
+    if executor == "local":
+        done = _run_local(nb_path, jobs, root, bar)
+    else:
+        folder = (out / "jobs").resolve()
+        done = _run_submitit(make_executor(executor, folder, job), nb_path.resolve(), jobs, root.resolve(), bar)
     bar.close()
+    order = {p.id: i for i, p in enumerate(points)}
+    done.sort(key=lambda r: order[r[0].id])
+    ran = [p.id for p, state, _ in done if state == "ran"]
+    skipped += tuple(p.id for p, state, _ in done if state == "skipped")  # finished by another job meanwhile
+    failed = [f for _, _, f in done if f is not None]
     table = collect(out, points)
     figure = None
     if table is not None:
         figure = out / "summary.png"
         save_summary(pd.read_csv(table), list(grid), figure, metric, title=f"Sweep of {nb_path.stem}")
-    fail_df = pd.DataFrame([dict(point=f.point, notebook=str(f.notebook), error=f.error) for f in failed])
-    write_csv_atomic(fail_df if failed else pd.DataFrame(columns=["point", "notebook", "error"]), out / "failures.csv")
+    rows = [dict(point=f.point, notebook=str(f.notebook), error=f.error, log=str(f.log or "")) for f in failed]
+    fail_df = pd.DataFrame(rows, columns=["point", "notebook", "error", "log"])
+    write_csv_atomic(fail_df, out / "failures.csv")
     return SweepReport(out, tuple(points), tuple(ran), skipped, tuple(failed), table, figure)
 
 
@@ -280,7 +389,10 @@ def save_summary(df: pd.DataFrame, keys: list[str], path: Path, metric: str | No
 
 
 def _cli(a) -> None:
-    report = sweep(a.notebook, a.grid, a.params, a.out, a.metric, progress=not a.no_progress)
+    job = load_job_config(a.grid).updated(partition=a.partition, time=a.time, gpus=a.gpus)
+    report = sweep(
+        a.notebook, a.grid, a.params, a.out, a.metric, progress=not a.no_progress, executor=a.executor, job=job
+    )
     print(
         f"[difstudy sweep] {len(report.points)} points: {len(report.ran)} ran, {len(report.skipped)} skipped "
         f"(finished before), {len(report.failed)} failed"
@@ -288,7 +400,10 @@ def _cli(a) -> None:
     if report.table:
         print(f"[difstudy sweep] results: {report.table}\n[difstudy sweep] figure: {report.figure}")
     if report.failed:
-        lines = [f"  {f.point}:\n    " + f.error.replace("\n", "\n    ") for f in report.failed]
+        lines = [
+            f"  {f.point}:\n    " + f.error.replace("\n", "\n    ") + (f"\n    log: {f.log}" if f.log else "")
+            for f in report.failed
+        ]
         raise DifstudyError(f"{len(report.failed)} of {len(report.points)} grid points failed:\n" + "\n".join(lines))
 
 
@@ -300,4 +415,14 @@ def add_cli(sub) -> None:
     s.add_argument("--out", default=None, help="output folder (default: results/sweeps/<notebook>)")
     s.add_argument("--metric", default=None, help="results column for summary.png (default: value or first numeric)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument(
+        "--executor",
+        choices=list(EXECUTORS),
+        default="local",
+        help="local: here, one point after another; submitit-local: one local process per point; "
+        "slurm: one Slurm job-array task per point (submitit)",
+    )
+    s.add_argument("--partition", default=None, help="Slurm partition (overrides the grid's slurm: section)")
+    s.add_argument("--time", default=None, help="time limit per point: minutes or HH:MM:SS (default 60 min)")
+    s.add_argument("--gpus", type=int, default=None, help="GPUs per point (Slurm; default 0)")
     s.set_defaults(fn=_cli)
