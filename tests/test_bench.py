@@ -45,6 +45,7 @@ def test_run_bench_prints_tables_and_ratio_line(tmp_path):
         overhead=t["capture"] / t["bare"],
         early_stop=t["early"] / t["bare"],
         batching=t["per_item"] / t["batched"],
+        amalgamation=t["gate_sequential"] / t["gate_batched"],
         rss_ratio=inc["difstudy-4"] / inc["difstudy-2"],
         naive_rss_ratio=inc["naive-4"] / inc["difstudy-4"],
         naive_time_ratio=t["naive"] / t["extract"],

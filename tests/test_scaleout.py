@@ -357,3 +357,23 @@ def test_job_config_errors_and_times():
         JobConfig.from_dict({"partiton": "gpu"})
     with pytest.raises(DifstudyError, match=r"unknown executor 'pbs'"):
         sweep("x.ipynb", {"a": [1]}, executor="pbs")
+
+
+@pytest.mark.skipif(
+    os.environ.get("DIFSTUDY_SLURM") != "1",
+    reason="needs a running Slurm: `bash scripts/slurm_local.sh` (root), then DIFSTUDY_SLURM=1 (CI does both)",
+)
+def test_sweep_on_a_real_single_node_slurm(tmp_path):
+    """A 2-point sweep as a real Slurm job array (scripts/slurm_local.sh starts the cluster)."""
+    nb = two_cell_notebook(tmp_path / "nb.ipynb")
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("a: [1, 2]\nb: [4]\nslurm: {partition: debug, time: 10, cpus: 1}\n")
+    out = tmp_path / "sweep"
+    report = sweep(nb, grid, out=out, progress=False, executor="slurm")
+    assert not report.failed and len(report.ran) == 2
+    table = pd.read_csv(report.table)
+    assert sorted(table["value"].tolist()) == [14, 15, 24, 25]
+    logs = list((out / "jobs").glob("*_log.out"))
+    assert len(logs) == 2  # one job-array task per point, each with its own log
+    again = sweep(nb, grid, out=out, progress=False, executor="slurm")  # resubmission skips finished points
+    assert not again.ran and len(again.skipped) == 2
