@@ -612,6 +612,8 @@ def img2img(
     try:
         if technique.lora is not None:
             adapter = f"difstudy-{technique.name}"
+            if adapter in (getattr(pipe.unet, "peft_config", None) or {}):  # a GateExtractor holds that name
+                adapter += "-img2img"
             load_lora(pipe, technique.lora, adapter)
             pipe.unet.set_adapters([adapter])
         out = i2i(**call).images
@@ -1172,3 +1174,626 @@ __all__ = [
     "vae_reconstruction",
     "with_captions",
 ]
+
+
+# ================================================================================
+# 8. techniques and their amalgamation as feature sources of the protocol layer
+TRAIN_COMMANDS = {
+    "controlnet": (
+        "python -m difstudy.train.controlnet --model mini --out runs/controlnet "
+        f"--export {MINI_CONTROLNET_PATH.relative_to(MODELS_DIR.parent.parent)}"
+    ),
+    "lora": (
+        "python -m difstudy.train.lora --model mini --background checkered --out runs/lora "
+        f"--export {MINI_LORA_PATH.relative_to(MODELS_DIR.parent.parent)}"
+    ),
+}
+NOT_MEASURED = "not measured"
+TASK_METRICS = {"correspondence": "PCK@0.1 img", "label-scarce-seg": "mIoU", "classification": "accuracy"}
+
+
+def technique_status(techniques: Sequence[Technique]) -> pd.DataFrame:
+    """Whether each technique's weights can be found: columns ``technique, available, reason,
+    how_to_get``. Nothing is loaded into a pipeline (a ControlNet given by hub id is read from the
+    hub cache, or downloaded, to check it)."""
+    rows = []
+    for tq in techniques:
+        reason, how = "", ""
+        try:
+            if tq.controlnet is not None and not hasattr(tq.controlnet, "config"):
+                if str(tq.controlnet) == "mini":
+                    if not (MINI_CONTROLNET_PATH / "config.json").exists():
+                        raise ModelNotFoundError(f"the mini ControlNet is missing from {MINI_CONTROLNET_PATH}")
+                else:
+                    load_controlnet(tq.controlnet)
+            if tq.lora is not None:
+                _lora_source(tq.lora)
+        except ModelNotFoundError as e:
+            reason = str(e)
+            how = TRAIN_COMMANDS["controlnet" if tq.controlnet is not None else "lora"]
+            if str(tq.controlnet if tq.controlnet is not None else tq.lora) != "mini":
+                how = "pass an existing ControlNet/LoRA (folder or hub id) as the technique's parameter"
+        rows.append(dict(technique=tq.name, available=not reason, reason=reason, how_to_get=how))
+    return pd.DataFrame(rows, columns=["technique", "available", "reason", "how_to_get"])
+
+
+def bucket_label(technique: str, t: int) -> str:
+    """Table label of one bucket: ``"<technique> (t=<t>)"``."""
+    return f"{technique} (t={t})"
+
+
+class _RecordView:
+    """Distinct images of a record sequence as extraction items keyed by their content key."""
+
+    def __init__(self, records, positions: list[int], keys: list[str]):
+        self.records, self.positions, self.keys = records, positions, keys
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, j: int) -> dict:
+        r = self.records[self.positions[j]]
+        return {"image_id": self.keys[j], "image": r.image, "caption": r.caption, "fine_caption": r.fine_caption}
+
+
+class TechniqueFeatures:
+    """A feature source (:class:`difstudy.protocols.FeatureSource`) of technique buckets.
+
+    All ``techniques`` at all ``timesteps`` are extracted together (:func:`extract_techniques`:
+    one U-Net forward per batch, one cache, keyed by image content as
+    :class:`~difstudy.protocols.CachedFeatures`); :meth:`maps` reads the activations of the
+    selected ``bucket`` ``(technique name, t)``. :meth:`bucket_maps` reads any bucket.
+
+    Args:
+        pipe: a loaded pipeline; activations: names or named sets;
+        techniques: the techniques extracted together; timesteps: their timesteps;
+        extraction: :class:`~difstudy.protocols.ExtractionConfig` (its ``t`` and ``variant`` unused);
+        seed: noise-draw seed; bucket: ``(technique, t)`` that :meth:`maps` reads (default: the
+        first technique at the first t); label: table label (default: the bucket's).
+    """
+
+    def __init__(
+        self,
+        pipe,
+        activations: Sequence[str],
+        techniques: Sequence[Technique],
+        timesteps: Sequence[int] = (50,),
+        extraction=None,
+        seed: int = 0,
+        model_name: str | None = None,
+        bucket: tuple[str, int] | None = None,
+        label: str | None = None,
+    ):
+        from .catalog import Catalog
+        from .protocols import ExtractionConfig
+
+        self.pipe, self.seed = pipe, int(seed)
+        self.extraction = extraction or ExtractionConfig()
+        self.activations, self.techniques = tuple(activations), tuple(techniques)
+        self.timesteps = tuple(int(t) for t in timesteps)
+        self.model_name = model_name or str(getattr(pipe, "name_or_path", "") or type(pipe).__name__)
+        self.names = tuple(Catalog(pipe.unet).resolve(list(self.activations)))
+        self.bucket = self._check_bucket(bucket or (self.techniques[0].name, self.timesteps[0]))
+        self.label = label or bucket_label(*self.bucket)
+        self._keys: dict[str, str] = {}
+        self._variants: dict[str, str] = {}  # technique name -> cache variant key
+        self._cache = None
+
+    def _check_bucket(self, bucket) -> tuple[str, int]:
+        name, t = bucket
+        names = [tq.name for tq in self.techniques]
+        if name not in names or int(t) not in self.timesteps:
+            raise DifstudyError(
+                f"bucket {bucket!r} is not extracted here: techniques {names}, timesteps {self.timesteps}"
+            )
+        return name, int(t)
+
+    def select(self, bucket: tuple[str, int], label: str | None = None) -> TechniqueFeatures:
+        """The same source (cache, seed, prepared images) reading another bucket."""
+        import copy
+
+        other = copy.copy(self)
+        other.bucket = self._check_bucket(bucket)
+        other.label = label or bucket_label(*other.bucket)
+        return other
+
+    def for_seed(self, seed: int) -> TechniqueFeatures:
+        import copy
+
+        if int(seed) == self.seed:
+            return self
+        other = copy.copy(self)
+        other.seed, other._keys, other._cache = int(seed), dict(self._keys), None
+        return other
+
+    def prepare(self, records) -> None:
+        """Extract every technique and t of every distinct image of ``records`` (cached entries reused)."""
+        from .protocols import content_key
+
+        positions, keys, seen = [], [], set()
+        for i, r in enumerate(records):
+            key = content_key(r.image)
+            if self._keys.setdefault(r.image_id, key) != key:
+                raise DifstudyError(f"image id {r.image_id!r} names two different images; ids must be unique")
+            if key not in seen:
+                seen.add(key)
+                positions.append(i)
+                keys.append(key)
+        if not positions:
+            return
+        cfg = self.extraction
+        if not self._variants:
+            with GateExtractor(
+                self.pipe, ["unet-out"], self.techniques, self.timesteps, self.seed, cfg.image_size
+            ) as ex:
+                self._variants = dict(zip([tq.name for tq in self.techniques], ex.variant_keys))
+        self._cache, _ = extract_techniques(
+            self.pipe,
+            _RecordView(records, positions, keys),
+            list(self.names),
+            self.techniques,
+            self.timesteps,
+            seed=self.seed,
+            image_size=cfg.image_size,
+            batch_size=cfg.batch_size,
+            cache_dir=cfg.cache_dir,
+            store_dtype=torch.float16 if cfg.store_dtype == "fp16" else torch.float32,
+            model_name=self.model_name,
+            progress=cfg.progress,
+        )
+
+    def bucket_maps(self, record, bucket: tuple[str, int]) -> list[torch.Tensor]:
+        """The activations (C_i, h_i, w_i) float32 of ``record`` in ``bucket``."""
+        from .protocols import content_key
+
+        if self._cache is None:
+            raise DifstudyError(f"features of {self.label!r} were never extracted; call prepare(records) first")
+        name, t = self._check_bucket(bucket)
+        key = self._keys.get(record.image_id) or content_key(record.image)
+        v = self._variants[name]
+        return [self._cache.get(Key(n, t, v, self.seed, key)).float() for n in self.names]
+
+    def maps(self, record) -> list[torch.Tensor]:
+        return self.bucket_maps(record, self.bucket)
+
+
+@dataclass(frozen=True)
+class AmalgamationConfig:
+    """How :class:`AmalgamatedFeatures` fits its weight assigners.
+
+    ``k`` assigners (official 1) of ``hidden`` units with ``dropout``; AdamW (``lr``,
+    ``weight_decay``) for ``epochs`` passes over the task's training data in minibatches of
+    ``batch_size`` images (pairs for correspondence); ``sparsity``: the official sparsity term's
+    fixed coefficient (0 = off); ``temperature``: of the correspondence contrastive loss."""
+
+    k: int = 1
+    hidden: int = 128
+    dropout: float = 0.5
+    epochs: int = 10
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    sparsity: float = 0.0
+    temperature: float = 0.07
+
+
+FIT_TASKS = ("correspondence", "label-scarce-seg", "classification")
+
+
+class AmalgamatedFeatures:
+    """A feature source: buckets of a :class:`TechniqueFeatures` combined by learned weight assigners.
+
+    Per image, the assigners see each bucket's activations (resized to the largest and
+    concatenated, (C, H, W)) and give a weight per bucket and channel (softmax over buckets, one
+    weight per image and channel, :class:`Amalgamation`); :meth:`maps` returns, per activation,
+    the ``k`` weighted sums of the buckets' maps at the activation's own size, concatenated
+    ((k*C_i, h_i, w_i)). A per-channel weight commutes with the protocols' bilinear resizing, so
+    with one-hot ``weights`` and ``k = 1`` the maps are exactly the chosen bucket's.
+
+    **Fitting** (difstudy's two-stage deviation from the official joint training): on
+    :meth:`prepare` for a run seed, the assigners are trained on ``train`` (records, or pairs for
+    correspondence, or a function ``seed -> records``) together with a light task head
+    (``task``: ``label-scarce-seg``: a per-pixel linear layer on the label maps resized to
+    the assigners' grid; ``classification``: a linear layer on pooled features;
+    ``correspondence``: the official contrastive loss on the amalgamated maps, no head), then
+    frozen; the protocol then trains its own head (pixel-MLP ensemble, linear probe, nearest
+    neighbour) on the amalgamated features. ``weights`` ((V,) or (k, V)) fixes the weights
+    instead (no fit)."""
+
+    def __init__(
+        self,
+        base: TechniqueFeatures,
+        buckets: Sequence[tuple[str, int]],
+        task: str | None = None,
+        train=None,
+        config: AmalgamationConfig = AmalgamationConfig(),
+        weights=None,
+        label: str | None = None,
+    ):
+        if len(buckets) < 1:
+            raise DifstudyError("an amalgamation needs at least one bucket")
+        self.base, self.buckets = base, [base._check_bucket(b) for b in buckets]
+        if weights is None and task not in FIT_TASKS:
+            raise DifstudyError(f"learned weights need a task in {list(FIT_TASKS)}, got {task!r} (or pass weights=)")
+        if weights is None and train is None:
+            raise DifstudyError("learned weights need training records (train=)")
+        self.task, self.train, self.config = task, train, config
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+        self.label = label or "amalgamated: " + " + ".join(bucket_label(*b) for b in self.buckets)
+        self.amalgamation: Amalgamation | None = None
+        self.fit_seconds = 0.0
+
+    @property
+    def seed(self) -> int:
+        return self.base.seed
+
+    def for_seed(self, seed: int) -> AmalgamatedFeatures:
+        import copy
+
+        if int(seed) == self.seed:
+            return self
+        other = copy.copy(self)
+        other.base, other.amalgamation = self.base.for_seed(seed), None
+        return other
+
+    def _stacked(self, record) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+        """(V*C, H, W) assigner input and the buckets' raw maps."""
+        from .protocols import concat_maps
+
+        per = [self.base.bucket_maps(record, b) for b in self.buckets]
+        return stack_buckets([concat_maps(m)[None] for m in per])[0], per
+
+    def _new_amalgamation(self, channels: int) -> Amalgamation:
+        c = self.config
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed + 1)
+            return Amalgamation(channels, len(self.buckets), c.k, c.hidden, c.dropout)
+
+    def _train_items(self) -> Sequence:
+        return self.train(self.seed) if callable(self.train) else self.train
+
+    def prepare(self, records) -> None:
+        """Extract the buckets of ``records`` (and of the training data); fit the assigners
+        once per run seed unless the weights are fixed."""
+        self.base.prepare(records)
+        if self.weights is not None or self.amalgamation is not None:
+            if self.amalgamation is None:
+                x, _ = self._stacked(records[0])
+                self.amalgamation = self._new_amalgamation(x.shape[0] // len(self.buckets)).eval()
+            return
+        t0 = time.time()
+        self.amalgamation = fit_amalgamation(self, self.task, self._train_items(), self.config)
+        self.fit_seconds = time.time() - t0
+
+    @torch.no_grad()
+    def bucket_weights(self, record) -> torch.Tensor:
+        """(k, V, C) weights of ``record`` (softmax over buckets; C = all activations' channels)."""
+        if self.amalgamation is None:
+            raise DifstudyError(f"{self.label!r} is not prepared; call prepare(records) first")
+        x, _ = self._stacked(record)
+        self.amalgamation.eval()
+        _, w = self.amalgamation(x[None], self.weights)
+        return w[0]
+
+    def mix(self, per_bucket: list[list[torch.Tensor]], w: torch.Tensor) -> list[torch.Tensor]:
+        """Per activation i, ``cat_j sum_v w[j, v, channels of i] * maps[v][i]``."""
+        out, start = [], 0
+        for i in range(len(per_bucket[0])):
+            c = per_bucket[0][i].shape[0]
+            wi = w[:, :, start : start + c]  # (k, V, c)
+            out.append(
+                torch.cat(
+                    [
+                        sum(wi[j, v][:, None, None] * per_bucket[v][i] for v in range(len(per_bucket)))
+                        for j in range(wi.shape[0])
+                    ]
+                )
+            )
+            start += c
+        return out
+
+    def maps(self, record) -> list[torch.Tensor]:
+        per = [self.base.bucket_maps(record, b) for b in self.buckets]
+        return self.mix(per, self.bucket_weights(record))
+
+
+def _pair_images(items) -> list:
+    from .protocols import pair_images
+
+    return pair_images(items)
+
+
+def fit_amalgamation(source: AmalgamatedFeatures, task: str, train, config: AmalgamationConfig) -> Amalgamation:
+    """Train an :class:`Amalgamation` for ``source``'s buckets on ``task`` (see
+    :class:`AmalgamatedFeatures`); returns it frozen, in eval mode."""
+    from .probes.correspondence import contrastive_loss
+    from .protocols.partseg import resize_labels
+
+    if task not in FIT_TASKS:
+        raise DifstudyError(f"unknown amalgamation task {task!r}; use one of {list(FIT_TASKS)}")
+    images = _pair_images(train) if task == "correspondence" else list(train)
+    if not images:
+        raise DifstudyError("fit_amalgamation needs at least one training record")
+    source.base.prepare(images)
+    stacked = {r.image_id: source._stacked(r)[0] for r in images}
+    first = next(iter(stacked.values()))
+    amal = source._new_amalgamation(first.shape[0] // len(source.buckets))
+    c = config
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(source.seed + 2)
+        head: nn.Module
+        if task == "label-scarce-seg":
+            k = train.labels.num_classes if getattr(train, "labels", None) is not None else None
+            k = k or int(max(int(np.asarray(r.mask).max()) for r in images)) + 1
+            head = nn.Conv2d(amal.out_channels, k, 1)
+        elif task == "classification":
+            k = train.labels.num_classes if getattr(train, "labels", None) is not None else None
+            k = k or int(max(r.label for r in images)) + 1
+            head = nn.Linear(amal.out_channels, k)
+        else:
+            head = nn.Identity()
+    # standardise the assigner-space features per channel (a fixed scale, so raw magnitudes don't decide)
+    allx = torch.stack(list(stacked.values()))
+    scale = allx.transpose(0, 1).flatten(1).std(1).clamp_min(1e-6)[None, :, None, None]
+    params = list(amal.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+    gen = torch.Generator().manual_seed(source.seed + 3)
+    items = list(train)
+    amal.train()
+    head.train()
+    for _ in range(c.epochs):
+        order = torch.randperm(len(items), generator=gen).tolist()
+        for s in range(0, len(order), c.batch_size):
+            batch = [items[i] for i in order[s : s + c.batch_size]]
+            if task == "correspondence":
+                ids = [i for p in batch for i in (p.src_id, p.trg_id)]
+            else:
+                ids = [r.image_id for r in batch]
+            x = torch.stack([stacked[i] for i in ids]) / scale
+            if x.shape[0] < 2:
+                continue  # BatchNorm needs two images
+            mixed, w = amal(x)
+            if task == "label-scarce-seg":
+                y = torch.stack([resize_labels(r.mask, x.shape[-1]) for r in batch])
+                loss = F.cross_entropy(head(mixed), y, ignore_index=255)
+            elif task == "classification":
+                y = torch.as_tensor([r.label for r in batch])
+                loss = F.cross_entropy(head(mixed.mean((2, 3))), y)
+            else:
+                losses = []
+                for j, p in enumerate(batch):
+                    pair = dict(
+                        src_feat=mixed[2 * j],
+                        trg_feat=mixed[2 * j + 1],
+                        src_kps=p.src_kps,
+                        trg_kps=p.trg_kps,
+                        src_size=p.src.size,
+                        trg_size=p.trg.size,
+                    )
+                    losses.append(contrastive_loss(head, pair, c.temperature))
+                loss = torch.stack(losses).mean()
+            if c.sparsity:
+                loss = loss - c.sparsity * Amalgamation.sparsity(w)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    amal.eval().requires_grad_(False)
+    # the assigners were trained on standardised inputs: fold the scale into the input
+    return _Scaled(amal, scale[0])
+
+
+class _Scaled(nn.Module):
+    """An :class:`Amalgamation` whose input is divided by a fixed per-channel scale first."""
+
+    def __init__(self, amalgamation: Amalgamation, scale: torch.Tensor):
+        super().__init__()
+        self.amalgamation = amalgamation
+        self.register_buffer("scale", scale)
+
+    @property
+    def out_channels(self) -> int:
+        return self.amalgamation.out_channels
+
+    def forward(self, x: torch.Tensor, weights=None):
+        return self.amalgamation(x / self.scale, weights)
+
+
+# -- the GATE page: settings, probes over seeds, tables and claims -----------------------
+def gate_sources(
+    base: TechniqueFeatures,
+    techniques: Sequence[str],
+    t: int,
+    records: dict,
+    bench,
+    control_timesteps: Sequence[int] | None = None,
+    config: AmalgamationConfig = AmalgamationConfig(),
+    baseline: str = "basic",
+    control_base: TechniqueFeatures | None = None,
+) -> dict[str, dict[str, Any]]:
+    """``{setting: {task: source}}``: the baseline, each technique alone, all of them amalgamated
+    (``baseline`` and ``techniques`` at ``t``) and, when ``control_timesteps`` has two or more
+    timesteps, the baseline at those timesteps amalgamated (read from ``control_base``, default
+    ``base``, which must extract them; a source of the baseline alone shares its cache entries).
+    ``records`` and ``bench`` are :func:`difstudy.tables.task_records` and its
+    :class:`~difstudy.tables.BenchConfig`; an amalgamation is fit per task on the training
+    data its protocol trains on for the seed."""
+    from .protocols import toy_pairs
+    from .protocols.partseg import split_for_seed
+
+    train = {
+        "correspondence": lambda seed: toy_pairs(records["correspondence"]["train_world"], bench.n_pairs, seed),
+        "label-scarce-seg": lambda seed: split_for_seed(
+            records["label-scarce-seg"]["train"],
+            records["label-scarce-seg"]["test"],
+            seed,
+            bench.part_seg.shuffle_split,
+        )[0],
+        "classification": lambda seed: records["classification"]["train"],
+    }
+    tasks = list(bench.tasks)
+    out: dict[str, dict[str, Any]] = {}
+    out[baseline] = {task: base.select((baseline, t), label=baseline) for task in tasks}
+    for name in techniques:
+        out[name] = {task: base.select((name, t), label=name) for task in tasks}
+    if techniques:
+        label = "amalgamated: " + " + ".join([baseline, *techniques])
+        buckets = [(baseline, t)] + [(n, t) for n in techniques]
+        out[label] = {
+            task: AmalgamatedFeatures(base, buckets, task, train[task], config, label=label) for task in tasks
+        }
+    if control_timesteps is not None and len(control_timesteps) >= 2:
+        label = "amalgamated: " + " + ".join(f"{baseline} t={s}" for s in control_timesteps)
+        buckets = [(baseline, int(s)) for s in control_timesteps]
+        cb = control_base or base
+        out[label] = {task: AmalgamatedFeatures(cb, buckets, task, train[task], config, label=label) for task in tasks}
+    return out
+
+
+def run_gate_probes(sources: dict[str, dict[str, Any]], records: dict, bench, progress: bool = True) -> pd.DataFrame:
+    """Every setting, task and seed through the protocols (:func:`difstudy.tables.run_task`):
+    tidy rows with ``setting``, ``model``, ``t`` and ``seconds`` added."""
+    from .tables import run_task
+
+    frames = []
+    total = sum(len(v) for v in sources.values()) * len(bench.seeds)
+    bar = tqdm(total=total, desc="GATE probes", disable=not progress)
+    for setting, per_task in sources.items():
+        for task, source in per_task.items():
+            for seed in bench.seeds:
+                t0 = time.time()
+                df = run_task(task, source, records[task], bench, int(seed))
+                frames.append(df.assign(setting=setting, model=bench.model, seconds=round(time.time() - t0, 2)))
+                bar.update(1)
+    bar.close()
+    return pd.concat(frames, ignore_index=True)
+
+
+def _paired(results: pd.DataFrame, task: str, a: str, b: str) -> np.ndarray:
+    """Per seed, main metric of setting ``a`` minus setting ``b`` on ``task``."""
+    d = results[(results["task"] == task) & (results["metric"] == TASK_METRICS[task])]
+    pa = d[d["setting"] == a].set_index("seed")["value"]
+    pb = d[d["setting"] == b].set_index("seed")["value"]
+    common = sorted(set(pa.index) & set(pb.index))
+    return (pa.loc[common] - pb.loc[common]).to_numpy(float)
+
+
+def seed_verdict(diffs) -> str:
+    """``holds`` when every seed's difference is > 0 (two seeds or more), ``fails`` when every
+    one is <= 0, else ``inconclusive`` (also with a single seed)."""
+    d = np.asarray(diffs, float)
+    if len(d) < 2:
+        return "inconclusive"
+    return "holds" if (d > 0).all() else ("fails" if (d <= 0).all() else "inconclusive")
+
+
+def _not_measured(claim: str, status: pd.DataFrame, names: Sequence[str]) -> dict:
+    how = "; ".join(f"{r.technique}: {r.how_to_get}" for r in status.itertuples() if r.technique in names)
+    return dict(claim=claim, measure=f"{NOT_MEASURED}: weights missing ({how})", value=np.nan, verdict=NOT_MEASURED)
+
+
+def guideline_rows(guide: pd.DataFrame, status: pd.DataFrame, method: str = "img2img") -> pd.DataFrame:
+    """Claim rows "<technique> lowers content shift" (:func:`guideline_claims` on ``method``),
+    plus a ``not measured`` row for every technique of ``status`` whose weights are missing."""
+    measured = guideline_claims(guide[guide["method"] == method]) if len(guide) else guideline_claims(guide)
+    missing = [_not_measured(f"{r.technique} lowers content shift ({method})", status, [r.technique])
+               for r in status.itertuples() if not r.available]  # fmt: skip
+    return pd.concat([measured, pd.DataFrame(missing)], ignore_index=True)
+
+
+def feature_claims(
+    results: pd.DataFrame, status: pd.DataFrame, baseline: str = "basic", control: str | None = None
+) -> pd.DataFrame:
+    """The feature claims of GATE per task (main metric of :data:`TASK_METRICS`), with the
+    per-seed differences' mean as the value and :func:`seed_verdict`:
+
+    - "<technique> improves features": technique - baseline, for every technique of ``status``
+      (``not measured`` when its weights are missing);
+    - "amalgamation beats the best single technique": amalgamated - the best single setting
+      (baseline or technique, by mean);
+    - "the gain is not just diversity": amalgamated techniques - amalgamated timesteps (``control``)."""
+    rows = []
+    settings = list(dict.fromkeys(results["setting"]))
+    amal = next((s for s in settings if s.startswith("amalgamated") and s != control), None)
+    missing = [r.technique for r in status.itertuples() if not r.available]
+    note = f" ({', '.join(missing)} {NOT_MEASURED})" if missing else ""
+    for task in dict.fromkeys(results["task"]):
+        metric = TASK_METRICS.get(task)
+        if metric is None:
+            continue
+        for r in status.itertuples():
+            claim = f"{r.technique} improves features ({task})"
+            if not r.available:
+                rows.append(_not_measured(claim, status, [r.technique]))
+                continue
+            d = _paired(results, task, r.technique, baseline)
+            rows.append(dict(claim=claim, measure=f"{metric}: {r.technique} - {baseline}, mean over seeds",
+                             value=float(d.mean()), verdict=seed_verdict(d)))  # fmt: skip
+        if amal is None:
+            continue
+        singles = [s for s in settings if not s.startswith("amalgamated")]
+        d = results[(results["task"] == task) & (results["metric"] == metric)]
+        best = d[d["setting"].isin(singles)].groupby("setting")["value"].mean().idxmax()
+        diff = _paired(results, task, amal, best)
+        rows.append(dict(claim=f"amalgamation beats the best single technique ({task}){note}",
+                         measure=f"{metric}: {amal} - {best}, mean over seeds",
+                         value=float(diff.mean()), verdict=seed_verdict(diff)))  # fmt: skip
+        if control is not None and control in settings:
+            diff = _paired(results, task, amal, control)
+            rows.append(dict(claim=f"the gain is not just diversity ({task}){note}",
+                             measure=f"{metric}: {amal} - {control}, mean over seeds",
+                             value=float(diff.mean()), verdict=seed_verdict(diff)))  # fmt: skip
+    return pd.DataFrame(rows, columns=["claim", "measure", "value", "verdict"])
+
+
+def for_ledger(claims: pd.DataFrame, verdicts: Sequence[str]) -> pd.DataFrame:
+    """Claims with verdicts the ledger accepts: where ``verdicts`` lacks ``not measured``, such
+    rows are written ``inconclusive`` (their ``measure`` still starts with "not measured")."""
+    out = claims.copy()
+    if NOT_MEASURED not in verdicts:
+        out["verdict"] = out["verdict"].replace(NOT_MEASURED, "inconclusive")
+    return out
+
+
+def technique_summary(results: pd.DataFrame, status: pd.DataFrame, digits: int = 1) -> pd.DataFrame:
+    """:func:`difstudy.protocols.render` of ``results`` by setting, with a row ``not measured``
+    for every technique whose weights are missing."""
+    from .protocols import render
+
+    table = render(results.assign(features=results["setting"]), index="features", digits=digits)
+    for r in status.itertuples():
+        if not r.available and r.technique not in table.index:
+            table.loc[r.technique] = NOT_MEASURED
+    table.index.name = "setting"
+    return table
+
+
+def guideline_summary(guide: pd.DataFrame, status: pd.DataFrame) -> pd.DataFrame:
+    """The guideline table with a ``not measured`` row per technique whose weights are missing."""
+    rows = [dict(technique=r.technique, verdict=NOT_MEASURED, reason=r.reason, how_to_get=r.how_to_get)
+            for r in status.itertuples() if not r.available]  # fmt: skip
+    return pd.concat([guide, pd.DataFrame(rows)], ignore_index=True)
+
+
+def reference_table() -> pd.DataFrame:
+    """The paper's GATE (SD1.5) numbers from ../shared/STUDY.md (reference only, not measured here)."""
+    rows = [
+        ("SPair-71k PCK@0.1 img", 73.96, 76.60, ""),
+        ("SPair-71k PCK@0.1 bbox", 65.74, 69.10, ""),
+        ("ADE20K mIoU", np.nan, 40.51, ""),
+        ("Cityscapes mIoU", np.nan, 64.20, ""),
+        ("Horse-21 mIoU", np.nan, 67.2, "± 1.1"),
+        ("CIFAR-10 accuracy", 94.55, 95.21, "ResNet-50: 93.62"),
+    ]
+    return pd.DataFrame(rows, columns=["metric", "baseline (SD1.5)", "GATE (SD1.5)", "note"]).set_index("metric")
+
+
+def domain_indices(world, background: str, n: int, start: int = 0) -> list[int]:
+    """Indices of the first ``n`` images of ``world`` (from ``start``) with ``background``."""
+    out, i = [], start
+    while len(out) < n and i < len(world):
+        if world[i].attributes.get("background") == background:
+            out.append(i)
+        i += 1
+    if len(out) < n:
+        raise DifstudyError(f"{world!r} holds only {len(out)} images with a {background!r} background; make it longer")
+    return out

@@ -320,3 +320,23 @@ def plot_guideline(table: pd.DataFrame, measure: str = "contour", ax=None):
     ax.set_xlabel(f"{measure} shift with technique - without (mean over images and t)")
     ax.set_title("GATE guideline: does the technique lower content shift?")
     return ax
+
+
+def plot_gate_features(results: pd.DataFrame, task: str, metric: str, ax=None):
+    """Mean +- std over seeds of one task's metric per GATE setting (tidy rows of
+    :func:`difstudy.gate.run_gate_probes`); the dashed line is the first setting (the baseline)."""
+    ax = _ax(ax, (6, 3))
+    d = results[(results["task"] == task) & (results["metric"] == metric)]
+    if d.empty:
+        raise ValueError(f"no rows for task {task!r} and metric {metric!r}; tasks: {sorted(set(results['task']))}")
+    order = list(dict.fromkeys(d["setting"]))
+    s = d.groupby("setting")["value"].agg(["mean", "std"]).reindex(order)
+    colors = ["tab:gray"] + ["tab:purple" if o.startswith("amalgamated") else "tab:blue" for o in order[1:]]
+    ax.barh(range(len(s)), 100 * s["mean"], xerr=100 * s["std"].fillna(0), color=colors, capsize=3)
+    ax.axvline(100 * s["mean"].iloc[0], color="k", ls="--", lw=1)
+    ax.set_yticks(range(len(s)))
+    ax.set_yticklabels(order, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"{metric} (%), mean ± std over seeds")
+    ax.set_title(f"GATE features: {task}")
+    return ax

@@ -423,3 +423,180 @@ def test_lora_script_trains_exports_and_resumes(tmp_path):
     pipe = load("tiny-sd15")
     pipe.load_lora_weights(str(tmp_path / "exp"))  # diffusers' own loader
     assert pipe.get_active_adapters()
+
+
+# ----------------------------------------------------------------------------
+# 8. techniques and amalgamation as feature sources of the protocol layer
+class _FakeBuckets:
+    """A stand-in for gate.TechniqueFeatures: per (image, bucket) fixed random maps of two
+    activations at different sizes; bucket "b" carries the class label, "a" is noise."""
+
+    def __init__(self, seed=0, bucket=("b", 50)):
+        self.seed, self.bucket, self.label, self.prepared = seed, bucket, f"{bucket[0]}", 0
+
+    def _check_bucket(self, b):
+        assert b[0] in ("a", "b"), b
+        return b[0], int(b[1])
+
+    def select(self, bucket, label=None):
+        return _FakeBuckets(self.seed, bucket)
+
+    def for_seed(self, seed):
+        return self if seed == self.seed else _FakeBuckets(seed, self.bucket)
+
+    def prepare(self, records):
+        self.prepared += 1
+
+    def bucket_maps(self, record, bucket):
+        g = torch.Generator().manual_seed(hash((record.image_id, bucket[0], self.seed)) % 2**31)
+        m = [torch.randn(3, 4, 4, generator=g), torch.randn(2, 8, 8, generator=g)]
+        if bucket[0] == "b":
+            m[0][0] += 3.0 * record.label
+        return m
+
+    def maps(self, record):
+        return self.bucket_maps(record, self.bucket)
+
+
+def _class_records(n, start=0):
+    from difstudy.protocols import LabelSpace, Records
+
+    items = [gate_record(f"im{i}", np.full((8, 8, 3), i, np.uint8), label=i % 2) for i in range(start, start + n)]
+    return Records("fake", items.__getitem__, tuple(range(n)), LabelSpace(2))
+
+
+def gate_record(image_id, image, label):
+    from difstudy.protocols import ImageRecord
+
+    return ImageRecord(image_id, image, label=label)
+
+
+def test_one_hot_amalgamated_source_reproduces_the_single_bucket_protocol_exactly():
+    from difstudy.protocols import ClassifyConfig, classification
+
+    train, test = _class_records(12), _class_records(8, start=12)
+    cfg = ClassifyConfig(epochs=5)
+    base = _FakeBuckets()
+    for seed in (0, 1):
+        ref = classification(base.select(("b", 50)), train, test, cfg, seed)
+        hot = gate.AmalgamatedFeatures(base, [("a", 50), ("b", 50)], weights=[0.0, 1.0])
+        got = classification(hot, train, test, cfg, seed)
+        assert got["value"].tolist() == ref["value"].tolist()
+        r, src = test[0], hot.for_seed(seed)
+        src.prepare([r])
+        for a, b in zip(src.maps(r), base.for_seed(seed).bucket_maps(r, ("b", 50))):
+            assert torch.equal(a, b)
+
+
+def test_amalgamated_source_weights_sum_to_one_and_mix_by_hand():
+    train = _class_records(12)
+    base = _FakeBuckets()
+    cfg = gate.AmalgamationConfig(k=2, hidden=8, epochs=3, batch_size=4)
+    src = gate.AmalgamatedFeatures(base, [("a", 50), ("b", 50)], "classification", train, cfg)
+    with pytest.raises(DifstudyError, match="not prepared"):
+        src.maps(train[0])
+    src.prepare(train)
+    w = src.bucket_weights(train[0])
+    assert w.shape == (2, 2, 5)  # k, buckets, 3 + 2 channels
+    assert torch.allclose(w.sum(1), torch.ones(2, 5), atol=1e-6) and (w > 0).all()
+    # the mixed maps by hand: assigner j, activation 1 (channels 3..4) at its own 8x8 size
+    out = src.maps(train[0])
+    a, b = base.bucket_maps(train[0], ("a", 50)), base.bucket_maps(train[0], ("b", 50))
+    assert out[0].shape == (6, 4, 4) and out[1].shape == (4, 8, 8)
+    j = 1
+    want = w[j, 0, 3:, None, None] * a[1] + w[j, 1, 3:, None, None] * b[1]
+    assert torch.allclose(out[1][2 * j : 2 * j + 2], want, atol=1e-6)
+    with pytest.raises(DifstudyError, match="need a task"):
+        gate.AmalgamatedFeatures(base, [("a", 50)], "detection", train)
+
+
+def test_learned_amalgamation_prefers_the_informative_bucket():
+    train = _class_records(16)
+    cfg = gate.AmalgamationConfig(hidden=16, epochs=30, batch_size=8, lr=1e-2, dropout=0.0)
+    src = gate.AmalgamatedFeatures(_FakeBuckets(), [("a", 50), ("b", 50)], "classification", train, cfg)
+    src.prepare(train)
+    w = torch.stack([src.bucket_weights(r) for r in train]).mean(0)  # (k, V, C)
+    assert w[0, 1, 0] > 0.5  # the label channel of bucket b gets most of the weight
+
+
+def _results(values: dict[str, list[float]], task="classification", metric="accuracy"):
+    rows = [
+        dict(task=task, metric=metric, setting=s, seed=i, value=v) for s, vs in values.items() for i, v in enumerate(vs)
+    ]
+    return pd.DataFrame(rows)
+
+
+def test_feature_claims_verdicts_values_and_not_measured_rows():
+    res = _results(
+        {
+            "basic": [0.50, 0.52],
+            "fine": [0.55, 0.56],
+            "generic": [0.49, 0.53],
+            "amalgamated: basic + fine + generic": [0.60, 0.58],
+            "amalgamated: basic t=25 + basic t=50": [0.61, 0.50],
+        }
+    )
+    status = pd.DataFrame(
+        [
+            dict(technique="fine", available=True, reason="", how_to_get=""),
+            dict(technique="generic", available=True, reason="", how_to_get=""),
+            dict(technique="lora", available=False, reason="missing", how_to_get="python -m difstudy.train.lora"),
+        ]
+    )
+    c = gate.feature_claims(res, status, control="amalgamated: basic t=25 + basic t=50").set_index("claim")
+    assert c.loc["fine improves features (classification)", "value"] == pytest.approx(0.045)
+    assert c.loc["fine improves features (classification)", "verdict"] == "holds"
+    assert c.loc["generic improves features (classification)", "verdict"] == "inconclusive"  # -0.01, +0.01
+    lora = c.loc["lora improves features (classification)"]
+    assert lora["verdict"] == "not measured" and np.isnan(lora["value"]) and "train.lora" in lora["measure"]
+    amal = c.loc["amalgamation beats the best single technique (classification) (lora not measured)"]
+    assert amal["value"] == pytest.approx(0.035) and amal["verdict"] == "holds" and "- fine" in amal["measure"]
+    div = c.loc["the gain is not just diversity (classification) (lora not measured)"]
+    assert div["value"] == pytest.approx(0.035) and div["verdict"] == "inconclusive"  # -0.01, +0.08
+    assert gate.seed_verdict([0.1]) == "inconclusive" and gate.seed_verdict([-0.1, 0.0]) == "fails"
+    ledger = gate.for_ledger(c.reset_index(), ("holds", "fails", "inconclusive"))
+    assert set(ledger["verdict"]) <= {"holds", "fails", "inconclusive"}
+    assert gate.for_ledger(c.reset_index(), ("not measured",))["verdict"].tolist() == c["verdict"].tolist()
+
+
+def test_technique_status_names_the_training_command(monkeypatch, tmp_path):
+    monkeypatch.setattr(gate, "MINI_CONTROLNET_PATH", tmp_path / "no-canny")
+    monkeypatch.setattr(gate, "MINI_LORA_PATH", tmp_path / "no-lora")
+    st = gate.technique_status(
+        [gate.Technique("fine", prompt="fine"), gate.Technique("controlnet", controlnet="mini"),
+         gate.Technique("lora", lora="mini"), gate.Technique("mylora", lora=str(tmp_path / "nowhere"))]
+    ).set_index("technique")  # fmt: skip
+    assert st["available"].tolist() == [True, False, False, False]
+    assert "difstudy.train.controlnet" in st.loc["controlnet", "how_to_get"]
+    assert "difstudy.train.lora" in st.loc["lora", "how_to_get"]
+    assert "pass an existing" in st.loc["mylora", "how_to_get"]
+    guide = gate.guideline_rows(pd.DataFrame(), st.reset_index())
+    assert guide["verdict"].tolist() == ["not measured"] * 3
+
+
+def test_domain_indices_pick_the_background():
+    world = ToyWorld("test", n=120)
+    idx = gate.domain_indices(world, "checkered", 3, start=5)
+    assert len(idx) == 3 and min(idx) >= 5
+    assert all(world[i].attributes["background"] == "checkered" for i in idx)
+    with pytest.raises(DifstudyError, match="only"):
+        gate.domain_indices(ToyWorld("test", n=10), "checkered", 50)
+
+
+def test_technique_features_read_the_extracted_buckets(tiny_sd15, tmp_path):
+    from difstudy.protocols import ExtractionConfig, toy_records
+
+    recs = toy_records(ToyWorld("test", n=2, size=64))
+    ex = ExtractionConfig(image_size=64, batch_size=2, cache_dir=str(tmp_path))
+    tq = [gate.BASIC, gate.Technique("fine", prompt="fine")]
+    src = gate.TechniqueFeatures(tiny_sd15, ACTS, tq, (25, 50), ex, 0, "tiny")
+    src.prepare(recs)
+    cache, _ = extract(
+        tiny_sd15, ToyWorld("test", n=2, size=64), ACTS, [50], ["fine"], 0, 64, cache_dir=str(tmp_path / "ref")
+    )
+    ref = cache.get(Key(ACTS[0], 50, "fine", 0, recs[0].image_id))
+    got = src.select(("fine", 50)).maps(recs[0])[0]
+    assert torch.allclose(got, ref.float(), atol=1e-3)
+    assert not torch.equal(src.bucket_maps(recs[0], ("basic", 25))[0], src.bucket_maps(recs[0], ("basic", 50))[0])
+    with pytest.raises(DifstudyError, match="not extracted"):
+        src.select(("lora", 50))

@@ -19,7 +19,10 @@ pytestmark = pytest.mark.slow
 
 # measured on the committed model by the model card (CI parameters)
 PSNR_FLOOR = 25.0
-CLS_ACT = "mid-vit-out"
+# the card's best pooled-classification activation of the committed model (t=50, 300/300 images:
+# trained 0.24, random weights 0.13, pixels 0.11; the goal, 0.50 and +15 points, is missed
+# and the card says so). 100 training images are too few for a 10-class probe (trained 0.13).
+CLS_ACT = "mid-repeat1-res-out"
 PCK_ACT = "up-level1-upsampler-out"
 MARGIN = 0.05
 
@@ -70,7 +73,7 @@ def test_mini_vae_reconstructs(mini):
 
 def test_mini_features_beat_random_weights_and_pixels(mini, tmp_path):
     df = card.feature_scores(
-        mini, [CLS_ACT, PCK_ACT], n_train=100, n_test=100, n_pairs=30, seeds=(0,), cache_dir=str(tmp_path)
+        mini, [CLS_ACT, PCK_ACT], n_train=300, n_test=300, n_pairs=30, seeds=(0,), cache_dir=str(tmp_path)
     )
     for metric, act in (("accuracy", CLS_ACT), ("PCK@0.1 img", PCK_ACT)):
         m = df[df["metric"] == metric]
