@@ -770,6 +770,11 @@ def content_shift_claims(
     return pd.DataFrame(rows)
 
 
+def t_label(ts) -> str:
+    """``t=50`` for one timestep, ``t=25,50,100`` for several (names claims measured at different t apart)."""
+    return "t=" + ",".join(str(int(t)) for t in sorted(set(ts)))
+
+
 def guideline_table(df: pd.DataFrame, baseline: str = "basic", n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """The GATE guideline per technique, method and measure: mean shift without (``baseline``)
     and with the technique on the same images and t, the paired difference with a 95% bootstrap
@@ -788,6 +793,7 @@ def guideline_table(df: pd.DataFrame, baseline: str = "basic", n_boot: int = 100
                 dict(
                     technique=name,
                     method=method,
+                    t=t_label(g["t"]),
                     measure=measure,
                     without=float(b.mean()),
                     with_technique=float(g[measure].mean()),
@@ -806,7 +812,7 @@ def guideline_claims(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(
         [
             dict(
-                claim=f"{r.technique} lowers content shift ({r.method})",
+                claim=f"{r.technique} lowers content shift ({r.method}{', ' + r.t if 't' in table else ''})",
                 measure=f"mean {r.measure} shift with - without",
                 value=r.difference,
                 verdict=verdicts[r.verdict],
