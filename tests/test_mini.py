@@ -113,7 +113,8 @@ def _denoising_loss(pipe, images, controlnet=None, timesteps=(100, 300, 500, 700
 
 def test_committed_controlnet_helps_the_mini_model_denoise(mini):
     """The committed canny ControlNet loads and its edge condition lowers the denoising loss on test
-    images it never saw (what it was trained for; an untrained one adds exactly nothing)."""
+    images it never saw (what it was trained for; an untrained one adds exactly nothing). Measured on
+    the committed weights (32 images, t = 100/300/500/700): 0.220 -> 0.199 (-9%)."""
     from difstudy import gate
 
     world = ToyWorld("test", n=300)
