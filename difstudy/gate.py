@@ -1228,20 +1228,6 @@ def bucket_label(technique: str, t: int) -> str:
     return f"{technique} (t={t})"
 
 
-class _RecordView:
-    """Distinct images of a record sequence as extraction items keyed by their content key."""
-
-    def __init__(self, records, positions: list[int], keys: list[str]):
-        self.records, self.positions, self.keys = records, positions, keys
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    def __getitem__(self, j: int) -> dict:
-        r = self.records[self.positions[j]]
-        return {"image_id": self.keys[j], "image": r.image, "caption": r.caption, "fine_caption": r.fine_caption}
-
-
 class TechniqueFeatures:
     """A feature source (:class:`difstudy.protocols.FeatureSource`) of technique buckets.
 
@@ -1314,17 +1300,9 @@ class TechniqueFeatures:
 
     def prepare(self, records) -> None:
         """Extract every technique and t of every distinct image of ``records`` (cached entries reused)."""
-        from .protocols import content_key
+        from .protocols.features import ExtractionView, distinct_images
 
-        positions, keys, seen = [], [], set()
-        for i, r in enumerate(records):
-            key = content_key(r.image)
-            if self._keys.setdefault(r.image_id, key) != key:
-                raise DifstudyError(f"image id {r.image_id!r} names two different images; ids must be unique")
-            if key not in seen:
-                seen.add(key)
-                positions.append(i)
-                keys.append(key)
+        positions, keys = distinct_images(records, self._keys)
         if not positions:
             return
         cfg = self.extraction
@@ -1335,7 +1313,7 @@ class TechniqueFeatures:
                 self._variants = dict(zip([tq.name for tq in self.techniques], ex.variant_keys))
         self._cache, _ = extract_techniques(
             self.pipe,
-            _RecordView(records, positions, keys),
+            ExtractionView(records, positions, keys),
             list(self.names),
             self.techniques,
             self.timesteps,

@@ -86,9 +86,9 @@ class ExtractionConfig:
     progress: bool = False
 
 
-class _ExtractionView:
+class ExtractionView:
     """The distinct images of a record sequence as :func:`extract` items (loaded lazily),
-    each under its content key."""
+    each under its content key (see :func:`distinct_images`)."""
 
     def __init__(self, records: Sequence[ImageRecord], positions: list[int], keys: list[str]):
         self.records, self.positions, self.keys = records, positions, keys
@@ -99,6 +99,26 @@ class _ExtractionView:
     def __getitem__(self, j: int) -> dict:
         r = self.records[self.positions[j]]
         return {"image_id": self.keys[j], "image": r.image, "caption": r.caption, "fine_caption": r.fine_caption}
+
+
+def distinct_images(records: Sequence[ImageRecord], seen_ids: dict[str, str]) -> tuple[list[int], list[str]]:
+    """Positions and content keys of the distinct images of ``records`` (the first of each).
+
+    ``seen_ids`` maps every image id met so far to its content key and is updated; an id that
+    names two different images is refused (a train/test leak otherwise)."""
+    positions, keys, seen = [], [], set()
+    for i, r in enumerate(records):
+        key = content_key(r.image)
+        if seen_ids.setdefault(r.image_id, key) != key:
+            raise DifstudyError(
+                f"image id {r.image_id!r} names two different images; ids must be unique across "
+                "splits and datasets (namespace them, e.g. '<dataset>/<split>/<name>')"
+            )
+        if key not in seen:
+            seen.add(key)
+            positions.append(i)
+            keys.append(key)
+    return positions, keys
 
 
 class CachedFeatures:
@@ -165,21 +185,7 @@ class CachedFeatures:
         return not self._cache.missing([Key(n, self.extraction.t, v, self.seed, k) for k in keys for n in self.names])
 
     def _register(self, records: Sequence[ImageRecord]) -> tuple[list[int], list[str]]:
-        """Content keys of ``records``: positions and keys of the distinct images."""
-        positions, keys, seen = [], [], set()
-        for i, r in enumerate(records):
-            key = content_key(r.image)
-            old = self._keys.setdefault(r.image_id, key)
-            if old != key:
-                raise DifstudyError(
-                    f"image id {r.image_id!r} names two different images; ids must be unique across "
-                    "splits and datasets (namespace them, e.g. '<dataset>/<split>/<name>')"
-                )
-            if key not in seen:
-                seen.add(key)
-                positions.append(i)
-                keys.append(key)
-        return positions, keys
+        return distinct_images(records, self._keys)
 
     def prepare(self, records: Sequence[ImageRecord]) -> None:
         """Extract the activations of every distinct image of ``records`` (resumable: cached
@@ -192,7 +198,7 @@ class CachedFeatures:
         cfg = self.extraction
         self._cache, _ = extract(
             self.pipe,
-            _ExtractionView(records, positions, keys),
+            ExtractionView(records, positions, keys),
             list(self.names),
             timesteps=[cfg.t],
             variants=[cfg.variant],
