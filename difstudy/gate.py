@@ -609,6 +609,7 @@ def img2img(
     i2i = AutoPipelineForImage2Image.from_pipe(pipe, scheduler=_img2img_scheduler(pipe), **extra)
     i2i.set_progress_bar_config(disable=True)
     adapter, had_peft = None, _has_peft_layers(pipe.unet)
+    disabled = technique.lora is None and had_peft  # e.g. a GateExtractor's LoRAs: not part of this technique
     try:
         if technique.lora is not None:
             adapter = f"difstudy-{technique.name}"
@@ -616,10 +617,14 @@ def img2img(
                 adapter += "-img2img"
             load_lora(pipe, technique.lora, adapter)
             pipe.unet.set_adapters([adapter])
+        elif disabled:
+            pipe.unet.disable_adapters()
         out = i2i(**call).images
     finally:
         if adapter is not None:
             _remove_adapters(pipe.unet, [adapter], had_peft)
+        if disabled:
+            pipe.unet.enable_adapters()
     return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
 
 

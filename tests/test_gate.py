@@ -600,3 +600,21 @@ def test_technique_features_read_the_extracted_buckets(tiny_sd15, tmp_path):
     assert not torch.equal(src.bucket_maps(recs[0], ("basic", 25))[0], src.bucket_maps(recs[0], ("basic", 50))[0])
     with pytest.raises(DifstudyError, match="not extracted"):
         src.select(("lora", 50))
+
+
+def test_img2img_basic_rows_carry_no_lora_and_lora_rows_do(tmp_path):
+    """Inside content_shift_table a GateExtractor holds the technique's LoRA loaded: the basic Img2Img
+    must equal a pipeline with no LoRA at all, and the LoRA technique's must differ from it."""
+    folder = _lora_folder(tmp_path)
+    pipe = load("tiny-sd15")
+    _, images, caps = _batch(2)
+    plain = gate.img2img(pipe, images, 400, gate.BASIC, caps, steps=10)
+    cfg = gate.ShiftConfig(timesteps=(400,), methods=("img2img",), steps=10)
+    df = gate.content_shift_table(pipe, ToyWorld("test", n=2), [gate.BASIC, gate.Technique("lora", lora=str(folder))],
+                                  cfg, progress=False)  # fmt: skip
+    again = gate.img2img(pipe, images, 400, gate.BASIC, caps, steps=10)
+    assert np.array_equal(again, plain)  # every adapter removed afterwards
+    basic, lora = (df[df.technique == k].sort_values("image_id") for k in ("basic", "lora"))
+    want = [gate.content_shift(images[i], plain[i])["contour"] for i in range(2)]
+    assert basic["contour"].tolist() == pytest.approx(want, rel=1e-9)
+    assert (basic["contour"].to_numpy() != lora["contour"].to_numpy()).all()
