@@ -69,6 +69,7 @@ import torch
 
 from .capture import Capture, expand_batch
 from .catalog import QKV_KINDS, Catalog
+from .fileio import write_csv_atomic
 
 SD15_WIDTHS = (320, 640, 1280, 1280)
 RATIO_KEYS = (
@@ -831,7 +832,7 @@ def run_bench(
         if k != "notes":
             df[f"cfg_{k}"] = str(v)
     if out is not None:
-        df.to_csv(out, index=False)
+        write_csv_atomic(df, out)  # creates the folder: a finished run is never lost to a missing one
         log(f"wrote {len(df)} rows to {out}")
     log(f"total {time.perf_counter() - t_start:.1f} s")
     log(format_line(ratios))

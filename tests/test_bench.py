@@ -31,7 +31,7 @@ def _tiny_cfg():
 
 def test_run_bench_prints_tables_and_ratio_line(tmp_path):
     lines = []
-    out = tmp_path / "bench.csv"
+    out = tmp_path / "not" / "yet" / "bench.csv"  # a folder that does not exist yet is made
     df, ratios = bench.run_bench(_tiny_cfg(), out=out, log=lines.append, rss_in_process=True)
     last = lines[-1]
     assert LINE.fullmatch(last), last
