@@ -1367,6 +1367,9 @@ class AmalgamationConfig:
 
 
 FIT_TASKS = ("correspondence", "label-scarce-seg", "classification")
+# settings of learned amalgamation name the deviation in their label (the official code trains the
+# weight assigners jointly with the task head; difstudy fits them first, then the protocol's head)
+AMALGAMATED_LABEL = "amalgamated (2-stage fit): "
 
 
 class AmalgamatedFeatures:
@@ -1408,7 +1411,7 @@ class AmalgamatedFeatures:
             raise DifstudyError("learned weights need training records (train=)")
         self.task, self.train, self.config = task, train, config
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float32)
-        self.label = label or "amalgamated: " + " + ".join(bucket_label(*b) for b in self.buckets)
+        self.label = label or AMALGAMATED_LABEL + " + ".join(bucket_label(*b) for b in self.buckets)
         self.amalgamation: Amalgamation | None = None
         self.fit_seconds = 0.0
 
@@ -1625,13 +1628,13 @@ def gate_sources(
     for name in techniques:
         out[name] = {task: base.select((name, t), label=name) for task in tasks}
     if techniques:
-        label = "amalgamated: " + " + ".join([baseline, *techniques])
+        label = AMALGAMATED_LABEL + " + ".join([baseline, *techniques])
         buckets = [(baseline, t)] + [(n, t) for n in techniques]
         out[label] = {
             task: AmalgamatedFeatures(base, buckets, task, train[task], config, label=label) for task in tasks
         }
     if control_timesteps is not None and len(control_timesteps) >= 2:
-        label = "amalgamated: " + " + ".join(f"{baseline} t={s}" for s in control_timesteps)
+        label = AMALGAMATED_LABEL + " + ".join(f"{baseline} t={s}" for s in control_timesteps)
         buckets = [(baseline, int(s)) for s in control_timesteps]
         cb = control_base or base
         out[label] = {task: AmalgamatedFeatures(cb, buckets, task, train[task], config, label=label) for task in tasks}

@@ -482,6 +482,7 @@ def test_one_hot_amalgamated_source_reproduces_the_single_bucket_protocol_exactl
         hot = gate.AmalgamatedFeatures(base, [("a", 50), ("b", 50)], weights=[0.0, 1.0])
         got = classification(hot, train, test, cfg, seed)
         assert got["value"].tolist() == ref["value"].tolist()
+        assert hot.label == "amalgamated (2-stage fit): a (t=50) + b (t=50)"  # the deviation in its name
         r, src = test[0], hot.for_seed(seed)
         src.prepare([r])
         for a, b in zip(src.maps(r), base.for_seed(seed).bucket_maps(r, ("b", 50))):
