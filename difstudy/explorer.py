@@ -47,6 +47,7 @@ from .properties import (
     granularity,
     locality_index,
     noise_share,
+    part_mask,
     pca_pictures,
     resize_mask,
 )
@@ -94,11 +95,6 @@ class ExplorerView:
         return dict(activation=self.activation, kind=self.kind, stage=self.stage, shape=shape, **self.values)
 
 
-def _sample_parts(sample) -> np.ndarray | None:
-    m = sample.get("mask") if isinstance(sample, dict) else getattr(sample, "mask", None)
-    return None if m is None else np.asarray(m)
-
-
 def explore_many(
     pipe,
     activations,
@@ -133,7 +129,7 @@ def explore_many(
         {k.activation: v for k, v in ex.features([iid], [image], [captions], store_dtype=torch.float32).items()}
         for ex in extractors
     ]
-    parts = _sample_parts(sample)
+    parts = part_mask(sample, required=False)
     views = []
     for name in extractors[0].names:
         a = cat[name]

@@ -257,8 +257,12 @@ def _image_id(sample) -> str:
     return str(sample["image_id"] if isinstance(sample, dict) else sample.image_id)
 
 
-def _mask(sample) -> np.ndarray:
+def part_mask(sample, required: bool = True) -> np.ndarray | None:
+    """The (H, W) part mask of a toy-world sample or loader item; ``None`` when it has none and
+    ``required`` is False, else a clear error."""
     m = sample.get("mask") if isinstance(sample, dict) else getattr(sample, "mask", None)
+    if m is None and not required:
+        return None
     if m is None:
         raise ValueError(
             f"locality needs part masks, and sample {_image_id(sample)!r} has none; "
@@ -427,7 +431,7 @@ def measure_properties(
             progress=progress,
         )
     samples = [dataset[i] for i in range(len(dataset))]
-    masks = [_mask(s) for s in samples] if "locality" in measures else None
+    masks = [part_mask(s) for s in samples] if "locality" in measures else None
     return properties_from_cache(
         cache,
         frame,
