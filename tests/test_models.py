@@ -126,7 +126,7 @@ def test_training_smoke_loss_goes_down_and_resumes(tmp_path):
     train_mini.main(
         ["--out", str(cont), "--n-train", "64", "--batch", "8", "--unet-steps", "6", "--ckpt-every", "3"]
         + ["--snapshot-every", "3", "--threads", "1", "--init-from", str(tmp_path / "export")]
-        + ["--export", str(cont / "export")]
+        + ["--export", str(cont / "export"), "--noise-offset", "0.1"]
     )
     after = load(str(cont / "export"))
     vae_a, vae_b = before.vae.state_dict(), after.vae.state_dict()
@@ -143,6 +143,18 @@ def test_training_smoke_loss_goes_down_and_resumes(tmp_path):
     ]
     meta = json.loads((cont / "export" / "difstudy_training.json").read_text())
     assert meta["total_unet_steps"] == 46 and meta["previous_run"]["unet_steps"] == 40
+    assert meta["noise_offset"] == 0.1 and meta["previous_run"]["noise_offset"] == 0.0
+
+    # the continuation's snapshots add to the curve already beside the weights (a re-evaluated
+    # step is replaced, earlier steps stay)
+    from difstudy.train import evaluate
+
+    model = cont / "export"
+    old = "step,recognised,n,ci95_low,ci95_high\n40,0.5,999,0.4,0.6\n43,0.5,999,0.4,0.6\n"
+    (model / "recognition_curve.csv").write_text(old)
+    evaluate.main(["--run", str(cont), "--model", str(model), "--per-class", "1", "--threads", "1"])
+    curve = list(csv.DictReader(open(model / "recognition_curve.csv")))
+    assert [(int(r["step"]), int(r["n"])) for r in curve] == [(40, 999), (43, 10), (46, 10)]
 
 
 def test_cli_missing_model_folder_message():

@@ -8,6 +8,10 @@ exported pipeline, generate ``--per-class`` samples per class prompt and let
 the judge (:mod:`difstudy.judge`) name them. Writes ``recognition_curve.csv``
 (step, recognised, n, ci95_low, ci95_high) into the model folder, where the
 model card reads it: the snapshots themselves are too large to commit.
+
+A model continued with ``--init-from`` names its snapshots by total step, so
+evaluating the continuation's run **adds** its steps to the curve already there
+(rows of a re-evaluated step are replaced); ``--replace`` starts the curve afresh.
 """
 
 from __future__ import annotations
@@ -46,19 +50,30 @@ def evaluate_snapshots(model: str | Path, run: Path, per_class: int = 20, steps:
     return pd.DataFrame(rows)
 
 
+def merge_curve(old: pd.DataFrame | None, new: pd.DataFrame) -> pd.DataFrame:
+    """``old`` rows whose step ``new`` does not re-evaluate, then ``new``, sorted by step."""
+    if old is None or old.empty:
+        return new.sort_values("step").reset_index(drop=True)
+    keep = old[~old["step"].isin(new["step"])]
+    return pd.concat([keep, new], ignore_index=True).sort_values("step").reset_index(drop=True)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m difstudy.train.evaluate", description=__doc__.split("\n")[0])
     ap.add_argument("--run", type=Path, required=True, help="training run folder with snapshots/")
     ap.add_argument("--model", type=Path, default=Path("difstudy/models/difstudy-mini"))
     ap.add_argument("--per-class", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--replace", action="store_true", help="drop the curve already in the model folder")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    df = evaluate_snapshots(a.model, a.run, a.per_class)
+    path = a.model / "recognition_curve.csv"
+    old = pd.read_csv(path) if path.exists() and not a.replace else None
+    df = merge_curve(old, evaluate_snapshots(a.model, a.run, a.per_class))
     tmp = a.model / ".recognition_curve.tmp"
     df.to_csv(tmp, index=False)
-    os.replace(tmp, a.model / "recognition_curve.csv")
+    os.replace(tmp, path)
     print(df.to_string(index=False))
 
 

@@ -20,7 +20,10 @@ Stages (each resumable from its last checkpoint in ``--out``):
    is ``--holdout-background`` (default ``checkered``) are left out of the
    U-Net's data, so that a LoRA has a sub-domain to adapt to (GATE). Every
    ``--snapshot-every`` steps the EMA weights are saved to ``snapshots/`` for
-   the model card's recognition-vs-step curve.
+   the model card's recognition-vs-step curve. ``--noise-offset`` adds a
+   per-channel constant to the training noise (Guttenberg 2023; diffusers'
+   ``--noise_offset``): with SD's schedule the last step keeps a little signal,
+   so without it samples drift to the training set's mean colour.
 4. ``export``: write a diffusers ``StableDiffusionPipeline`` folder
    (safetensors, fp32) that ``difstudy.models.load("mini")`` reads offline,
    with the training log (``training_log.csv``) and arguments beside it.
@@ -189,6 +192,7 @@ def train_unet(
     snapshot_every: int = 1000,
     init=None,
     step_offset: int = 0,
+    noise_offset: float = 0.0,
 ):
     """Train U-Net and text encoder; ``init`` (a loaded pipeline) continues from its weights, and
     ``step_offset`` (the steps it already had) names the snapshots by total U-Net steps."""
@@ -234,6 +238,8 @@ def train_unet(
         ids = caption_ids(data, idx.numpy(), torch.rand(batch, generator=gen))
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen)
         noise = torch.randn(z0.shape, generator=gen)
+        if noise_offset:  # offset noise: a per-image, per-channel constant lets samples leave the mean colour
+            noise = noise + noise_offset * torch.randn((batch, z0.shape[1], 1, 1), generator=gen)
         zt = sched.add_noise(z0, noise, t)
         pred = unet(zt, t, te(ids).last_hidden_state).sample
         target = diffusion_target(sched, z0, noise, t)
@@ -320,6 +326,12 @@ def main(argv=None) -> None:
     ap.add_argument("--vae-lr", type=float, default=1e-3)
     ap.add_argument("--unet-lr", type=float, default=1e-3)
     ap.add_argument("--snr-gamma", type=float, default=5.0, help="Min-SNR-gamma loss weighting (0: off)")
+    ap.add_argument(
+        "--noise-offset",
+        type=float,
+        default=0.0,
+        help="offset noise (diffusers' --noise_offset): add this times a per-channel constant to the noise (0: off)",
+    )
     ap.add_argument("--holdout-background", default="checkered", help="background kind the U-Net never sees ('' none)")
     ap.add_argument("--snapshot-every", type=int, default=1000, help="save EMA weights every N U-Net steps (0: off)")
     ap.add_argument("--seed", type=int, default=0)
@@ -367,6 +379,7 @@ def main(argv=None) -> None:
         a.snapshot_every,
         init,
         offset,
+        a.noise_offset,
     )
     if a.export:
         meta = dict(vars(a), out=str(a.out), export=str(a.export), scaling_factor=float(lat["scaling"]))
