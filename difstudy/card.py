@@ -107,6 +107,43 @@ def sample_recognition(pipe, judge, per_class: int = 20, steps: int = 30, guidan
     return df, images
 
 
+@torch.no_grad()
+def prompt_effect(pipe, n: int = 60, timesteps=(300, 500, 700), seed: int = 0) -> pd.DataFrame:
+    """Does the prompt steer the U-Net? Denoising loss (MSE to the model's target) of ``n`` test
+    images at each of ``timesteps``, with the image's own class prompt ("a photo of a <class>"),
+    another class's prompt, and the empty prompt, on the same noise draws. A model that follows
+    its class prompt has a clearly lower loss with its own prompt than with another's; equal
+    losses mean the class word is ignored and guidance cannot make a sample follow its class."""
+    from .extract import to_tensor
+    from .train.common import diffusion_target
+
+    world = ToyWorld("test", n=n)
+    labels = [world[i].label for i in range(n)]
+    size = pipe.unet.config.sample_size * (2 ** (len(pipe.vae.config.block_out_channels) - 1))
+    z0 = pipe.vae.encode(torch.stack([to_tensor(world[i].image, size) for i in range(n)])).latent_dist.mean
+    z0 = z0 * pipe.vae.config.scaling_factor
+    prompts = {
+        "own class": [f"a photo of a {CLASS_NAMES[c]}" for c in labels],
+        "other class": [f"a photo of a {CLASS_NAMES[(c + 1 + i % 9) % 10]}" for i, c in enumerate(labels)],
+        "empty": [""] * n,
+    }
+    ehs = {k: pipe.encode_prompt(v, z0.device, 1, False)[0] for k, v in prompts.items()}
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for t in timesteps:
+        noise, tt = torch.randn(z0.shape, generator=g), torch.full((n,), int(t))
+        zt = pipe.scheduler.add_noise(z0, noise, tt)
+        target = diffusion_target(pipe.scheduler, z0, noise, tt)
+        row = {"t": int(t)}
+        for k, e in ehs.items():
+            row[k] = float(torch.nn.functional.mse_loss(pipe.unet(zt, tt, e).sample, target))
+        rows.append(row)
+    df = pd.DataFrame(rows).set_index("t")
+    df.loc["mean"] = df.mean()
+    df["other / own"] = df["other class"] / df["own class"]
+    return df
+
+
 def recognition_summary(df: pd.DataFrame) -> dict:
     """Share recognised with its 95% Wilson interval."""
     k, n = int(df["correct"].sum()), len(df)
@@ -224,9 +261,14 @@ def best_of(scores: pd.DataFrame, weights: str, metric: str) -> tuple[str, float
 
 
 def card_summary(
-    scores: pd.DataFrame, psnr: pd.DataFrame, judge_acc: float, recognition: dict, cpu_hours: float
+    scores: pd.DataFrame,
+    psnr: pd.DataFrame,
+    judge_acc: float,
+    recognition: dict,
+    cpu_hours: float,
+    prompt: pd.DataFrame | None = None,
 ) -> dict:
-    """The card's headline numbers (the keys of ``card.json``)."""
+    """The card's headline numbers (the keys of ``card.json``); ``prompt`` is :func:`prompt_effect`'s table."""
     acc, pck = "accuracy", "PCK@0.1 img"
     best_cls, cls_trained = best_of(scores, "trained", acc)
     best_pck, pck_trained = best_of(scores, "trained", pck)
@@ -246,6 +288,14 @@ def card_summary(
         pck_best_up_random=best_of(scores, "random", pck)[1],
         pck_pixels=best_of(scores, "raw pixels", pck)[1],
         training_cpu_hours=float(cpu_hours),
+    ) | (
+        {}
+        if prompt is None
+        else dict(
+            prompt_loss_own_class=float(prompt.loc["mean", "own class"]),
+            prompt_loss_other_class=float(prompt.loc["mean", "other class"]),
+            prompt_loss_empty=float(prompt.loc["mean", "empty"]),
+        )
     )
 
 

@@ -49,6 +49,21 @@ def test_mini_is_a_v_prediction_model_with_the_sd15_catalogue(mini):
     assert mini.scheduler.config.prediction_type == "v_prediction"
 
 
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,  # a crash of prompt_effect still fails
+    reason="issue 10: the committed mini model ignores the class word (mean loss own 0.2494, other 0.2498)",
+)
+def test_the_class_prompt_steers_the_mini_model(mini):
+    """The prompt must matter: with its own class prompt a test image is denoised better than with
+    another class's prompt (the model card's prompt_effect). Strict xfail: the committed model
+    (cross-attention only, 2,000 steps) learnt to ignore the class word, and so do continuations of
+    it tried in the second session (+700 to +900 steps, offset noise, pooled text, object-weighted
+    loss); when a model passes, this marker fails and must go."""
+    effect = card.prompt_effect(mini)
+    assert effect.loc["mean", "other / own"] > 1.02, effect
+
+
 def test_judge_recognises_real_images():
     judge, meta = load_judge()
     acc = card.judge_accuracy(judge, n_test=500)

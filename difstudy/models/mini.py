@@ -12,6 +12,10 @@ knows nothing of the toy world (the tokenizer's vocabulary is passed in).
 - U-Net: ``UNet2DConditionModel`` with exactly SD1.5's block types, two
   layers per block, one transformer per attention block, 8 heads, widths
   (32, 64, 96, 96): its activation catalogue is the same 197 names as SD1.5.
+  ``pooled_text=True`` (``train.mini --pooled-text``, an experiment, not the
+  committed model) also feeds the prompt, pooled, into every ResNet through
+  the time embedding (diffusers' ``addition_embed_type="text"``,
+  ``TextTimeEmbedding``, as in DeepFloyd IF); the catalogue stays 197 names.
 - Scheduler: SD's scaled-linear betas over 1000 training steps; the U-Net
   predicts ``v`` (as SD2.1 does), which trains faster at this size than epsilon.
 """
@@ -70,8 +74,10 @@ def build_text_encoder(tokenizer) -> CLIPTextModel:
     return CLIPTextModel(cfg)
 
 
-def build_unet() -> UNet2DConditionModel:
+def build_unet(pooled_text: bool = False) -> UNet2DConditionModel:
+    """The mini U-Net (SD1.5 layout); ``pooled_text`` adds the pooled-text time embedding."""
     return UNet2DConditionModel(
+        addition_embed_type="text" if pooled_text else None,
         sample_size=IMAGE_SIZE // 4,
         in_channels=4,
         out_channels=4,

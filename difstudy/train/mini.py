@@ -24,6 +24,11 @@ Stages (each resumable from its last checkpoint in ``--out``):
    per-channel constant to the training noise (Guttenberg 2023; diffusers'
    ``--noise_offset``): with SD's schedule the last step keeps a little signal,
    so without it samples drift to the training set's mean colour.
+   Two experiments of the second mini-model session are options, off by
+   default: ``--pooled-text`` (the prompt also enters the time embedding, see
+   :mod:`difstudy.models.mini`; a continued model gets the new embedding with
+   its output at exactly zero) and ``--fg-weight W`` (latent cells covered by
+   the object weigh 1 + W in the loss, from the toy world's masks).
 4. ``export``: write a diffusers ``StableDiffusionPipeline`` folder
    (safetensors, fp32) that ``difstudy.models.load("mini")`` reads offline,
    with the training log (``training_log.csv``) and arguments beside it.
@@ -56,11 +61,14 @@ def make_data(out: Path, n: int, seed: int, tokenizer) -> dict:
     path = out / "data.npz"
     if path.exists():
         d = np.load(path)
-        if len(d["images"]) == n:
+        if len(d["images"]) == n and "foreground" in d:
             return dict(d)
     world = ToyWorld("train", n=n, size=mini.IMAGE_SIZE, seed=seed)
-    images, labels, generic, fine, backgrounds = [], [], [], [], []
+    images, labels, generic, fine, backgrounds, foreground = [], [], [], [], [], []
+    cell = mini.IMAGE_SIZE // 16  # one latent cell of the 4x VAE
     for s in tqdm(world, total=n, desc="render toy world", mininterval=5):
+        fg = (s.mask > 0).astype(np.float32)
+        foreground.append(fg.reshape(16, cell, 16, cell).mean((1, 3)).astype(np.float16))
         images.append(s.image)
         labels.append(s.label)
         generic.append(s.caption)
@@ -76,6 +84,7 @@ def make_data(out: Path, n: int, seed: int, tokenizer) -> dict:
         images=np.stack(images),
         labels=np.array(labels),
         backgrounds=np.array(backgrounds),
+        foreground=np.stack(foreground),
         ids_generic=tok(generic),
         ids_fine=tok(fine),
         ids_empty=tok([""]),
@@ -193,6 +202,8 @@ def train_unet(
     init=None,
     step_offset: int = 0,
     noise_offset: float = 0.0,
+    fg_weight: float = 0.0,
+    pooled_text: bool = False,
 ):
     """Train U-Net and text encoder; ``init`` (a loaded pipeline) continues from its weights, and
     ``step_offset`` (the steps it already had) names the snapshots by total U-Net steps."""
@@ -200,10 +211,11 @@ def train_unet(
 
     torch.manual_seed(seed)
     if init is not None:
-        tokenizer, unet, te = init.tokenizer, init.unet.train(), init.text_encoder.train()
+        unet = _with_pooled_text(init.unet) if pooled_text else init.unet
+        tokenizer, unet, te = init.tokenizer, unet.train(), init.text_encoder.train()
     else:
         tokenizer = mini.build_tokenizer(vocabulary())
-        unet, te = mini.build_unet(), mini.build_text_encoder(tokenizer)
+        unet, te = mini.build_unet(pooled_text), mini.build_text_encoder(tokenizer)
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     ema = EMAModel(params, decay=0.999, use_ema_warmup=True, power=0.75)
@@ -243,7 +255,12 @@ def train_unet(
         zt = sched.add_noise(z0, noise, t)
         pred = unet(zt, t, te(ids).last_hidden_state).sample
         target = diffusion_target(sched, z0, noise, t)
-        per = F.mse_loss(pred, target, reduction="none").mean((1, 2, 3))
+        err = F.mse_loss(pred, target, reduction="none")
+        if fg_weight:  # latent cells covered by the object count 1 + fg_weight times
+            cells = 1 + fg_weight * torch.from_numpy(data["foreground"][idx.numpy()].astype(np.float32))[:, None]
+            per = (err * cells).sum((1, 2, 3)) / (cells.sum((1, 2, 3)) * err.shape[1])
+        else:
+            per = err.mean((1, 2, 3))
         snr = compute_snr(sched, t)
         if snr_gamma:  # Min-SNR-gamma weights (for v: min(snr, gamma) / (snr + 1))
             w = torch.minimum(snr, torch.full_like(snr, snr_gamma))
@@ -270,6 +287,22 @@ def train_unet(
     bar.close()
     ema.copy_to(params)
     return unet, te, tokenizer
+
+
+def _with_pooled_text(unet):
+    """``unet`` itself if it already has the pooled-text embedding, else the mini U-Net with it,
+    holding ``unet``'s weights and a new embedding whose output starts at exactly zero (its final
+    LayerNorm weight is 0), so the continued model starts as the one it continues."""
+    if getattr(unet.config, "addition_embed_type", None) == "text":
+        return unet
+    new = mini.build_unet(pooled_text=True)
+    missing, unexpected = new.load_state_dict(unet.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("add_embedding.") for k in missing):
+        raise ValueError(
+            f"--init-from: the U-Net is not the mini architecture (unexpected {unexpected[:3]}, missing {missing[:3]})"
+        )
+    torch.nn.init.zeros_(new.add_embedding.norm2.weight)
+    return new
 
 
 def _load_init(folder: Path):
@@ -332,6 +365,17 @@ def main(argv=None) -> None:
         default=0.0,
         help="offset noise (diffusers' --noise_offset): add this times a per-channel constant to the noise (0: off)",
     )
+    ap.add_argument(
+        "--fg-weight",
+        type=float,
+        default=0.0,
+        help="latent cells covered by the object weigh 1 + this in the U-Net loss (a masked loss; 0: off)",
+    )
+    ap.add_argument(
+        "--pooled-text",
+        action="store_true",
+        help="the prompt also enters the time embedding, pooled (diffusers addition_embed_type='text')",
+    )
     ap.add_argument("--holdout-background", default="checkered", help="background kind the U-Net never sees ('' none)")
     ap.add_argument("--snapshot-every", type=int, default=1000, help="save EMA weights every N U-Net steps (0: off)")
     ap.add_argument("--seed", type=int, default=0)
@@ -380,6 +424,8 @@ def main(argv=None) -> None:
         init,
         offset,
         a.noise_offset,
+        a.fg_weight,
+        a.pooled_text,
     )
     if a.export:
         meta = dict(vars(a), out=str(a.out), export=str(a.export), scaling_factor=float(lat["scaling"]))
