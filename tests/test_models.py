@@ -127,6 +127,7 @@ def test_training_smoke_loss_goes_down_and_resumes(tmp_path):
         ["--out", str(cont), "--n-train", "64", "--batch", "8", "--unet-steps", "6", "--ckpt-every", "3"]
         + ["--snapshot-every", "3", "--threads", "1", "--init-from", str(tmp_path / "export")]
         + ["--export", str(cont / "export"), "--noise-offset", "0.1", "--fg-weight", "4", "--pooled-text"]
+        + ["--only-backgrounds", "plain,gradient"]
     )
     after = load(str(cont / "export"))
     vae_a, vae_b = before.vae.state_dict(), after.vae.state_dict()
@@ -144,6 +145,7 @@ def test_training_smoke_loss_goes_down_and_resumes(tmp_path):
     meta = json.loads((cont / "export" / "difstudy_training.json").read_text())
     assert meta["total_unet_steps"] == 46 and meta["previous_run"]["unet_steps"] == 40
     assert meta["noise_offset"] == 0.1 and meta["previous_run"]["noise_offset"] == 0.0 and meta["fg_weight"] == 4
+    assert meta["only_backgrounds"] == "plain,gradient"
     assert before.unet.config.addition_embed_type is None  # pure SD1.5 layout by default
     assert after.unet.config.addition_embed_type == "text"  # --pooled-text added the embedding
 

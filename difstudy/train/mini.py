@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data.toyworld import ToyWorld, vocabulary
+from ..data.toyworld import BACKGROUNDS, ToyWorld, vocabulary
 from ..models import mini
 from .common import CsvLog, atomic_save, caption_ids, cosine_lr, diffusion_target, to_tensor
 
@@ -204,6 +204,7 @@ def train_unet(
     noise_offset: float = 0.0,
     fg_weight: float = 0.0,
     pooled_text: bool = False,
+    only_backgrounds: tuple[str, ...] | None = None,
 ):
     """Train U-Net and text encoder; ``init`` (a loaded pipeline) continues from its weights, and
     ``step_offset`` (the steps it already had) names the snapshots by total U-Net steps."""
@@ -234,6 +235,8 @@ def train_unet(
     keep = np.ones(len(lat["mean"]), bool)
     if holdout_background:
         keep = data["backgrounds"] != holdout_background
+    if only_backgrounds:  # an easy-first curriculum: train on these background kinds only
+        keep &= np.isin(data["backgrounds"], list(only_backgrounds))
     labels = data["labels"]
     by_class = [torch.from_numpy(np.flatnonzero(keep & (labels == c))) for c in range(int(labels.max()) + 1)]
     by_class = [ix for ix in by_class if len(ix)]
@@ -376,6 +379,11 @@ def main(argv=None) -> None:
         action="store_true",
         help="the prompt also enters the time embedding, pooled (diffusers addition_embed_type='text')",
     )
+    ap.add_argument(
+        "--only-backgrounds",
+        default="",
+        help="comma-separated background kinds (plain, gradient, striped, cluttered) to train on ('' all)",
+    )
     ap.add_argument("--holdout-background", default="checkered", help="background kind the U-Net never sees ('' none)")
     ap.add_argument("--snapshot-every", type=int, default=1000, help="save EMA weights every N U-Net steps (0: off)")
     ap.add_argument("--seed", type=int, default=0)
@@ -389,6 +397,9 @@ def main(argv=None) -> None:
         "for --unet-steps more steps (fresh optimiser, warmup + cosine); the log and snapshots count total steps",
     )
     a = ap.parse_args(argv)
+    unknown = [b for b in a.only_backgrounds.split(",") if b and b not in BACKGROUNDS]
+    if unknown:
+        ap.error(f"--only-backgrounds: unknown background kind(s) {unknown}; choose from {', '.join(BACKGROUNDS)}")
     if a.threads:
         torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
@@ -426,6 +437,7 @@ def main(argv=None) -> None:
         a.noise_offset,
         a.fg_weight,
         a.pooled_text,
+        tuple(b for b in a.only_backgrounds.split(",") if b) or None,
     )
     if a.export:
         meta = dict(vars(a), out=str(a.out), export=str(a.export), scaling_factor=float(lat["scaling"]))
