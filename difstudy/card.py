@@ -21,6 +21,7 @@ import torch
 
 from .data.toyworld import CLASS_NAMES, ToyWorld, stack
 from .judge import predict, to_input, wilson_interval
+from .models import vae_scale_factor
 
 
 def model_folder(model: str) -> Path:
@@ -77,7 +78,7 @@ def judge_accuracy(judge, n_test: int = 500) -> float:
 def generate(pipe, prompts: list[str], steps: int = 30, guidance: float = 4.0, seed: int = 0) -> np.ndarray:
     """(N, H, W, 3) uint8 samples, one per prompt, with the pipeline's own
     sampler (the mini model's DDIM) and classifier-free guidance."""
-    size = pipe.unet.config.sample_size * (2 ** (len(pipe.vae.config.block_out_channels) - 1))
+    size = pipe.unet.config.sample_size * vae_scale_factor(pipe)
     g = torch.Generator().manual_seed(seed)
     out = pipe(
         prompts,
@@ -119,7 +120,7 @@ def prompt_effect(pipe, n: int = 60, timesteps=(300, 500, 700), seed: int = 0) -
 
     world = ToyWorld("test", n=n)
     labels = [world[i].label for i in range(n)]
-    size = pipe.unet.config.sample_size * (2 ** (len(pipe.vae.config.block_out_channels) - 1))
+    size = pipe.unet.config.sample_size * vae_scale_factor(pipe)
     z0 = pipe.vae.encode(torch.stack([to_tensor(world[i].image, size) for i in range(n)])).latent_dist.mean
     z0 = z0 * pipe.vae.config.scaling_factor
     prompts = {

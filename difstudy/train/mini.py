@@ -65,10 +65,10 @@ def make_data(out: Path, n: int, seed: int, tokenizer) -> dict:
             return dict(d)
     world = ToyWorld("train", n=n, size=mini.IMAGE_SIZE, seed=seed)
     images, labels, generic, fine, backgrounds, foreground = [], [], [], [], [], []
-    cell = mini.IMAGE_SIZE // 16  # one latent cell of the 4x VAE
+    side = mini.IMAGE_SIZE // 4  # latent cells per side (the VAE downsamples by 4)
     for s in tqdm(world, total=n, desc="render toy world", mininterval=5):
-        fg = (s.mask > 0).astype(np.float32)
-        foreground.append(fg.reshape(16, cell, 16, cell).mean((1, 3)).astype(np.float16))
+        fg = (s.mask > 0).astype(np.float32)  # object coverage of each latent cell
+        foreground.append(fg.reshape(side, 4, side, 4).mean((1, 3)).astype(np.float16))
         images.append(s.image)
         labels.append(s.label)
         generic.append(s.caption)
@@ -397,7 +397,8 @@ def main(argv=None) -> None:
         "for --unet-steps more steps (fresh optimiser, warmup + cosine); the log and snapshots count total steps",
     )
     a = ap.parse_args(argv)
-    unknown = [b for b in a.only_backgrounds.split(",") if b and b not in BACKGROUNDS]
+    only_backgrounds = tuple(b for b in a.only_backgrounds.split(",") if b)
+    unknown = [b for b in only_backgrounds if b not in BACKGROUNDS]
     if unknown:
         ap.error(f"--only-backgrounds: unknown background kind(s) {unknown}; choose from {', '.join(BACKGROUNDS)}")
     if a.threads:
@@ -437,7 +438,7 @@ def main(argv=None) -> None:
         a.noise_offset,
         a.fg_weight,
         a.pooled_text,
-        tuple(b for b in a.only_backgrounds.split(",") if b) or None,
+        only_backgrounds or None,
     )
     if a.export:
         meta = dict(vars(a), out=str(a.out), export=str(a.export), scaling_factor=float(lat["scaling"]))
