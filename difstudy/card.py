@@ -115,30 +115,17 @@ def prompt_effect(pipe, n: int = 60, timesteps=(300, 500, 700), seed: int = 0) -
     another class's prompt, and the empty prompt, on the same noise draws. A model that follows
     its class prompt has a clearly lower loss with its own prompt than with another's; equal
     losses mean the class word is ignored and guidance cannot make a sample follow its class."""
-    from .extract import to_tensor
-    from .train.common import diffusion_target
+    from .train.common import denoising_losses
 
     world = ToyWorld("test", n=n)
     labels = [world[i].label for i in range(n)]
-    size = pipe.unet.config.sample_size * vae_scale_factor(pipe)
-    z0 = pipe.vae.encode(torch.stack([to_tensor(world[i].image, size) for i in range(n)])).latent_dist.mean
-    z0 = z0 * pipe.vae.config.scaling_factor
     prompts = {
         "own class": [f"a photo of a {CLASS_NAMES[c]}" for c in labels],
         "other class": [f"a photo of a {CLASS_NAMES[(c + 1 + i % 9) % 10]}" for i, c in enumerate(labels)],
         "empty": [""] * n,
     }
-    ehs = {k: pipe.encode_prompt(v, z0.device, 1, False)[0] for k, v in prompts.items()}
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for t in timesteps:
-        noise, tt = torch.randn(z0.shape, generator=g), torch.full((n,), int(t))
-        zt = pipe.scheduler.add_noise(z0, noise, tt)
-        target = diffusion_target(pipe.scheduler, z0, noise, tt)
-        row = {"t": int(t)}
-        for k, e in ehs.items():
-            row[k] = float(torch.nn.functional.mse_loss(pipe.unet(zt, tt, e).sample, target))
-        rows.append(row)
+    losses = denoising_losses(pipe, [world[i].image for i in range(n)], prompts, timesteps, seed)
+    rows = [{"t": int(t), **{k: v[j] for k, v in losses.items()}} for j, t in enumerate(timesteps)]
     df = pd.DataFrame(rows).set_index("t")
     df.loc["mean"] = df.mean()
     df["other / own"] = df["other class"] / df["own class"]

@@ -101,29 +101,12 @@ def test_mini_features_beat_random_weights_and_pixels(mini, tmp_path):
 
 def _denoising_loss(pipe, images, controlnet=None, timesteps=(100, 300, 500, 700)) -> float:
     """Mean MSE to the model's prediction target (v) over fixed noise draws, empty prompt."""
-    import torch.nn.functional as F
-
     from difstudy import gate
-    from difstudy.extract import to_tensor
-    from difstudy.train.common import diffusion_target
+    from difstudy.train.common import denoising_losses
 
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        z0 = pipe.vae.encode(torch.stack([to_tensor(im, 64) for im in images])).latent_dist.mean
-        z0 = z0 * pipe.vae.config.scaling_factor
-        ehs = pipe.encode_prompt("", "cpu", len(images), False)[0]
-        losses = []
-        for t in timesteps:
-            noise, tt = torch.randn(z0.shape, generator=g), torch.full((len(images),), t)
-            zt = pipe.scheduler.add_noise(z0, noise, tt)
-            kw = {}
-            if controlnet is not None:
-                cond = gate.control_images(images, 64)
-                down, mid = controlnet(zt, tt, encoder_hidden_states=ehs, controlnet_cond=cond, return_dict=False)
-                kw = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
-            pred = pipe.unet(zt, tt, ehs, **kw).sample
-            losses.append(F.mse_loss(pred, diffusion_target(pipe.scheduler, z0, noise, tt)).item())
-    return float(np.mean(losses))
+    cond = gate.control_images(images, 64) if controlnet is not None else None
+    losses = denoising_losses(pipe, images, {"empty": [""] * len(images)}, timesteps, 0, controlnet, cond)
+    return float(np.mean(losses["empty"]))
 
 
 def test_committed_controlnet_helps_the_mini_model_denoise(mini):

@@ -127,6 +127,7 @@ def test_training_smoke_loss_goes_down_and_resumes(tmp_path):
         ["--out", str(cont), "--n-train", "64", "--batch", "8", "--unet-steps", "6", "--ckpt-every", "3"]
         + ["--snapshot-every", "3", "--threads", "1", "--init-from", str(tmp_path / "export")]
         + ["--export", str(cont / "export"), "--noise-offset", "0.1", "--fg-weight", "4", "--pooled-text"]
+        + ["--pooled-text-gain", "0.1"]
         + ["--only-backgrounds", "plain,gradient"]
     )
     after = load(str(cont / "export"))
@@ -145,7 +146,7 @@ def test_training_smoke_loss_goes_down_and_resumes(tmp_path):
     meta = json.loads((cont / "export" / "difstudy_training.json").read_text())
     assert meta["total_unet_steps"] == 46 and meta["previous_run"]["unet_steps"] == 40
     assert meta["noise_offset"] == 0.1 and meta["previous_run"]["noise_offset"] == 0.0 and meta["fg_weight"] == 4
-    assert meta["only_backgrounds"] == "plain,gradient"
+    assert meta["only_backgrounds"] == "plain,gradient" and meta["pooled_text_gain"] == 0.1
     assert before.unet.config.addition_embed_type is None  # pure SD1.5 layout by default
     assert after.unet.config.addition_embed_type == "text"  # --pooled-text added the embedding
 
@@ -159,6 +160,45 @@ def test_training_smoke_loss_goes_down_and_resumes(tmp_path):
     evaluate.main(["--run", str(cont), "--model", str(model), "--per-class", "1", "--threads", "1"])
     curve = list(csv.DictReader(open(model / "recognition_curve.csv")))
     assert [(int(r["step"]), int(r["n"])) for r in curve] == [(40, 999), (43, 10), (46, 10)]
+
+
+def test_make_data_reuses_an_older_file_unless_the_masks_are_needed(tmp_path):
+    import numpy as np
+
+    from difstudy.data.toyworld import vocabulary
+    from difstudy.models import mini
+    from difstudy.train.mini import make_data
+
+    tok = mini.build_tokenizer(vocabulary())
+    d = make_data(tmp_path, 4, 0, tok)
+    assert d["foreground"].shape == (4, mini.IMAGE_SIZE // 4, mini.IMAGE_SIZE // 4)
+    old = {k: v for k, v in d.items() if k != "foreground"}
+    old["images"] = np.zeros_like(d["images"])  # marks the file as the one written here
+    np.savez(tmp_path / "data.npz", **old)
+    assert not make_data(tmp_path, 4, 0, tok)["images"].any()  # reused: no masks needed
+    again = make_data(tmp_path, 4, 0, tok, need_foreground=True)  # --fg-weight: rendered again
+    assert again["images"].any() and np.array_equal(again["foreground"], d["foreground"])
+
+
+def test_pooled_text_continuation_starts_as_the_model_it_continues():
+    """``--pooled-text`` on a continued U-Net: gain 0 reproduces it exactly but leaves the new
+    embedding's projection without gradient; a small gain perturbs it and lets the projection learn."""
+    from difstudy.models import mini
+    from difstudy.train.mini import _with_pooled_text
+
+    torch.manual_seed(0)
+    old = mini.build_unet().eval()
+    z, t, text = torch.randn(2, 4, 16, 16), torch.tensor([10, 700]), torch.randn(2, mini.TEXT_LENGTH, 64)
+    with torch.no_grad():
+        ref = old(z, t, text).sample
+    for gain in (0.0, 0.1):
+        new = _with_pooled_text(old, gain).eval()
+        out = new(z, t, text).sample
+        assert torch.equal(out, ref) if gain == 0 else not torch.allclose(out, ref)
+        out.square().mean().backward()
+        proj = new.add_embedding.proj.weight.grad
+        assert (proj is None or not proj.any()) if gain == 0 else proj.abs().sum() > 0
+    assert _with_pooled_text(new) is new  # already has it: unchanged
 
 
 def test_cli_missing_model_folder_message():
