@@ -16,6 +16,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..extract import to_tensor as image_tensor
+from ..models import vae_scale_factor
+
 
 def atomic_save(obj, path: Path) -> None:
     """``torch.save`` to a temporary name, then rename: a kill leaves the old checkpoint or the new one."""
@@ -83,9 +86,6 @@ def denoising_losses(
     prompt per image), on the same noise draws (one per timestep from ``seed``). With
     ``controlnet``, its residuals for ``control_image`` (the condition batch) are added, as
     ``StableDiffusionControlNetPipeline`` does. Returns ``{name: [loss per timestep]}``."""
-    from ..extract import to_tensor as image_tensor
-    from ..models import vae_scale_factor
-
     size = pipe.unet.config.sample_size * vae_scale_factor(pipe)
     z0 = pipe.vae.encode(torch.stack([image_tensor(im, size) for im in images])).latent_dist.mean
     z0 = z0 * pipe.vae.config.scaling_factor
