@@ -160,6 +160,16 @@ def test_training_smoke_loss_goes_down_and_resumes(tmp_path):
     evaluate.main(["--run", str(cont), "--model", str(model), "--per-class", "1", "--threads", "1"])
     curve = list(csv.DictReader(open(model / "recognition_curve.csv")))
     assert [(int(r["step"]), int(r["n"])) for r in curve] == [(40, 999), (43, 10), (46, 10)]
+    # --prompt-effect adds the class prompt's effect per snapshot (empty for the older rows)
+    evaluate.main(["--run", str(cont), "--model", str(model), "--per-class", "1", "--threads", "1", "--prompt-effect"])
+    curve = list(csv.DictReader(open(model / "recognition_curve.csv")))
+    assert [r["other_over_own"] != "" for r in curve] == [False, True, True]
+    from difstudy.card import prompt_effect
+
+    with torch.no_grad():  # the last snapshot holds the exported EMA weights (in fp16)
+        effect = prompt_effect(load(str(model))).loc["mean"]
+    assert float(curve[-1]["loss_own_class"]) == pytest.approx(effect["own class"], rel=1e-2)
+    assert float(curve[-1]["other_over_own"]) == pytest.approx(effect["other / own"], rel=1e-2)
 
 
 def test_make_data_reuses_an_older_file_unless_the_masks_are_needed(tmp_path):

@@ -5,9 +5,12 @@
 For every EMA snapshot that :mod:`difstudy.train.mini` saved in
 ``RUN/snapshots`` (U-Net and text encoder at step N), load it into the
 exported pipeline, generate ``--per-class`` samples per class prompt and let
-the judge (:mod:`difstudy.judge`) name them. Writes ``recognition_curve.csv``
-(step, recognised, n, ci95_low, ci95_high) into the model folder, where the
-model card reads it: the snapshots themselves are too large to commit.
+the judge (:mod:`difstudy.judge`) name them; with ``--prompt-effect`` also
+measure :func:`difstudy.card.prompt_effect` (does the class word lower the
+denoising loss?), which moves long before recognition does. Writes
+``recognition_curve.csv`` (step, recognised, n, ci95_low, ci95_high, and
+loss_own_class, other_over_own with ``--prompt-effect``) into the model folder,
+where the model card reads it: the snapshots themselves are too large to commit.
 
 A model continued with ``--init-from`` names its snapshots by total step, so
 evaluating the continuation's run **adds** its steps to the curve already there
@@ -24,12 +27,19 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..card import recognition_summary, sample_recognition
+from ..card import prompt_effect, recognition_summary, sample_recognition
 from ..judge import load_judge
 from ..models import load
 
 
-def evaluate_snapshots(model: str | Path, run: Path, per_class: int = 20, steps: int = 30, guidance: float = 4.0):
+def evaluate_snapshots(
+    model: str | Path,
+    run: Path,
+    per_class: int = 20,
+    steps: int = 30,
+    guidance: float = 4.0,
+    with_prompt_effect: bool = False,
+):
     from safetensors.torch import load_file
 
     pipe = load(str(model))
@@ -44,9 +54,14 @@ def evaluate_snapshots(model: str | Path, run: Path, per_class: int = 20, steps:
         te = path.with_name(path.name.replace("unet_", "text_encoder_"))
         pipe.text_encoder.load_state_dict({k: v.float() for k, v in load_file(str(te)).items()})
         df, _ = sample_recognition(pipe, judge, per_class=per_class, steps=steps, guidance=guidance)
-        row = recognition_summary(df)
-        rows.append(dict(step=step, **row))
-        print(f"step {step}: {row['recognised']:.1%} recognised", flush=True)
+        row = dict(step=step, **recognition_summary(df))
+        if with_prompt_effect:
+            with torch.no_grad():
+                effect = prompt_effect(pipe).loc["mean"]
+            row.update(loss_own_class=float(effect["own class"]), other_over_own=float(effect["other / own"]))
+        rows.append(row)
+        extra = f", other/own {row['other_over_own']:.4f}" if with_prompt_effect else ""
+        print(f"step {step}: {row['recognised']:.1%} recognised{extra}", flush=True)
     return pd.DataFrame(rows)
 
 
@@ -64,13 +79,18 @@ def main(argv=None) -> None:
     ap.add_argument("--model", type=Path, default=Path("difstudy/models/difstudy-mini"))
     ap.add_argument("--per-class", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument(
+        "--prompt-effect",
+        action="store_true",
+        help="also record the class prompt's effect on the denoising loss (card.prompt_effect, about 10 s each)",
+    )
     ap.add_argument("--replace", action="store_true", help="drop the curve already in the model folder")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     path = a.model / "recognition_curve.csv"
     old = pd.read_csv(path) if path.exists() and not a.replace else None
-    df = merge_curve(old, evaluate_snapshots(a.model, a.run, a.per_class))
+    df = merge_curve(old, evaluate_snapshots(a.model, a.run, a.per_class, with_prompt_effect=a.prompt_effect))
     tmp = a.model / ".recognition_curve.tmp"
     df.to_csv(tmp, index=False)
     os.replace(tmp, path)
