@@ -166,8 +166,7 @@ def test_training_smoke_loss_goes_down_and_resumes(tmp_path):
     assert [r["other_over_own"] != "" for r in curve] == [False, True, True]
     from difstudy.card import prompt_effect
 
-    with torch.no_grad():  # the last snapshot holds the exported EMA weights (in fp16)
-        effect = prompt_effect(load(str(model))).loc["mean"]
+    effect = prompt_effect(load(str(model))).loc["mean"]  # the last snapshot: the exported EMA weights, fp16
     assert float(curve[-1]["loss_own_class"]) == pytest.approx(effect["own class"], rel=1e-2)
     assert float(curve[-1]["other_over_own"]) == pytest.approx(effect["other / own"], rel=1e-2)
 

@@ -56,8 +56,7 @@ def evaluate_snapshots(
         df, _ = sample_recognition(pipe, judge, per_class=per_class, steps=steps, guidance=guidance)
         row = dict(step=step, **recognition_summary(df))
         if with_prompt_effect:
-            with torch.no_grad():
-                effect = prompt_effect(pipe).loc["mean"]
+            effect = prompt_effect(pipe).loc["mean"]  # no_grad inside
             row.update(loss_own_class=float(effect["own class"]), other_over_own=float(effect["other / own"]))
         rows.append(row)
         extra = f", other/own {row['other_over_own']:.4f}" if with_prompt_effect else ""

@@ -27,8 +27,9 @@ Stages (each resumable from its last checkpoint in ``--out``):
    Two experiments of the second mini-model session are options, off by
    default: ``--pooled-text`` (the prompt also enters the time embedding, see
    :mod:`difstudy.models.mini`; a continued model gets the new embedding with
-   its output gain at ``--pooled-text-gain``, 0 by default: exactly the model it continues) and ``--fg-weight W`` (latent cells covered by
-   the object weigh 1 + W in the loss, from the toy world's masks).
+   its output gain at ``--pooled-text-gain``, 0 by default: exactly the model
+   it continues) and ``--fg-weight W`` (latent cells covered by the object
+   weigh 1 + W in the loss, from the toy world's masks).
 4. ``export``: write a diffusers ``StableDiffusionPipeline`` folder
    (safetensors, fp32) that ``difstudy.models.load("mini")`` reads offline,
    with the training log (``training_log.csv``) and arguments beside it.
@@ -442,16 +443,16 @@ def main(argv=None) -> None:
         a.seed,
         log,
         a.ckpt_every,
-        a.holdout_background or None,
-        a.snr_gamma,
-        a.snapshot_every,
-        init,
-        offset,
-        a.noise_offset,
-        a.fg_weight,
-        a.pooled_text,
-        only_backgrounds or None,
-        a.pooled_text_gain,
+        holdout_background=a.holdout_background or None,
+        snr_gamma=a.snr_gamma,
+        snapshot_every=a.snapshot_every,
+        init=init,
+        step_offset=offset,
+        noise_offset=a.noise_offset,
+        fg_weight=a.fg_weight,
+        pooled_text=a.pooled_text,
+        only_backgrounds=only_backgrounds or None,
+        pooled_text_gain=a.pooled_text_gain,
     )
     if a.export:
         meta = dict(vars(a), out=str(a.out), export=str(a.export), scaling_factor=float(lat["scaling"]))
