@@ -1,5 +1,6 @@
 import csv
 import json
+import shlex
 import subprocess
 import sys
 
@@ -147,6 +148,16 @@ def test_training_smoke_loss_goes_down_and_resumes(tmp_path):
     assert meta["total_unet_steps"] == 46 and meta["previous_run"]["unet_steps"] == 40
     assert meta["noise_offset"] == 0.1 and meta["previous_run"]["noise_offset"] == 0.0 and meta["fg_weight"] == 4
     assert meta["only_backgrounds"] == "plain,gradient" and meta["pooled_text_gain"] == 0.1
+    # the record replays as the chain of commands that made it, each parsing back to its run's options
+    commands = train_mini.reproduce_commands(meta)
+    assert len(commands) == 2 and "--init-from" not in commands[0] and "--vae-steps" not in commands[1]
+    for command, run in zip(commands, (meta["previous_run"], meta)):
+        parsed = vars(train_mini.build_parser().parse_args(shlex.split(command)[3:]))
+        for key, value in run.items():
+            if key in ("out", "export", "init_from"):
+                assert str(parsed[key]) == str(value), key
+            elif key in parsed and not (run.get("init_from") and key.startswith("vae_")):
+                assert parsed[key] == value, key
     assert before.unet.config.addition_embed_type is None  # pure SD1.5 layout by default
     assert after.unet.config.addition_embed_type == "text"  # --pooled-text added the embedding
 

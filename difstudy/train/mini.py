@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -355,7 +356,7 @@ def export(folder: Path, vae, unet, te, tokenizer, scaling: float, meta: dict) -
     (folder / "difstudy_training.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m difstudy.train.mini", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("runs/mini"), help="run folder (checkpoints, log.csv)")
     ap.add_argument("--export", type=Path, default=None, help="write the diffusers pipeline folder here at the end")
@@ -409,6 +410,42 @@ def main(argv=None) -> None:
         help="continue from an exported pipeline folder: keep its VAE, train its U-Net and text encoder "
         "for --unet-steps more steps (fresh optimiser, warmup + cosine); the log and snapshots count total steps",
     )
+    return ap
+
+
+# keys of difstudy_training.json that are results, not options; and options a continuation ignores
+_RECORD_ONLY = ("scaling_factor", "total_unet_steps", "previous_run", "wall_seconds_this_invocation", "init_from")
+_VAE_OPTIONS = ("vae_steps", "vae_crop", "vae_full_steps", "vae_lr")
+
+
+def reproduce_commands(meta: dict) -> list[str]:
+    """The ``train.mini`` invocations, oldest first, that made the model whose
+    ``difstudy_training.json`` is ``meta``: one per run of its ``previous_run`` chain, every
+    recorded option spelled out (the defaults have changed between runs), a continuation's VAE
+    options left out (it keeps the VAE). An option a record lacks did not exist then, so it was off."""
+    chain = []
+    while meta:
+        chain.append(meta)
+        meta = meta.get("previous_run")
+    commands = []
+    for run in reversed(chain):
+        words = ["python", "-m", "difstudy.train.mini"]
+        for key, value in run.items():
+            if key in _RECORD_ONLY or value is None or (run.get("init_from") and key in _VAE_OPTIONS):
+                continue
+            flag = "--" + key.replace("_", "-")
+            if isinstance(value, bool):
+                words += [flag] if value else []
+            else:
+                words += [flag, str(value)]
+        if run.get("init_from"):
+            words += ["--init-from", str(run["init_from"])]
+        commands.append(shlex.join(words))
+    return commands
+
+
+def main(argv=None) -> None:
+    ap = build_parser()
     a = ap.parse_args(argv)
     only_backgrounds = tuple(b for b in a.only_backgrounds.split(",") if b)
     unknown = [b for b in only_backgrounds if b not in BACKGROUNDS]
