@@ -75,6 +75,17 @@ def test_saved_pipeline_folder_round_trips(tmp_path):
     assert torch.equal(next(p.unet.parameters()), next(q.unet.parameters()))
 
 
+def test_unet_recipe_loss_weights_are_min_snr_gamma():
+    from difstudy.train.mini import UNetRecipe
+
+    snr = torch.tensor([0.5, 5.0, 20.0])
+    v = UNetRecipe(snr_gamma=5.0).loss_weights(snr, "v_prediction")
+    assert torch.allclose(v, torch.tensor([0.5 / 1.5, 5 / 6, 5 / 21]))
+    eps = UNetRecipe(snr_gamma=5.0).loss_weights(snr, "epsilon")
+    assert torch.allclose(eps, torch.tensor([1.0, 1.0, 0.25]))
+    assert torch.equal(UNetRecipe(snr_gamma=0).loss_weights(snr, "v_prediction"), torch.ones(3))
+
+
 def test_training_smoke_loss_goes_down_and_resumes(tmp_path):
     from difstudy.train import mini as train_mini
 
@@ -119,6 +130,10 @@ def test_training_smoke_loss_goes_down_and_resumes(tmp_path):
     train_mini.main(args[:-8] + ["--unet-steps", "50", "--vae-lr", "3e-3", "--unet-lr", "3e-3"])
     rows = list(csv.DictReader(open(tmp_path / "log.csv")))
     assert [int(r["step"]) for r in rows if r["stage"] == "unet"][-10:] == list(range(41, 51))
+    # resuming that checkpoint with another recipe is refused by name, and nothing is written
+    with pytest.raises(ValueError, match="another recipe .*snr_gamma: checkpoint 5.0, now 1.0.*new --out"):
+        train_mini.main(args[:-8] + ["--unet-steps", "60", "--vae-lr", "3e-3", "--unet-lr", "3e-3", "--snr-gamma", "1"])
+    assert list(csv.DictReader(open(tmp_path / "log.csv"))) == rows
 
     # --init-from continues the exported model: same VAE, U-Net starts from its weights, the log
     # and snapshots count total steps, and the exported record says so

@@ -35,7 +35,9 @@ Stages (each resumable from its last checkpoint in ``--out``):
    with the training log (``training_log.csv``) and arguments beside it.
 
 Every ``--ckpt-every`` steps the stage's state (weights, optimiser, EMA, RNG,
-step) is written atomically, so a killed run resumes where it stopped. Losses
+step) is written atomically, so a killed run resumes where it stopped. The U-Net's
+checkpoint also records its :class:`UNetRecipe`: resuming it with other options (``--unet-steps``
+aside, which lengthens or shortens the cosine) is refused with the differing options named. Losses
 go to ``--out/log.csv`` (stage, step, loss, lr, seconds).
 """
 
@@ -47,6 +49,7 @@ import os
 import shlex
 import shutil
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -190,47 +193,80 @@ def _save_snapshot(folder: Path, step: int, unet, te) -> None:
         os.replace(tmp, folder / f"{name}_{step:06d}.safetensors")
 
 
+@dataclass(frozen=True)
+class UNetRecipe:
+    """How the U-Net stage trains: one value per ``train.mini`` option, recorded in the stage's
+    checkpoint so that a resumed run cannot silently continue with another recipe."""
+
+    steps: int = 6000
+    batch: int = 32
+    lr: float = 1e-3
+    seed: int = 0
+    holdout_background: str | None = "checkered"
+    snr_gamma: float = 5.0
+    noise_offset: float = 0.0
+    fg_weight: float = 0.0
+    pooled_text: bool = False
+    pooled_text_gain: float = 0.0
+    only_backgrounds: tuple[str, ...] | None = None
+
+    def loss_weights(self, snr: torch.Tensor, prediction_type: str) -> torch.Tensor:
+        """Per-sample weights of the MSE: Min-SNR-gamma (Hang et al. 2023; for v-prediction
+        min(snr, gamma) / (snr + 1)), or ones with ``snr_gamma`` 0."""
+        if not self.snr_gamma:
+            return torch.ones_like(snr)
+        w = torch.minimum(snr, torch.full_like(snr, self.snr_gamma))
+        return w / (snr + 1) if prediction_type == "v_prediction" else w / snr
+
+    def check_resume(self, saved: dict | None) -> None:
+        """Refuse to resume a checkpoint written with another recipe (``steps`` may change: a
+        longer or shorter cosine; checkpoints before this record have none and are trusted)."""
+        if saved is None:
+            return
+        mine = asdict(self)
+        saved = {**saved, "only_backgrounds": tuple(saved["only_backgrounds"] or ()) or None}
+        differ = {k: (saved[k], mine[k]) for k in mine if k != "steps" and k in saved and saved[k] != mine[k]}
+        if differ:
+            listing = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differ.items())
+            raise ValueError(
+                f"the U-Net checkpoint in this run folder was trained with another recipe ({listing}); "
+                "rerun with the checkpoint's options to resume it, or pass a new --out to start a new run"
+            )
+
+
 def train_unet(
     out: Path,
     data: dict,
     lat: dict,
-    steps: int,
-    batch: int,
-    lr: float,
-    seed: int,
+    recipe: UNetRecipe,
     log: CsvLog,
     ckpt_every: int,
-    holdout_background: str | None = "checkered",
-    snr_gamma: float = 5.0,
     snapshot_every: int = 1000,
     init=None,
     step_offset: int = 0,
-    noise_offset: float = 0.0,
-    fg_weight: float = 0.0,
-    pooled_text: bool = False,
-    only_backgrounds: tuple[str, ...] | None = None,
-    pooled_text_gain: float = 0.0,
 ):
-    """Train U-Net and text encoder; ``init`` (a loaded pipeline) continues from its weights, and
-    ``step_offset`` (the steps it already had) names the snapshots by total U-Net steps."""
+    """Train U-Net and text encoder by ``recipe``; ``init`` (a loaded pipeline) continues from its
+    weights, and ``step_offset`` (the steps it already had) names the snapshots by total U-Net steps."""
     from diffusers.training_utils import EMAModel, compute_snr
 
-    torch.manual_seed(seed)
+    r = recipe
+    torch.manual_seed(r.seed)
     if init is not None:
-        unet = _with_pooled_text(init.unet, pooled_text_gain) if pooled_text else init.unet
+        unet = _with_pooled_text(init.unet, r.pooled_text_gain) if r.pooled_text else init.unet
         tokenizer, unet, te = init.tokenizer, unet.train(), init.text_encoder.train()
     else:
         tokenizer = mini.build_tokenizer(vocabulary())
-        unet, te = mini.build_unet(pooled_text), mini.build_text_encoder(tokenizer)
+        unet, te = mini.build_unet(r.pooled_text), mini.build_text_encoder(tokenizer)
     params = list(unet.parameters()) + list(te.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    opt = torch.optim.AdamW(params, lr=r.lr, weight_decay=1e-2)
     ema = EMAModel(params, decay=0.999, use_ema_warmup=True, power=0.75)
     sched = mini.build_noise_scheduler()
-    gen = torch.Generator().manual_seed(seed + 1)
+    gen = torch.Generator().manual_seed(r.seed + 1)
     step = 0
     ckpt = out / "unet.pt"
     if ckpt.exists():
         st = torch.load(ckpt, weights_only=False)
+        r.check_resume(st.get("recipe"))
         unet.load_state_dict(st["unet"])
         te.load_state_dict(st["te"])
         opt.load_state_dict(st["opt"])
@@ -238,44 +274,38 @@ def train_unet(
         gen.set_state(st["gen"])
         step = st["step"]
     keep = np.ones(len(lat["mean"]), bool)
-    if holdout_background:
-        keep = data["backgrounds"] != holdout_background
-    if only_backgrounds:  # an easy-first curriculum: train on these background kinds only
-        keep &= np.isin(data["backgrounds"], list(only_backgrounds))
+    if r.holdout_background:
+        keep = data["backgrounds"] != r.holdout_background
+    if r.only_backgrounds:  # an easy-first curriculum: train on these background kinds only
+        keep &= np.isin(data["backgrounds"], list(r.only_backgrounds))
     labels = data["labels"]
     by_class = [torch.from_numpy(np.flatnonzero(keep & (labels == c))) for c in range(int(labels.max()) + 1)]
     by_class = [ix for ix in by_class if len(ix)]
     scaling = float(lat["scaling"])
     t0 = time.time()
-    bar = tqdm(total=steps, initial=step, desc="unet", mininterval=10)
-    while step < steps:
+    bar = tqdm(total=r.steps, initial=step, desc="unet", mininterval=10)
+    while step < r.steps:
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, steps, lr, warmup=200)
-        cls = torch.randint(0, len(by_class), (batch,), generator=gen)  # class-balanced draws
+            g["lr"] = cosine_lr(step, r.steps, r.lr, warmup=200)
+        cls = torch.randint(0, len(by_class), (r.batch,), generator=gen)  # class-balanced draws
         idx = torch.stack([by_class[c][torch.randint(0, len(by_class[c]), (1,), generator=gen)][0] for c in cls])
         mean, std = torch.from_numpy(lat["mean"][idx.numpy()]), torch.from_numpy(lat["std"][idx.numpy()])
         z0 = (mean + std * torch.randn(mean.shape, generator=gen)) * scaling
-        ids = caption_ids(data, idx.numpy(), torch.rand(batch, generator=gen))
-        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen)
+        ids = caption_ids(data, idx.numpy(), torch.rand(r.batch, generator=gen))
+        t = torch.randint(0, sched.config.num_train_timesteps, (r.batch,), generator=gen)
         noise = torch.randn(z0.shape, generator=gen)
-        if noise_offset:  # offset noise: a per-image, per-channel constant lets samples leave the mean colour
-            noise = noise + noise_offset * torch.randn((batch, z0.shape[1], 1, 1), generator=gen)
+        if r.noise_offset:  # offset noise: a per-image, per-channel constant lets samples leave the mean colour
+            noise = noise + r.noise_offset * torch.randn((r.batch, z0.shape[1], 1, 1), generator=gen)
         zt = sched.add_noise(z0, noise, t)
         pred = unet(zt, t, te(ids).last_hidden_state).sample
         target = diffusion_target(sched, z0, noise, t)
         err = F.mse_loss(pred, target, reduction="none")
-        if fg_weight:  # latent cells covered by the object count 1 + fg_weight times
-            cells = 1 + fg_weight * torch.from_numpy(data["foreground"][idx.numpy()].astype(np.float32))[:, None]
+        if r.fg_weight:  # latent cells covered by the object count 1 + fg_weight times
+            cells = 1 + r.fg_weight * torch.from_numpy(data["foreground"][idx.numpy()].astype(np.float32))[:, None]
             per = (err * cells).sum((1, 2, 3)) / (cells.sum((1, 2, 3)) * err.shape[1])
         else:
             per = err.mean((1, 2, 3))
-        snr = compute_snr(sched, t)
-        if snr_gamma:  # Min-SNR-gamma weights (for v: min(snr, gamma) / (snr + 1))
-            w = torch.minimum(snr, torch.full_like(snr, snr_gamma))
-            w = w / (snr + 1) if sched.config.prediction_type == "v_prediction" else w / snr
-        else:
-            w = torch.ones_like(snr)
-        loss = (w * per).mean()
+        loss = (r.loss_weights(compute_snr(sched, t), sched.config.prediction_type) * per).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -284,10 +314,10 @@ def train_unet(
         step += 1
         bar.update(1)
         log("unet", step_offset + step, loss.item(), opt.param_groups[0]["lr"], time.time() - t0)
-        if step % ckpt_every == 0 or step == steps:
+        if step % ckpt_every == 0 or step == r.steps:
             state = dict(unet=unet.state_dict(), te=te.state_dict(), opt=opt.state_dict(), ema=ema.state_dict())
-            atomic_save(dict(state, gen=gen.get_state(), step=step), ckpt)
-        if snapshot_every and (step % snapshot_every == 0 or step == steps):
+            atomic_save(dict(state, gen=gen.get_state(), step=step, recipe=asdict(r)), ckpt)
+        if snapshot_every and (step % snapshot_every == 0 or step == r.steps):
             ema.store(params)
             ema.copy_to(params)
             _save_snapshot(out / "snapshots", step_offset + step, unet, te)
@@ -470,26 +500,21 @@ def main(argv=None) -> None:
             a.out, data, a.vae_steps, a.batch, a.vae_lr, a.seed, log, a.ckpt_every, a.vae_crop, a.vae_full_steps
         )
     lat = encode_latents(a.out, vae, data)
-    unet, te, tokenizer = train_unet(
-        a.out,
-        data,
-        lat,
-        a.unet_steps,
-        a.batch,
-        a.unet_lr,
-        a.seed,
-        log,
-        a.ckpt_every,
+    recipe = UNetRecipe(
+        steps=a.unet_steps,
+        batch=a.batch,
+        lr=a.unet_lr,
+        seed=a.seed,
         holdout_background=a.holdout_background or None,
         snr_gamma=a.snr_gamma,
-        snapshot_every=a.snapshot_every,
-        init=init,
-        step_offset=offset,
         noise_offset=a.noise_offset,
         fg_weight=a.fg_weight,
         pooled_text=a.pooled_text,
-        only_backgrounds=only_backgrounds or None,
         pooled_text_gain=a.pooled_text_gain,
+        only_backgrounds=only_backgrounds or None,
+    )
+    unet, te, tokenizer = train_unet(
+        a.out, data, lat, recipe, log, a.ckpt_every, snapshot_every=a.snapshot_every, init=init, step_offset=offset
     )
     if a.export:
         meta = dict(vars(a), out=str(a.out), export=str(a.export), scaling_factor=float(lat["scaling"]))
