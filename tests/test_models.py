@@ -195,6 +195,14 @@ def test_training_smoke_loss_goes_down_and_resumes(tmp_path):
     effect = prompt_effect(load(str(model))).loc["mean"]  # the last snapshot: the exported EMA weights, fp16
     assert float(curve[-1]["loss_own_class"]) == pytest.approx(effect["own class"], rel=1e-2)
     assert float(curve[-1]["other_over_own"]) == pytest.approx(effect["other / own"], rel=1e-2)
+    # --only-steps re-evaluates just those snapshots; a step without a snapshot is named with the ones there
+    evaluate.main(
+        ["--run", str(cont), "--model", str(model), "--per-class", "2", "--threads", "1", "--only-steps", "43"]
+    )
+    curve = list(csv.DictReader(open(model / "recognition_curve.csv")))
+    assert [(int(r["step"]), int(r["n"])) for r in curve] == [(40, 999), (43, 20), (46, 10)]
+    with pytest.raises(ValueError, match=r"no snapshot at step\(s\) \[44\].*it has \[43, 46\]"):
+        evaluate.main(["--run", str(cont), "--model", str(model), "--only-steps", "44"])
 
 
 def test_make_data_reuses_an_older_file_unless_the_masks_are_needed(tmp_path):

@@ -7,7 +7,8 @@ For every EMA snapshot that :mod:`difstudy.train.mini` saved in
 exported pipeline, generate ``--per-class`` samples per class prompt and let
 the judge (:mod:`difstudy.judge`) name them; with ``--prompt-effect`` also
 measure :func:`difstudy.card.prompt_effect` (does the class word lower the
-denoising loss?), which moves long before recognition does. Writes
+denoising loss?), which moves long before recognition does; ``--only-steps``
+evaluates the named snapshots only. Writes
 ``recognition_curve.csv`` (step, recognised, n, ci95_low, ci95_high, and
 loss_own_class, other_over_own with ``--prompt-effect``) into the model folder,
 where the model card reads it: the snapshots themselves are too large to commit.
@@ -39,7 +40,9 @@ def evaluate_snapshots(
     steps: int = 30,
     guidance: float = 4.0,
     with_prompt_effect: bool = False,
+    only_steps: list[int] | None = None,
 ):
+    """One curve row per snapshot in ``run`` (only those at ``only_steps``, if given)."""
     from safetensors.torch import load_file
 
     pipe = load(str(model))
@@ -47,9 +50,14 @@ def evaluate_snapshots(
     found = sorted(run.glob("snapshots/unet_*.safetensors"))
     if not found:
         raise FileNotFoundError(f"no snapshots in {run / 'snapshots'}; train with --snapshot-every N")
+    by_step = {int(re.search(r"(\d+)", path.stem).group(1)): path for path in found}
+    if only_steps:
+        missing = sorted(set(only_steps) - set(by_step))
+        if missing:
+            raise ValueError(f"no snapshot at step(s) {missing} in {run / 'snapshots'}; it has {sorted(by_step)}")
+        by_step = {k: by_step[k] for k in sorted(set(only_steps))}
     rows = []
-    for path in found:
-        step = int(re.search(r"(\d+)", path.stem).group(1))
+    for step, path in by_step.items():
         pipe.unet.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
         te = path.with_name(path.name.replace("unet_", "text_encoder_"))
         pipe.text_encoder.load_state_dict({k: v.float() for k, v in load_file(str(te)).items()})
@@ -84,12 +92,19 @@ def main(argv=None) -> None:
         help="also record the class prompt's effect on the denoising loss (card.prompt_effect, about 10 s each)",
     )
     ap.add_argument("--replace", action="store_true", help="drop the curve already in the model folder")
+    ap.add_argument(
+        "--only-steps",
+        default="",
+        help="comma-separated snapshot steps to evaluate ('' all), e.g. the last one first to decide quickly",
+    )
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     path = a.model / "recognition_curve.csv"
     old = pd.read_csv(path) if path.exists() and not a.replace else None
-    df = merge_curve(old, evaluate_snapshots(a.model, a.run, a.per_class, with_prompt_effect=a.prompt_effect))
+    only = [int(x) for x in a.only_steps.split(",") if x.strip()]
+    new = evaluate_snapshots(a.model, a.run, a.per_class, with_prompt_effect=a.prompt_effect, only_steps=only)
+    df = merge_curve(old, new)
     tmp = a.model / ".recognition_curve.tmp"
     df.to_csv(tmp, index=False)
     os.replace(tmp, path)
