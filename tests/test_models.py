@@ -83,6 +83,7 @@ def test_unet_recipe_loss_weights_are_min_snr_gamma():
     assert torch.allclose(v, torch.tensor([0.5 / 1.5, 5 / 6, 5 / 21]))
     eps = UNetRecipe(snr_gamma=5.0).loss_weights(snr, "epsilon")
     assert torch.allclose(eps, torch.tensor([1.0, 1.0, 0.25]))
+    assert UNetRecipe().snr_gamma == 1.0
     assert torch.equal(UNetRecipe(snr_gamma=0).loss_weights(snr, "v_prediction"), torch.ones(3))
 
 
@@ -131,8 +132,8 @@ def test_training_smoke_loss_goes_down_and_resumes(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "log.csv")))
     assert [int(r["step"]) for r in rows if r["stage"] == "unet"][-10:] == list(range(41, 51))
     # resuming that checkpoint with another recipe is refused by name, and nothing is written
-    with pytest.raises(ValueError, match="another recipe .*snr_gamma: checkpoint 5.0, now 1.0.*new --out"):
-        train_mini.main(args[:-8] + ["--unet-steps", "60", "--vae-lr", "3e-3", "--unet-lr", "3e-3", "--snr-gamma", "1"])
+    with pytest.raises(ValueError, match="another recipe .*snr_gamma: checkpoint 1.0, now 5.0.*new --out"):
+        train_mini.main(args[:-8] + ["--unet-steps", "60", "--vae-lr", "3e-3", "--unet-lr", "3e-3", "--snr-gamma", "5"])
     assert list(csv.DictReader(open(tmp_path / "log.csv"))) == rows
 
     # --init-from continues the exported model: same VAE, U-Net starts from its weights, the log
@@ -173,6 +174,9 @@ def test_training_smoke_loss_goes_down_and_resumes(tmp_path):
                 assert str(parsed[key]) == str(value), key
             elif key in parsed and not (run.get("init_from") and key.startswith("vae_")):
                 assert parsed[key] == value, key
+    runs = train_mini.training_runs(meta)  # the card's table: one column per run, oldest first
+    assert list(runs.columns) == [f"1: {tmp_path}", f"2: {cont}"]
+    assert runs.loc["vae_steps"].tolist() == ["40", "kept"] and runs.loc["pooled_text_gain"].tolist()[1] == "0.1"
     assert before.unet.config.addition_embed_type is None  # pure SD1.5 layout by default
     assert after.unet.config.addition_embed_type == "text"  # --pooled-text added the embedding
 
