@@ -227,7 +227,6 @@ class UNetRecipe:
         if saved is None:
             return
         mine = asdict(self)
-        saved = {**saved, "only_backgrounds": tuple(saved["only_backgrounds"] or ()) or None}
         differ = {k: (saved[k], mine[k]) for k in mine if k != "steps" and k in saved and saved[k] != mine[k]}
         if differ:
             listing = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differ.items())
@@ -397,21 +396,23 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--vae-steps", type=int, default=3300)
     ap.add_argument("--vae-crop", type=int, default=32, help="crop size (px) for all but the last --vae-full-steps")
     ap.add_argument("--vae-full-steps", type=int, default=300)
-    ap.add_argument("--unet-steps", type=int, default=6000)
+    ap.add_argument("--unet-steps", type=int, default=UNetRecipe.steps)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--vae-lr", type=float, default=1e-3)
-    ap.add_argument("--unet-lr", type=float, default=1e-3)
-    ap.add_argument("--snr-gamma", type=float, default=1.0, help="Min-SNR-gamma loss weighting (0: off)")
+    ap.add_argument("--unet-lr", type=float, default=UNetRecipe.lr)
+    ap.add_argument(
+        "--snr-gamma", type=float, default=UNetRecipe.snr_gamma, help="Min-SNR-gamma loss weighting (0: off)"
+    )
     ap.add_argument(
         "--noise-offset",
         type=float,
-        default=0.0,
+        default=UNetRecipe.noise_offset,
         help="offset noise (diffusers' --noise_offset): add this times a per-channel constant to the noise (0: off)",
     )
     ap.add_argument(
         "--fg-weight",
         type=float,
-        default=0.0,
+        default=UNetRecipe.fg_weight,
         help="latent cells covered by the object weigh 1 + this in the U-Net loss (a masked loss; 0: off)",
     )
     ap.add_argument(
@@ -422,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--pooled-text-gain",
         type=float,
-        default=0.0,
+        default=UNetRecipe.pooled_text_gain,
         help="with --pooled-text and --init-from: the new embedding's initial output gain (0: starts as the "
         "continued model, but the embedding's projection gets no gradient until the gain grows)",
     )
@@ -431,7 +432,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="comma-separated background kinds (plain, gradient, striped, cluttered) to train on ('' all)",
     )
-    ap.add_argument("--holdout-background", default="checkered", help="background kind the U-Net never sees ('' none)")
+    ap.add_argument(
+        "--holdout-background",
+        default=UNetRecipe.holdout_background,
+        help="background kind the U-Net never sees ('' none)",
+    )
     ap.add_argument("--snapshot-every", type=int, default=1000, help="save EMA weights every N U-Net steps (0: off)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ckpt-every", type=int, default=200)
@@ -447,8 +452,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # keys of difstudy_training.json that are results, not options; and options a continuation ignores
-_RECORD_ONLY = ("scaling_factor", "total_unet_steps", "previous_run", "wall_seconds_this_invocation", "init_from")
+_RECORD_ONLY = ("scaling_factor", "total_unet_steps", "wall_seconds_this_invocation", "init_from")
 _VAE_OPTIONS = ("vae_steps", "vae_crop", "vae_full_steps", "vae_lr")
+
+
+def _kept_vae_option(run: dict, key: str) -> bool:
+    """A VAE option of a continuation: recorded, but not used (it keeps the VAE it continues)."""
+    return bool(run.get("init_from")) and key in _VAE_OPTIONS
 
 
 def run_chain(meta: dict) -> list[dict]:
@@ -469,7 +479,7 @@ def training_runs(meta: dict) -> pd.DataFrame:
     keys = list(dict.fromkeys(k for run in chain for k in run if k != "out"))
 
     def shown(run: dict, key: str) -> str:
-        if run.get("init_from") and key in _VAE_OPTIONS:
+        if _kept_vae_option(run, key):
             return "kept"
         return "" if run.get(key) is None else str(run[key])
 
@@ -486,7 +496,7 @@ def reproduce_commands(meta: dict) -> list[str]:
     for run in run_chain(meta):
         words = ["python", "-m", "difstudy.train.mini"]
         for key, value in run.items():
-            if key in _RECORD_ONLY or value is None or (run.get("init_from") and key in _VAE_OPTIONS):
+            if key in _RECORD_ONLY or value is None or _kept_vae_option(run, key):
                 continue
             flag = "--" + key.replace("_", "-")
             if isinstance(value, bool):
