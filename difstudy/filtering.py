@@ -207,6 +207,24 @@ def _expected_sizes(frame: pd.DataFrame) -> dict[str, int]:
     return out
 
 
+def check_property_split(df: pd.DataFrame, path) -> None:
+    """Refuse a property table measured on test images: the filter chooses activations from it,
+    and the test pairs must play no part in that choice."""
+    from .properties import CHOICE_SPLITS
+
+    if "split" not in df.columns:
+        raise ValueError(
+            f"{path} does not record the split its images came from (a table from before splits were "
+            f"recorded); delete it and rerun the property notebooks (they measure on the validation split)"
+        )
+    bad = sorted(set(df["split"].astype(str)) - set(CHOICE_SPLITS))
+    if bad:
+        raise ValueError(
+            f"{path} was measured on the {bad} split; the filter chooses activations from it, so it must come "
+            f"from {' or '.join(CHOICE_SPLITS)} images: rerun the property notebooks with split: val"
+        )
+
+
 def read_properties(path: str | os.PathLike, frame: pd.DataFrame, t: int, measures=MEASURES):
     """The property table at ``path`` if it fits this model, else None; returns ``(table, why)``.
 
@@ -218,6 +236,7 @@ def read_properties(path: str | os.PathLike, frame: pd.DataFrame, t: int, measur
     if not path.exists():
         return None, f"{path} does not exist"
     df = pd.read_csv(path)
+    check_property_split(df, path)
     df = df[df["t"] == int(t)]
     names = set(frame["name"])
     for m in measures:
@@ -248,8 +267,14 @@ def properties_for(
     ``cpu_seconds`` is the ``time.process_time`` of measuring them (NaN when read)."""
     from .catalog import Catalog
     from .models import vae_scale_factor
-    from .properties import measure_properties
+    from .properties import CHOICE_SPLITS, dataset_split, measure_properties
 
+    split = dataset_split(dataset)
+    if split not in CHOICE_SPLITS:
+        raise ValueError(
+            f"the filter's properties must be measured on {' or '.join(CHOICE_SPLITS)} images, not on the "
+            f"{split!r} split (no test image may take part in the choice); pass ToyWorld('val', n=...)"
+        )
     factor = vae_scale_factor(pipe)
     size = int(image_size or pipe.unet.config.sample_size * factor)
     frame = Catalog(pipe.unet, latent_size=size // factor, text_len=pipe.tokenizer.model_max_length).to_frame()
@@ -260,8 +285,8 @@ def properties_for(
     table = measure_properties(
         pipe, dataset, timesteps=[t], seeds=seeds, image_size=size, cache_dir=cache_dir,
         model_name=model_name, progress=False,
-    )  # fmt: skip
-    origin = f"measured here ({len(dataset)} images, seeds {list(seeds)}, t={t}; {why})"
+    ).assign(split=split)  # fmt: skip
+    origin = f"measured here ({len(dataset)} {split} images, seeds {list(seeds)}, t={t}; {why})"
     return table, origin, time.process_time() - c0
 
 
@@ -577,50 +602,61 @@ def set_means(results: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 
 # -- 5. claims ---------------------------------------------------------------------------------
+MIN_RECALL_GAIN = 0.2
+"""The filter keeps the best activations: recall@k at least 20 points above a random subset of
+the same size (two more of the exhaustive top ten than chance would keep)."""
+MIN_SET_GAIN = 0.01
+"""The selected set beats the legacy set: one point of the task metric (PCK, accuracy)."""
+
+
 def claims(
     recall: pd.DataFrame,
-    means: pd.DataFrame,
+    results: pd.DataFrame,
+    metric: str,
     recall_k: int = 10,
-    recall_bar: float = 0.5,
     selected_label: str = "selected",
     legacy_label: str = "legacy-v1.5",
 ) -> pd.DataFrame:
-    """This page's claims: rows ``claim, measure, value, verdict``.
+    """This page's claims, one ledger row each (:data:`difstudy.verdicts.CLAIM_COLUMNS`):
 
-    - the filter keeps the best activations: recall@``recall_k`` of the exhaustive ranking
-      among the candidates (:func:`recall_table`) is at least ``recall_bar`` (default 0.5: at
-      least half of the exhaustive top ten survive the filter);
-    - the selected set beats the legacy set: mean test metric of ``selected_label`` minus that
-      of ``legacy_label`` (:func:`set_means`) is above 0.
+    - the filter keeps the best activations: the share of the exhaustive top ``recall_k``
+      (:func:`recall_table`, the units) that the filter keeps, against chance (a random subset of
+      the filter's size keeps ``len(kept) / N`` of them in expectation, the hypergeometric mean):
+      :func:`difstudy.verdicts.proportion_vs_chance` with :data:`MIN_RECALL_GAIN`. A filter that
+      keeps everything has chance 1 and cannot hold;
+    - the selected set beats the legacy set: test ``metric`` of ``selected_label`` minus that of
+      ``legacy_label`` (:func:`compare_sets` rows), paired per run seed (the units: each seed is
+      a noise draw of the whole test set), :func:`difstudy.verdicts.paired` with
+      :data:`MIN_SET_GAIN`; the legacy set's value is the control.
     """
+    from .verdicts import paired, proportion_vs_chance
+
     r = recall[recall["k"] == recall_k]
     if r.empty:
         raise ValueError(f"the recall table has no k={recall_k}; it holds {sorted(recall['k'])}")
     r = r.iloc[0]
-    m = means.set_index("setting")
+    d = results[results["metric"] == metric]
+    per_seed = d.pivot_table(index="seed", columns="setting", values="value")
     for label in (selected_label, legacy_label):
-        if label not in m.index:
-            raise ValueError(f"no setting {label!r} in the set means; they hold {list(m.index)}")
-    diff = float(m.loc[selected_label, "mean"] - m.loc[legacy_label, "mean"])
-    metric = m.loc[selected_label, "metric"]
-    rows = [
-        dict(
-            claim="the filter keeps the best activations",
-            measure=(
-                f"recall@{recall_k} of the exhaustive single-activation ranking among the filter's candidates "
-                f"(bar {recall_bar:g}; chance {r['chance']:.2f})"
+        if label not in per_seed.columns:
+            raise ValueError(f"no setting {label!r} with metric {metric!r}; the results hold {list(per_seed.columns)}")
+    diff = per_seed[selected_label] - per_seed[legacy_label]
+    recall_v = proportion_vs_chance(int(r["n_top_kept"]), int(r["n_top"]), float(r["chance"]), MIN_RECALL_GAIN)
+    return pd.DataFrame(
+        [
+            recall_v.row(
+                "the filter keeps the best activations",
+                f"recall@{recall_k} of the exhaustive single-activation ranking among the filter's candidates, "
+                f"minus chance (a random subset of the same size)",
+                control=float(r["chance"]),
             ),
-            value=float(r["recall"]),
-            verdict="holds" if r["recall"] >= recall_bar else "fails",
-        ),
-        dict(
-            claim="the selected set beats the legacy set",
-            measure=f"test {metric}, {selected_label} minus {legacy_label} (mean over {int(m.loc[selected_label, 'n'])} seeds)",
-            value=diff,
-            verdict="holds" if diff > 0 else "fails",
-        ),
-    ]
-    return pd.DataFrame(rows, columns=["claim", "measure", "value", "verdict"])
+            paired(diff.to_numpy(), MIN_SET_GAIN).row(
+                "the selected set beats the legacy set",
+                f"test {metric}, {selected_label} minus {legacy_label}, paired per run seed ({len(diff)} seeds)",
+                control=float(per_seed[legacy_label].mean()),
+            ),
+        ]
+    )
 
 
 # -- plots -------------------------------------------------------------------------------------
@@ -685,6 +721,9 @@ __all__ = [
     "compare_sets",
     "set_means",
     "claims",
+    "check_property_split",
+    "MIN_RECALL_GAIN",
+    "MIN_SET_GAIN",
     "plot_ranking",
     "plot_greedy",
 ]

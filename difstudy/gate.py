@@ -64,6 +64,15 @@ weight per image and channel). ``k = 1`` (both official task scripts build
 ``weight_num=1``). The official sparsity term (mean L2 norm of the weights
 across buckets, rewarded) is available with a fixed coefficient, default 0
 (the official scripts random-walk it from 0 in steps of 1e-5).
+
+**Claims** are decided by :mod:`difstudy.verdicts` only, on paired differences in the claimed
+direction against a minimum effect declared beside each claim (``MIN_*`` constants):
+:func:`content_shift_claims` and :func:`guideline_table` pair over the images (an image's
+difference is its mean over the measured t); :func:`feature_claims` pairs over the run seeds
+(the protocols report one score per seed, so with fewer than 5 seeds a feature claim is
+inconclusive). The guideline's ``helps`` / ``hurts`` labels are display text derived from those
+verdicts (:func:`guideline_effect`); a claim whose weights are missing is an inconclusive row
+noted ``not measured``.
 """
 
 from __future__ import annotations
@@ -74,7 +83,7 @@ import os
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +95,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from . import verdicts
 from .cache import FeatureCache, Key
 from .capture import Capture, split_batch
 from .errors import DifstudyError, ModelNotFoundError
@@ -704,75 +714,69 @@ def content_shift_table(
     return pd.DataFrame(rows)
 
 
-def _bootstrap(df: pd.DataFrame, stat, n_boot: int, seed: int) -> tuple[float, float, float]:
-    """Statistic and its 95% percentile interval, resampling images."""
-    groups = {k: g for k, g in df.groupby("image_id")}
-    keys = list(groups)
-    rng = np.random.default_rng(seed)
-    value = float(stat(df))
-    boots = []
-    for _ in range(n_boot):
-        pick = rng.integers(0, len(keys), len(keys))
-        boots.append(stat(pd.concat([groups[keys[i]] for i in pick], ignore_index=True)))
-    lo, hi = np.nanpercentile(boots, [2.5, 97.5])
-    return value, float(lo), float(hi)
+# -- claims: every verdict comes from difstudy.verdicts ---------------------------------
+HOLDS, FAILS, INCONCLUSIVE = verdicts.VERDICTS
+
+# The smallest change of a content-shift score that matters to a reader, per score. Fixed before
+# any claim was measured, from the scores' own scale, never from an effect:
+# - structure (1 - SSIM): 0.01, one point of SSIM; the between-image standard deviation of the
+#   score is 0.05-0.09 on the mini model's 64 px toy images (VAE, x0 and img2img at t = 50 and
+#   200, 16 validation images), so one point is about a sixth of it, a small standardised effect.
+# - contour (mean |Laplacian difference|, blur sigma 1): 0.002, a fifth of the typical
+#   between-image standard deviation of the score (0.007-0.016, mean 0.011, on the same 16 images),
+#   Cohen's "small" effect (d = 0.2); about a thirtieth of a full-contrast edge across a 64 px image
+#   moving by one pixel (4 / 64 without blur). The score is per pixel, so at another image size
+#   (SD1.5 at 512 px) its scale differs and the page says so.
+MIN_SHIFT = {"contour": 0.002, "structure": 0.01}
+# "content shift exists": the reconstruction's shift above the VAE floor, per image, reaches this
+MIN_SHIFT_EXISTS = MIN_SHIFT
+# "content shift grows with t": the per-image Spearman correlation of t and the shift, mean over
+# images, reaches 0.3, Cohen's "medium" correlation; below it t orders less than a tenth of the
+# shift's rank variance, which is not what "grows with t" tells a reader.
+MIN_SHIFT_RHO = 0.3
 
 
-def _verdict(lo: float, hi: float) -> str:
-    return "holds" if lo > 0 else ("fails" if hi < 0 else "inconclusive")
+def _claim_frame(rows) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=list(verdicts.CLAIM_COLUMNS))
 
 
 def spearman(x, y) -> float:
-    """Spearman rank correlation (Pearson correlation of average ranks)."""
+    """Spearman rank correlation (Pearson correlation of average ranks); NaN when either is constant."""
     return float(pd.Series(np.asarray(x, float)).rank().corr(pd.Series(np.asarray(y, float)).rank()))
 
 
 def content_shift_claims(
-    df: pd.DataFrame, technique: str = "basic", t_ref: int = 50, n_boot: int = 1000, seed: int = 0
+    df: pd.DataFrame, technique: str = "basic", t_ref: int = 50, confidence: float = 0.95
 ) -> pd.DataFrame:
-    """Claim rows ``claim, measure, value, verdict, ci_low, ci_high, method`` for
-    "content shift exists" (mean excess of the reconstruction's shift at ``t_ref`` over the VAE
-    floor, or the raw shift without ``vae`` rows; holds when the 95% bootstrap interval over
-    images lies above 0) and "content shift grows with t" (Spearman rho of t and shift over
-    all (image, t) rows; holds when its interval lies above 0)."""
+    """Claim rows (:data:`difstudy.verdicts.CLAIM_COLUMNS`), per reconstruction method and score,
+    decided by :func:`difstudy.verdicts.paired` over the images (the sampling units):
+
+    - "content shift exists": per image, the reconstruction's shift at ``t_ref`` (the middle t
+      when ``t_ref`` was not measured) minus the image's VAE floor (the raw shift without ``vae``
+      rows); minimum effect :data:`MIN_SHIFT_EXISTS`;
+    - "content shift grows with t" (two or more t): per image, Spearman's rho of t and the shift
+      over the measured t; minimum effect :data:`MIN_SHIFT_RHO`."""
     rows = []
     d = df[df["technique"] == technique]
-    floor = df[df["method"] == "vae"].set_index("image_id")
+    floor = df[df["method"] == "vae"].groupby("image_id")[list(MEASURES)].mean()
     for method in [m for m in ("x0", "img2img") if m in set(d["method"])]:
         dm = d[d["method"] == method]
         ts = sorted(dm["t"].unique())
         t0 = t_ref if t_ref in ts else ts[len(ts) // 2]
+        what = ", above the VAE floor" if len(floor) else ""
         for measure in MEASURES:
-            at = dm[dm["t"] == t0][["image_id", measure]].copy()
+            at = dm[dm["t"] == t0].groupby("image_id", sort=False)[measure].mean()
             if len(floor):
-                at[measure] = at[measure].to_numpy() - floor.loc[at["image_id"], measure].to_numpy()
-            what = "above the VAE floor" if len(floor) else ""
-            v, lo, hi = _bootstrap(at, lambda g, m=measure: g[m].mean(), n_boot, seed)
-            rows.append(
-                dict(
-                    claim=f"content shift exists ({method}, t={t0}{', ' + what if what else ''})",
-                    measure=f"mean {measure} shift",
-                    value=v,
-                    verdict=_verdict(lo, hi),
-                    ci_low=lo,
-                    ci_high=hi,
-                    method=method,
-                )
-            )
+                at = at - floor[measure].reindex(at.index)
+            v = verdicts.paired(at.to_numpy(), MIN_SHIFT_EXISTS[measure], confidence=confidence)
+            claim = f"content shift exists ({method}, t={t0}{what})"
+            rows.append(v.row(claim, f"{measure} shift{' - VAE floor' if what else ''}, mean over images"))
             if len(ts) > 1:
-                v, lo, hi = _bootstrap(dm, lambda g, m=measure: spearman(g["t"], g[m]), n_boot, seed)
-                rows.append(
-                    dict(
-                        claim=f"content shift grows with t ({method}, t={ts[0]}..{ts[-1]})",
-                        measure=f"Spearman rho(t, {measure})",
-                        value=v,
-                        verdict=_verdict(lo, hi),
-                        ci_low=lo,
-                        ci_high=hi,
-                        method=method,
-                    )
-                )
-    return pd.DataFrame(rows)
+                rho = [spearman(g["t"], g[measure]) for _, g in dm.groupby("image_id", sort=False)]
+                v = verdicts.paired(rho, MIN_SHIFT_RHO, confidence=confidence)
+                claim = f"content shift grows with t ({method}, t={ts[0]}..{ts[-1]})"
+                rows.append(v.row(claim, f"Spearman rho(t, {measure}) per image, mean over images"))
+    return _claim_frame(rows)
 
 
 def t_label(ts) -> str:
@@ -780,55 +784,81 @@ def t_label(ts) -> str:
     return "t=" + ",".join(str(int(t)) for t in sorted(set(ts)))
 
 
-def guideline_table(df: pd.DataFrame, baseline: str = "basic", n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """The GATE guideline per technique, method and measure: mean shift without (``baseline``)
-    and with the technique on the same images and t, the paired difference with a 95% bootstrap
-    interval over images, and a verdict: ``helps`` (interval below 0), ``hurts`` (above 0) or
-    ``no clear effect``."""
+# "<technique> lowers content shift": per image, the shift without the technique minus with it
+# reaches the smallest change that matters, MIN_SHIFT (the same scale as "content shift exists")
+MIN_SHIFT_REDUCTION = MIN_SHIFT
+# display text of the guideline, each derived from verdicts (:func:`guideline_effect`)
+EFFECTS = ("helps", "hurts", "negligible", "no clear effect")
+
+
+def guideline_effect(lowers: verdicts.Verdict, raises: verdicts.Verdict) -> str:
+    """Display text of the guideline from two verdicts of :mod:`difstudy.verdicts` on the same
+    images: ``helps`` when "lowers content shift" holds, ``hurts`` when "raises content shift"
+    holds, ``negligible`` when both fail (the interval rules out a change as large as the minimum
+    either way), else ``no clear effect``."""
+    if lowers.verdict == HOLDS:
+        return "helps"
+    if raises.verdict == HOLDS:
+        return "hurts"
+    return "negligible" if lowers.verdict == FAILS and raises.verdict == FAILS else "no clear effect"
+
+
+def guideline_table(df: pd.DataFrame, baseline: str = "basic", confidence: float = 0.95) -> pd.DataFrame:
+    """The GATE guideline per technique, method and measure, paired over images (the sampling
+    units; an image's difference is its mean over the measured t).
+
+    Columns: ``without`` / ``with_technique`` (mean shift); ``estimate``, ``lo``, ``hi``,
+    ``min_effect``, ``n_units``, ``claim_verdict`` and ``note``: :func:`difstudy.verdicts.paired`
+    on the reduction (without - with, the claim's direction) against :data:`MIN_SHIFT_REDUCTION`;
+    ``claim``: the claim's name (:func:`guideline_claims`); ``verdict``: display text
+    (:func:`guideline_effect`: ``helps``, ``hurts``, ``negligible``, ``no clear effect``);
+    ``difference``, ``ci_low``, ``ci_high``: with - without and its interval (the plot's axis,
+    ``-estimate``, ``-hi``, ``-lo``)."""
     d = df[df["method"] != "vae"]
     base = d[d["technique"] == baseline].set_index(["image_id", "method", "t"])
     rows = []
     for (name, method), g in d[d["technique"] != baseline].groupby(["technique", "method"], sort=False):
         for measure in MEASURES:
             b = base.loc[[(i, method, t) for i, t in zip(g["image_id"], g["t"])], measure].to_numpy()
-            diff = g[["image_id"]].assign(d=g[measure].to_numpy() - b)
-            v, lo, hi = _bootstrap(diff, lambda x: x["d"].mean(), n_boot, seed)
-            verdict = "helps" if hi < 0 else ("hurts" if lo > 0 else "no clear effect")
+            per = g[["image_id"]].assign(r=b - g[measure].to_numpy()).groupby("image_id", sort=False)["r"].mean()
+            m = MIN_SHIFT_REDUCTION[measure]
+            lowers = verdicts.paired(per.to_numpy(), m, confidence=confidence)
+            raises = verdicts.paired(-per.to_numpy(), m, confidence=confidence)
+            tl = t_label(g["t"])
+            row = lowers.row(f"{name} lowers content shift ({method}, {tl})", f"{measure} shift without - with")
             rows.append(
                 dict(
                     technique=name,
                     method=method,
-                    t=t_label(g["t"]),
+                    t=tl,
                     measure=measure,
                     without=float(b.mean()),
                     with_technique=float(g[measure].mean()),
-                    difference=v,
-                    ci_low=lo,
-                    ci_high=hi,
-                    verdict=verdict,
+                    estimate=lowers.estimate,
+                    lo=lowers.lo,
+                    hi=lowers.hi,
+                    min_effect=m,
+                    n_units=lowers.n_units,
+                    claim_verdict=lowers.verdict,
+                    verdict=guideline_effect(lowers, raises),
+                    difference=-lowers.estimate,
+                    ci_low=-lowers.hi,
+                    ci_high=-lowers.lo,
+                    claim=row["claim"],
+                    note=row["note"],
                 )
             )
     return pd.DataFrame(rows)
 
 
 def guideline_claims(table: pd.DataFrame) -> pd.DataFrame:
-    """Claim rows "<technique> lowers content shift" from :func:`guideline_table`."""
-    verdicts = {"helps": "holds", "hurts": "fails", "no clear effect": "inconclusive"}
-    return pd.DataFrame(
-        [
-            dict(
-                claim=f"{r.technique} lowers content shift ({r.method}{', ' + r.t if 't' in table else ''})",
-                measure=f"mean {r.measure} shift with - without",
-                value=r.difference,
-                verdict=verdicts[r.verdict],
-                ci_low=r.ci_low,
-                ci_high=r.ci_high,
-                method=r.method,
-            )
-            for r in table.itertuples()
-        ],
-        columns=["claim", "measure", "value", "verdict", "ci_low", "ci_high", "method"],
-    )
+    """Claim rows (:data:`difstudy.verdicts.CLAIM_COLUMNS`) "<technique> lowers content shift"
+    from :func:`guideline_table`: its verdicts, copied (``claim_verdict``), not decided again."""
+    if not len(table):
+        return _claim_frame([])
+    t = table.dropna(subset=["claim"])
+    out = t.assign(measure=[f"{m} shift without - with, mean over images" for m in t["measure"]], control=np.nan)
+    return _claim_frame(out.drop(columns=["verdict"]).rename(columns={"claim_verdict": "verdict"}).to_dict("records"))
 
 
 # ================================================================================
@@ -1661,7 +1691,7 @@ def run_gate_probes(sources: dict[str, dict[str, Any]], records: dict, bench, pr
 
 
 def _paired(results: pd.DataFrame, task: str, a: str, b: str) -> np.ndarray:
-    """Per seed, main metric of setting ``a`` minus setting ``b`` on ``task``."""
+    """Per seed, main metric of setting ``a`` minus setting ``b`` on ``task`` (seeds both ran)."""
     d = results[(results["task"] == task) & (results["metric"] == TASK_METRICS[task])]
     pa = d[d["setting"] == a].set_index("seed")["value"]
     pb = d[d["setting"] == b].set_index("seed")["value"]
@@ -1669,40 +1699,65 @@ def _paired(results: pd.DataFrame, task: str, a: str, b: str) -> np.ndarray:
     return (pa.loc[common] - pb.loc[common]).to_numpy(float)
 
 
-def seed_verdict(diffs) -> str:
-    """``holds`` when every seed's difference is > 0 (two seeds or more), ``fails`` when every
-    one is <= 0, else ``inconclusive`` (also with a single seed)."""
-    d = np.asarray(diffs, float)
-    if len(d) < 2:
-        return "inconclusive"
-    return "holds" if (d > 0).all() else ("fails" if (d <= 0).all() else "inconclusive")
+# The feature claims' minimum effects, in the task's main metric (PCK@0.1, mIoU, accuracy, all in
+# [0, 1]): one point (0.01), the smallest difference a reader of a benchmark table acts on (the
+# paper's GATE gains are 0.7 to 2.6 points).
+# "<technique> improves features": technique - baseline reaches one point
+MIN_FEATURE_GAIN = 0.01
+# "amalgamation beats the best single technique": amalgamated - best single setting, one point
+MIN_AMALGAMATION_GAIN = 0.01
+# "the gain is not just diversity": amalgamated techniques - amalgamated timesteps, one point
+MIN_DIVERSITY_GAIN = 0.01
+# what the units of a feature claim are, in its note
+SEED_UNITS = "units: run seeds (the protocols report one score per seed, no per-pair or per-image scores)"
 
 
-def _not_measured(claim: str, status: pd.DataFrame, names: Sequence[str]) -> dict:
+def _seed_row(claim: str, measure: str, diffs, min_effect: float, confidence: float) -> dict:
+    """A claim row from per-seed differences (:func:`difstudy.verdicts.paired` over the seeds;
+    fewer than :data:`difstudy.verdicts.MIN_UNITS` seeds are inconclusive, and the note says so)."""
+    v = verdicts.paired(diffs, min_effect, confidence=confidence)
+    return replace(v, note="; ".join(x for x in (SEED_UNITS, v.note) if x)).row(claim, measure)
+
+
+def _not_measured(claim: str, measure: str, status: pd.DataFrame, names: Sequence[str], min_effect: float) -> dict:
+    """The row of a claim whose techniques' weights are missing: no units, so
+    :func:`difstudy.verdicts.paired` finds it inconclusive; the note says why and how to get them."""
     how = "; ".join(f"{r.technique}: {r.how_to_get}" for r in status.itertuples() if r.technique in names)
-    return dict(claim=claim, measure=f"{NOT_MEASURED}: weights missing ({how})", value=np.nan, verdict=NOT_MEASURED)
+    row = verdicts.paired([], min_effect).row(claim, measure)
+    row["note"] = f"{NOT_MEASURED}: weights missing ({how})"
+    return row
 
 
 def guideline_rows(guide: pd.DataFrame, status: pd.DataFrame, method: str = "img2img") -> pd.DataFrame:
     """Claim rows "<technique> lowers content shift" (:func:`guideline_claims` on ``method``),
-    plus a ``not measured`` row for every technique of ``status`` whose weights are missing."""
-    measured = guideline_claims(guide[guide["method"] == method]) if len(guide) else guideline_claims(guide)
-    missing = [_not_measured(f"{r.technique} lowers content shift ({method})", status, [r.technique])
-               for r in status.itertuples() if not r.available]  # fmt: skip
-    return pd.concat([measured, pd.DataFrame(missing)], ignore_index=True)
+    plus an inconclusive row per score, noted ``not measured``, for every technique of ``status``
+    whose weights are missing."""
+    measured = guideline_claims(guide[guide["method"] == method] if len(guide) else guide)
+    missing = [_not_measured(f"{r.technique} lowers content shift ({method})",
+                             f"{m} shift without - with, mean over images", status, [r.technique],
+                             MIN_SHIFT_REDUCTION[m])
+               for r in status.itertuples() if not r.available for m in MEASURES]  # fmt: skip
+    return _claim_frame([*measured.to_dict("records"), *missing])
 
 
 def feature_claims(
-    results: pd.DataFrame, status: pd.DataFrame, baseline: str = "basic", control: str | None = None
+    results: pd.DataFrame,
+    status: pd.DataFrame,
+    baseline: str = "basic",
+    control: str | None = None,
+    confidence: float = 0.95,
 ) -> pd.DataFrame:
-    """The feature claims of GATE per task (main metric of :data:`TASK_METRICS`), with the
-    per-seed differences' mean as the value and :func:`seed_verdict`:
+    """The feature claims of GATE per task (main metric of :data:`TASK_METRICS`) as claim rows
+    (:data:`difstudy.verdicts.CLAIM_COLUMNS`), each :func:`difstudy.verdicts.paired` on the
+    per-seed differences (the protocols report one score per seed, so the seeds are the units;
+    with fewer than 5 seeds a claim is inconclusive):
 
     - "<technique> improves features": technique - baseline, for every technique of ``status``
-      (``not measured`` when its weights are missing);
+      (inconclusive, noted ``not measured``, when its weights are missing); :data:`MIN_FEATURE_GAIN`;
     - "amalgamation beats the best single technique": amalgamated - the best single setting
-      (baseline or technique, by mean);
-    - "the gain is not just diversity": amalgamated techniques - amalgamated timesteps (``control``)."""
+      (baseline or technique, by mean); :data:`MIN_AMALGAMATION_GAIN`;
+    - "the gain is not just diversity": amalgamated techniques - amalgamated timesteps
+      (``control``); :data:`MIN_DIVERSITY_GAIN`."""
     rows = []
     settings = list(dict.fromkeys(results["setting"]))
     amal = next((s for s in settings if s.startswith("amalgamated") and s != control), None)
@@ -1714,36 +1769,25 @@ def feature_claims(
             continue
         for r in status.itertuples():
             claim = f"{r.technique} improves features ({task})"
+            measure = f"{metric}: {r.technique} - {baseline}, mean over seeds"
             if not r.available:
-                rows.append(_not_measured(claim, status, [r.technique]))
+                rows.append(_not_measured(claim, measure, status, [r.technique], MIN_FEATURE_GAIN))
                 continue
             d = _paired(results, task, r.technique, baseline)
-            rows.append(dict(claim=claim, measure=f"{metric}: {r.technique} - {baseline}, mean over seeds",
-                             value=float(d.mean()), verdict=seed_verdict(d)))  # fmt: skip
+            rows.append(_seed_row(claim, measure, d, MIN_FEATURE_GAIN, confidence))
         if amal is None:
             continue
         singles = [s for s in settings if not s.startswith("amalgamated")]
         d = results[(results["task"] == task) & (results["metric"] == metric)]
         best = d[d["setting"].isin(singles)].groupby("setting")["value"].mean().idxmax()
-        diff = _paired(results, task, amal, best)
-        rows.append(dict(claim=f"amalgamation beats the best single technique ({task}){note}",
-                         measure=f"{metric}: {amal} - {best}, mean over seeds",
-                         value=float(diff.mean()), verdict=seed_verdict(diff)))  # fmt: skip
+        rows.append(_seed_row(f"amalgamation beats the best single technique ({task}){note}",
+                              f"{metric}: {amal} - {best}, mean over seeds",
+                              _paired(results, task, amal, best), MIN_AMALGAMATION_GAIN, confidence))  # fmt: skip
         if control is not None and control in settings:
-            diff = _paired(results, task, amal, control)
-            rows.append(dict(claim=f"the gain is not just diversity ({task}){note}",
-                             measure=f"{metric}: {amal} - {control}, mean over seeds",
-                             value=float(diff.mean()), verdict=seed_verdict(diff)))  # fmt: skip
-    return pd.DataFrame(rows, columns=["claim", "measure", "value", "verdict"])
-
-
-def for_ledger(claims: pd.DataFrame, verdicts: Sequence[str]) -> pd.DataFrame:
-    """Claims with verdicts the ledger accepts: where ``verdicts`` lacks ``not measured``, such
-    rows are written ``inconclusive`` (their ``measure`` still starts with "not measured")."""
-    out = claims.copy()
-    if NOT_MEASURED not in verdicts:
-        out["verdict"] = out["verdict"].replace(NOT_MEASURED, "inconclusive")
-    return out
+            rows.append(_seed_row(f"the gain is not just diversity ({task}){note}",
+                                  f"{metric}: {amal} - {control}, mean over seeds",
+                                  _paired(results, task, amal, control), MIN_DIVERSITY_GAIN, confidence))  # fmt: skip
+    return _claim_frame(rows)
 
 
 def technique_summary(results: pd.DataFrame, status: pd.DataFrame, digits: int = 1) -> pd.DataFrame:

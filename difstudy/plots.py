@@ -3,8 +3,12 @@ tidy frames or arrays and return the matplotlib axes."""
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 import pandas as pd
+
+from .verdicts import VERDICTS
 
 
 def _ax(ax, figsize=(6, 4)):
@@ -339,4 +343,74 @@ def plot_gate_features(results: pd.DataFrame, task: str, metric: str, ax=None):
     ax.invert_yaxis()
     ax.set_xlabel(f"{metric} (%), mean ± std over seeds")
     ax.set_title(f"GATE features: {task}")
+    return ax
+
+
+# the colour of each verdict, in the order of difstudy.verdicts.VERDICTS: holds, fails, inconclusive
+VERDICT_COLOURS = dict(zip(VERDICTS, ("tab:green", "tab:red", "goldenrod"), strict=True))
+
+
+def plot_forest(claims: pd.DataFrame, ax=None, relative: bool = False, wrap: int = 48):
+    """Forest plot of a claims ledger (:func:`difstudy.study.collect_claims`, rows from
+    :mod:`difstudy.verdicts`): one row per claim, top to bottom in the table's order; the
+    estimate as a dot, its interval ``[lo, hi]`` as a line (just the dot where the interval is
+    NaN), a black tick at the claim's own ``min_effect`` and a vertical line at 0, coloured by
+    verdict (:data:`VERDICT_COLOURS`). Rows with ``vs_lo``/``vs_hi`` (a claim about training,
+    ``controlled_row``) also show the trained-minus-random-weights interval as a thin line just
+    below, with its own ``vs_min_effect`` tick.
+
+    ``relative=True`` divides every number of a row by its minimum effect, so claims measured on
+    different scales share one axis (0: no effect, 1: the minimum effect). Claim text is
+    wrapped at ``wrap`` characters. Returns the axes."""
+    missing = [c for c in ("claim", "estimate", "lo", "hi", "min_effect", "verdict") if c not in claims.columns]
+    if missing:
+        raise ValueError(f"plot_forest needs the columns {missing}; give it the claims ledger (collect_claims)")
+    bad = sorted(set(claims["verdict"]) - set(VERDICT_COLOURS), key=str)
+    if bad:
+        raise ValueError(f"unknown verdicts {bad}; the ledger knows {list(VERDICT_COLOURS)}")
+    d = claims.reset_index(drop=True)
+    labels = [textwrap.fill(str(c), wrap) for c in d["claim"]]
+    height = sum(0.2 * (lab.count("\n") + 1) + 0.15 for lab in labels) + 1.2
+    ax = _ax(ax, (8, max(2.5, height)))
+    controlled = {"vs_lo", "vs_hi", "vs_control", "vs_min_effect"} <= set(d.columns)
+
+    def scaled(v, me):
+        return float(v) / float(me) if relative else float(v)
+
+    for i, r in d.iterrows():
+        colour = VERDICT_COLOURS[r["verdict"]]
+        me = r["min_effect"]
+        lo, hi, est = scaled(r["lo"], me), scaled(r["hi"], me), scaled(r["estimate"], me)
+        if np.isfinite(lo) and np.isfinite(hi):
+            ax.plot([lo, hi], [i, i], color=colour, lw=2.5, solid_capstyle="butt", gid="interval")
+        if np.isfinite(est):
+            ax.plot([est], [i], "o", color=colour, ms=7, mec="k", mew=0.6, gid="estimate")
+        else:
+            ax.text(0, i, " no estimate", va="center", fontsize=7, color="grey")
+        ax.plot([scaled(me, me)], [i], marker="|", color="k", ms=13, mew=2, ls="none", gid="min_effect")
+        if controlled and np.isfinite(r["vs_lo"]) and np.isfinite(r["vs_hi"]):
+            vme = r["vs_min_effect"]
+            y = i + 0.28
+            ax.plot([scaled(r["vs_lo"], vme), scaled(r["vs_hi"], vme)], [y, y], color=colour, lw=1, gid="vs_interval")
+            ax.plot([scaled(r["vs_control"], vme)], [y], "o", mfc="white", mec=colour, ms=4, gid="vs_estimate")
+            ax.plot([scaled(vme, vme)], [y], marker="|", color="k", ms=7, mew=1, ls="none", gid="vs_min_effect")
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(range(len(d)))
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.set_ylim(len(d) - 0.5, -0.6)  # first claim on top
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=c, marker="o", mec="k", lw=2.5, label=v) for v, c in VERDICT_COLOURS.items()]
+    handles.append(Line2D([], [], color="k", marker="|", ms=10, mew=2, ls="none", label="minimum effect"))
+    if controlled:
+        handles.append(
+            Line2D([], [], color="grey", lw=1, marker="o", mfc="white", ms=4, label="trained - random weights")
+        )
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+    unit = (
+        "estimate / minimum effect (1 = the claim's minimum effect)" if relative else "estimate (each claim's measure)"
+    )
+    ax.set_xlabel(f"{unit}; line: interval")
+    ax.set_title("Claims ledger: estimate and interval of every claim")
+    ax.grid(axis="x", alpha=0.3)
     return ax

@@ -42,8 +42,8 @@ from .fileio import write_csv_atomic
 
 MEASURES = ("noise_share", "granularity", "locality")
 COLUMNS = ["activation", "kind", "stage", "level", "repeat", "t", "measure", "value", "n_images", "size"]
+IMAGE_COLUMNS = ["activation", "kind", "stage", "level", "repeat", "t", "measure", "image_id", "value", "size"]
 BLOCK_OUTPUT_KINDS = ("res-out", "vit-out", "downsampler-out", "upsampler-out")
-CLAIM_COLUMNS = ["claim", "measure", "value", "verdict"]
 
 
 def _as_tensor(x) -> torch.Tensor:
@@ -59,11 +59,14 @@ def _check_ndim(x: torch.Tensor, ndim: int, what: str, layout: str) -> None:
 
 # -- 1. asymmetric diffusion noise ---------------------------------------------
 def noise_share(maps) -> float:
-    """Share of an activation's variance that comes from the noise draw.
+    """Share of an activation's spatial variance that comes from the noise draw.
 
     ``maps`` is ``(K, C, H, W)``: one image at one timestep under ``K >= 2``
-    noise draws. Each of the ``P = C*H*W`` channel-positions is a group of
-    ``K`` values; the one-way random-effects ANOVA splits the variance into
+    noise draws. First each channel's spatial mean is removed, per draw
+    (``x[k, c] -= mean_{h,w} x[k, c]``): a constant per channel (an offset, a
+    bias) is neither signal nor noise, only the spatial pattern is. Then each
+    of the ``P = C*H*W`` channel-positions is a group of ``K`` values and the
+    one-way random-effects ANOVA splits the variance into
 
     - noise variance ``s2_noise = MSW``, the mean over channel-positions of the
       variance across draws (``ddof=1``), and
@@ -72,26 +75,28 @@ def noise_share(maps) -> float:
       in a mean of ``K`` draws taken out (``MSB = K * sum_p (m_p - m)^2 / (P - 1)``),
 
     and returns ``s2_noise / (s2_noise + s2_signal)``: 0 when the map ignores
-    the noise draw, 1 when it is pure noise (no structure shared by the draws),
+    the noise draw, 1 when its spatial pattern is pure noise (no structure
+    shared by the draws, whatever the channels' offsets),
     ``a^2 / (a^2 + b^2)`` for ``signal * b + noise * a`` with unit-variance
     signal and independent unit-variance noise. Unlike "variance across draws /
     total variance" it has no ``(K - 1) / K`` bias for small ``K``.
-    Channels with larger values weigh more (no per-channel normalisation).
-    A constant map (no variance at all) gives ``nan``.
+    Channels with larger spatial variance weigh more (no per-channel
+    normalisation). A map that is constant in space gives ``nan``.
     """
     x = _as_tensor(maps)
     _check_ndim(x, 4, "noise_share maps", "(K draws, C, H, W)")
     k = x.shape[0]
     if k < 2:
         raise ValueError(f"noise_share needs at least 2 noise draws, got shape {tuple(x.shape)} (K = {k})")
-    x = x.reshape(k, -1).double()
+    x0 = x.double()
+    x = (x0 - x0.mean(dim=(2, 3), keepdim=True)).reshape(k, -1)
     p = x.shape[1]
     mean_p = x.mean(0)
     msw = float(((x - mean_p) ** 2).sum() / (p * (k - 1)))
     msb = float(k * ((mean_p - mean_p.mean()) ** 2).sum() / (p - 1)) if p > 1 else 0.0
     signal = max(0.0, (msb - msw) / k)
     total = msw + signal
-    if total <= 1e-12 * float((x * x).mean()):  # a constant (or all-zero) map
+    if total <= 1e-12 * max(float((x0 * x0).mean()), 1e-300):  # constant in space (or all zero)
         return float("nan")
     return msw / total
 
@@ -194,7 +199,8 @@ def _pairs(h: int, w: int, near: float, far: float, n_pairs: int, seed: int):
 def locality_index(
     feat, parts, near: float = 0.1, far: float = 0.3, n_pairs: int = 4000, min_pairs: int = 5, seed: int = 0
 ) -> float:
-    """How much nearness beats semantics in a feature map (positive: locality wins).
+    """The paper's locality comparison: near pixels of *different* parts against far pixels of
+    the *same* part (positive: locality wins over semantics).
 
     ``feat`` is ``(C, H, W)``, ``parts`` an ``(H, W)`` integer part mask (every
     id, background 0 included, is a part). Each pixel's feature vector is
@@ -204,14 +210,15 @@ def locality_index(
     (:func:`distance_thresholds`: fractions ``near`` and ``far`` of the map's
     larger side, so the index is comparable across resolutions). Then::
 
-        locality = ( (s[same part, near] - s[same part, far])
-                   + (s[different parts, near] - s[different parts, far]) ) / 2
+        locality = s[different parts, near] - s[same part, far]
 
-    with ``s[...]`` the mean similarity of the pairs in that group. Holding the
-    part fixed separates the effect of distance from that of semantics: a map
-    that only encodes the part (one-hot of the part id) scores about 0, a map
-    that only encodes position (a smooth ramp, like a positional embedding)
-    scores clearly above 0.
+    with ``s[...]`` the mean similarity of the pairs in that group. Meng et al.
+    observe that in self-attention q and k, nearby pixels of different parts
+    are more alike than far pixels of the same part (locality without
+    positional embeddings): that is ``locality > 0``. A map that only encodes
+    the part (one-hot of the part id) scores clearly below 0, a map that only
+    encodes position (a smooth ramp, like a positional embedding) clearly
+    above 0.
 
     Pairs are all near pairs and all far pairs of the map, each set subsampled
     to ``n_pairs`` with ``numpy.random.default_rng(seed)`` (the same pairs for
@@ -239,17 +246,14 @@ def locality_index(
     u = v / norm.clamp_min(1e-12 * float(norm.max()))
     lab = m.reshape(-1).long()
 
-    def group_means(i, j):
+    def group_mean(i, j, same_part: bool) -> float:
         i, j = torch.from_numpy(i), torch.from_numpy(j)
-        s = (u[:, i] * u[:, j]).sum(0)
-        same = lab[i] == lab[j]
-        out = []
-        for sel in (same, ~same):
-            out.append(float(s[sel].mean()) if int(sel.sum()) >= min_pairs else float("nan"))
-        return out
+        sel = (lab[i] == lab[j]) == same_part
+        if int(sel.sum()) < min_pairs:
+            return float("nan")
+        return float((u[:, i[sel]] * u[:, j[sel]]).sum(0).mean())
 
-    (sn, dn), (sf, df) = group_means(i_n, j_n), group_means(i_f, j_f)
-    return ((sn - sf) + (dn - df)) / 2
+    return group_mean(i_n, j_n, same_part=False) - group_mean(i_f, j_f, same_part=True)
 
 
 # -- the table over a model's catalogue -------------------------------------------
@@ -293,16 +297,19 @@ def properties_from_cache(
     variant: str = "empty",
     locality: LocalityConfig = LocalityConfig(),
     progress: bool = True,
+    per_image: bool = False,
 ) -> pd.DataFrame:
     """The property table from features already in ``cache`` (anything with ``load``).
 
     ``frame``: catalogue rows (``name``, ``kind``, ``stage``, ``level``,
     ``repeat``) in forward order, as :meth:`difstudy.catalog.Catalog.to_frame`.
     ``noise_share`` uses every seed (the noise draws); ``granularity`` and
-    ``locality`` use the first seed. Each value is the mean over images of the
-    per-image measure (``nan`` values skipped; ``n_images`` counts the rest);
-    ``size`` is the map's spatial side (``min(H, W)``), e.g. to turn
-    granularity into cycles per image (``value * size``).
+    ``locality`` use the first seed. With ``per_image`` one row per image
+    (:data:`IMAGE_COLUMNS`: the claims' sampling units), else each value is the
+    mean over images of the per-image measure (:func:`summarise`: ``nan``
+    values skipped, ``n_images`` counts the rest); ``size`` is the map's
+    spatial side (``min(H, W)``), e.g. to turn granularity into cycles per
+    image (``value * size``).
     """
     measures = _check_measures(measures)
     if "noise_share" in measures and len(seeds) < 2:
@@ -318,35 +325,48 @@ def properties_from_cache(
     for a in bar:
         for t in timesteps:
             first = cache.load(a.name, ids, t, variant, seeds[0]).float()  # (N, C, H, W)
-            per_image: dict[str, list[float]] = {m: [] for m in measures}
+            values: dict[str, list[float]] = {m: [] for m in measures}
             if "noise_share" in measures:
                 draws = torch.stack([first] + [cache.load(a.name, ids, t, variant, s).float() for s in seeds[1:]])
-                per_image["noise_share"] = [noise_share(draws[:, n]) for n in range(len(ids))]
+                values["noise_share"] = [noise_share(draws[:, n]) for n in range(len(ids))]
             if "granularity" in measures:
-                per_image["granularity"] = [granularity(f) for f in first]
+                values["granularity"] = [granularity(f) for f in first]
             if "locality" in measures:
                 hw = tuple(first.shape[-2:])
-                per_image["locality"] = [
+                values["locality"] = [
                     locality_index(f, resize_mask(mk, hw), **asdict(locality)) for f, mk in zip(first, masks)
                 ]
             for m in measures:
-                vals = np.asarray(per_image[m], dtype=float)
-                ok = np.isfinite(vals)
-                rows.append(
-                    dict(
-                        activation=a.name,
-                        kind=a.kind,
-                        stage=a.stage,
-                        level=a.level,
-                        repeat=a.repeat,
-                        t=int(t),
-                        measure=m,
-                        value=float(vals[ok].mean()) if ok.any() else float("nan"),
-                        n_images=int(ok.sum()),
-                        size=int(min(first.shape[-2:])),
+                for iid, v in zip(ids, values[m]):
+                    rows.append(
+                        dict(
+                            activation=a.name,
+                            kind=a.kind,
+                            stage=a.stage,
+                            level=a.level,
+                            repeat=a.repeat,
+                            t=int(t),
+                            measure=m,
+                            image_id=iid,
+                            value=float(v),
+                            size=int(min(first.shape[-2:])),
+                        )
                     )
-                )
-    return _tidy(pd.DataFrame(rows, columns=COLUMNS))
+    images = pd.DataFrame(rows, columns=IMAGE_COLUMNS).astype(
+        {"level": "Int64", "repeat": "Int64", "t": int, "size": int, "value": float}
+    )
+    return images if per_image else summarise(images)
+
+
+def summarise(images: pd.DataFrame) -> pd.DataFrame:
+    """The table of means (:data:`COLUMNS`) from a per-image table (:data:`IMAGE_COLUMNS`): each
+    value is the mean over images (``nan`` skipped; ``n_images`` counts the rest), activations in
+    the per-image table's order. Extra columns that are constant per activation (``split``) are kept."""
+    keys = ["activation", "kind", "stage", "level", "repeat", "t", "measure", "size"]
+    extra = [c for c in images.columns if c not in IMAGE_COLUMNS]
+    g = images.groupby(keys + extra, sort=False, dropna=False)["value"]
+    out = g.agg(value="mean", n_images="count").reset_index()
+    return _tidy(out[COLUMNS + extra])
 
 
 def _tidy(df: pd.DataFrame) -> pd.DataFrame:
@@ -391,6 +411,7 @@ def measure_properties(
     locality: LocalityConfig = LocalityConfig(),
     batch_size: int = 1,
     progress: bool = True,
+    per_image: bool = False,
 ) -> pd.DataFrame:
     """The three properties of every activation of ``model`` over ``dataset``.
 
@@ -403,7 +424,7 @@ def measure_properties(
     seeds a measure needs are extracted (``noise_share`` all, the others the
     first). Returns the tidy table of :func:`properties_from_cache`
     (``activation, kind, stage, level, repeat, t, measure, value,
-    n_images, size``), activations in forward order. ``batch_size`` 1 keeps cache
+    n_images, size``; with ``per_image`` :data:`IMAGE_COLUMNS`), activations in forward order. ``batch_size`` 1 keeps cache
     shards small, which makes reading single activations fast.
     """
     from .extract import extract, variant_key
@@ -443,7 +464,68 @@ def measure_properties(
         variant=variant_key(variant),
         locality=locality,
         progress=progress,
+        per_image=per_image,
     )
+
+
+def measure_with_control(
+    pipe,
+    dataset,
+    measure: str,
+    out_dir: str | os.PathLike,
+    timesteps: Sequence[int] = (50,),
+    seeds: Sequence[int] = (0, 1, 2, 3),
+    image_size: int | None = None,
+    cache_dir: str | os.PathLike = "cache/features",
+    model_name: str | None = None,
+    control_seed: int = 0,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """One property notebook's measurements: ``measure`` per image on ``dataset`` for the trained
+    ``pipe`` and for its random-weight control (:func:`difstudy.models.tiny.with_random_unet`,
+    seeded by ``control_seed``), on the same images, timesteps and noise draws.
+
+    ``dataset`` must not be the test split (:data:`CHOICE_SPLITS`): these tables choose the
+    filter's activations. Writes, each keyed by measure (:func:`write_part`, so the three
+    property notebooks share the files): ``{out_dir}/properties.csv`` (means over images of the
+    trained model, with ``split``) and ``{out_dir}/properties_images.csv`` (per image, both
+    models, with ``weights`` = ``trained`` / ``random`` and ``split``). Returns
+    ``(means, images, control)``: the means and the two per-image tables for :func:`claims`."""
+    from .models.tiny import with_random_unet
+
+    split = dataset_split(dataset)
+    if split not in CHOICE_SPLITS:
+        raise ValueError(
+            f"the property tables choose the filter's activations, so they are measured on the "
+            f"{' or '.join(CHOICE_SPLITS)} split, not on {split!r}; use ToyWorld('val', n=...)"
+        )
+    name = model_name or str(getattr(pipe, "name_or_path", "") or "model")
+    kw = dict(timesteps=timesteps, seeds=seeds, measures=[measure], image_size=image_size, cache_dir=cache_dir)
+    kw.update(progress=progress, per_image=True)
+    images = measure_properties(pipe, dataset, model_name=name, **kw)
+    control = measure_properties(
+        with_random_unet(pipe, control_seed), dataset, model_name=f"{name}-random{control_seed}", **kw
+    )
+    means = summarise(images).assign(split=split)
+    both = pd.concat([images.assign(weights="trained"), control.assign(weights=f"random{control_seed}")])
+    out = Path(out_dir)
+    write_part(means, out / "properties.csv")
+    write_part(both.assign(split=split), out / "properties_images.csv")
+    return means, images, control
+
+
+CHOICE_SPLITS = ("train", "val")
+"""Splits a property table may be measured on: it chooses activations, so never the test split."""
+
+
+def dataset_split(dataset) -> str:
+    """The split of a toy world (``split``), or of a list of samples whose image ids start with
+    it (``"val_0_000003"``); ``"unknown"`` otherwise."""
+    split = getattr(dataset, "split", None)
+    if split:
+        return str(split)
+    ids = {_image_id(dataset[i]).split("_", 1)[0] for i in range(len(dataset))}
+    return ids.pop() if len(ids) == 1 else "unknown"
 
 
 def activation_maps(
@@ -544,127 +626,181 @@ def _at_t(df: pd.DataFrame, measure: str, t: int | None) -> tuple[pd.DataFrame, 
     return d, int(t)
 
 
-def _verdict(ok: bool | None) -> str:
-    return "inconclusive" if ok is None else ("holds" if ok else "fails")
+# The claims' minimum effects: the smallest effect that would matter to a reader, declared
+# here beside the claims' definitions (never tuned to a result). Each claim must reach it on
+# the trained model and beat the random-weight control by it, paired over images.
+MIN_NOISE_GAP = 0.05
+"""Noise-share claims: 5 points of an activation's spatial variance (noise share is a share in [0, 1])."""
+MIN_NOISE_GROWTH = 0.05
+"""Noise share growing with t: 5 points of variance between the smallest and the largest t."""
+MIN_GRANULARITY_RHO = 0.3
+"""Granularity within a level: a Spearman correlation of 0.3 (a moderate monotone trend)."""
+MIN_LOCALITY_GAP = 0.05
+"""Locality: 0.05 of cosine similarity between q/k and the block output of the same block."""
 
 
-def claims(
-    df: pd.DataFrame,
-    t: int | None = None,
-    majority: float = 0.5,
-    comparable: float = 0.5,
-    margin: float = 0.05,
-    min_size: int = 8,
-) -> pd.DataFrame:
-    """Paper 1's property claims on a property table: rows (claim, measure, value, verdict).
+def _forward_position(images: pd.DataFrame) -> pd.Series:
+    order = {n: i for i, n in enumerate(dict.fromkeys(images["activation"]))}
+    return images["activation"].map(order)
 
-    Only claims whose measure is in ``df`` are stated. Stage claims are read
-    at timestep ``t`` (default 50, the papers' t, else the smallest in the
-    table), on medians over the activations of a group (unet-in/-out left
-    out); groups are resolution levels (:func:`resolution_group`). Rules:
 
-    - asymmetric noise, down: median noise share of the down stage divided by
-      the lower of the mid stage's and the early up stage's (up levels in the
-      first half); holds when > 1.
-    - asymmetric noise, late up: the same ratio for the last up level (the
-      highest resolution); holds when > 1 ("partly reappears").
-    - noise grows with t: share of activations whose noise share rises at
-      every step from the smallest to the largest timestep; holds when >
-      ``majority``.
-    - in-resolution granularity: median over levels of the standard deviation
-      of granularity within a level, divided by the median absolute change of
-      mean granularity between consecutive levels of a stage; holds when >=
-      ``comparable``. Only levels whose maps are at least ``min_size`` pixels
-      wide count: a 2x2 map has just three frequencies (0, 0.5, 0.71 cycles
-      per pixel), so any non-constant 2x2 map scores >= 0.5 and the level
-      change would measure the grid, not the features.
-    - locality: median locality index of self-attention q and k minus that of
-      block outputs (res-out, vit-out, down/upsampler-out); holds when >
-      ``margin``.
+def _per_image(d: pd.DataFrame, fn) -> pd.Series:
+    """``fn(rows of one image)`` for every image of ``d``, a Series indexed by image id."""
+    return pd.Series({iid: fn(g) for iid, g in d.groupby("image_id", sort=False)}, dtype=float)
 
-    Verdicts: ``holds``, ``fails``, or ``inconclusive`` where the number
-    cannot be computed (one timestep only, no level with two activations).
-    A failing claim is reported as failing; the thresholds are parameters,
-    not tuned per model.
-    """
-    rows = []
-    if "noise_share" in set(df["measure"]):
-        d, t0 = _at_t(df, "noise_share", t)
-        up_levels = sorted(int(g[2:]) for g in d["group"].unique() if g.startswith("up"))
-        n_up = len(up_levels)
-        early = [f"up{lv}" for lv in up_levels if lv < n_up / 2]
-        late = f"up{up_levels[-1]}" if up_levels else None
-        med = lambda groups: float(d.loc[d["group"].isin(groups), "value"].median())
-        down = med([g for g in d["group"].unique() if g.startswith("down")])
+
+def _check_images(images: pd.DataFrame, what: str) -> None:
+    missing = [c for c in IMAGE_COLUMNS if c not in images.columns]
+    if missing:
+        raise ValueError(
+            f"the {what} property table lacks {missing}: the claims need one row per image; "
+            "use measure_properties(..., per_image=True)"
+        )
+
+
+def noise_stage_gaps(images: pd.DataFrame, t: int | None = None) -> tuple[pd.DataFrame, dict]:
+    """Per image, the noise-share gaps of the asymmetric-noise claims at ``t``: ``down`` = median
+    noise share of the down stage minus the lower of the mid stage's and the early up stage's
+    (up levels in the first half), ``late`` = the last up level's (highest resolution) minus that
+    same low. Returns ``(DataFrame indexed by image id, {"t", "early", "late"})``."""
+    d, t0 = _at_t(images, "noise_share", t)
+    up_levels = sorted(int(g[2:]) for g in d["group"].unique() if g.startswith("up"))
+    early = [f"up{lv}" for lv in up_levels if lv < len(up_levels) / 2]
+    late = f"up{up_levels[-1]}" if up_levels else None
+
+    def gaps(g):
+        med = lambda groups: float(g.loc[g["group"].isin(groups), "value"].median())
         low = min(med(["mid"]), med(early))
-        r_down, r_late = down / low, med([late]) / low
-        rows += [
-            dict(
-                claim="asymmetric noise: the down stage is noisier than the mid and early up stages",
-                measure=f"median noise share, down / min(mid, {'+'.join(early)}), t={t0}",
-                value=r_down,
-                verdict=_verdict(bool(r_down > 1) if np.isfinite(r_down) else None),
-            ),
-            dict(
-                claim="asymmetric noise: noise partly reappears late in the up stage",
-                measure=f"median noise share, {late} / min(mid, {'+'.join(early)}), t={t0}",
-                value=r_late,
-                verdict=_verdict(bool(r_late > 1) if np.isfinite(r_late) else None),
-            ),
-        ]
-        n = df[df["measure"] == "noise_share"].pivot_table(index="activation", columns="t", values="value")
-        ts = sorted(int(t) for t in n.columns)
-        if len(ts) >= 2:
-            n = n.dropna()
-            rises = (n[ts].diff(axis=1).iloc[:, 1:] > 0).all(axis=1)
-            frac = float(rises.mean()) if len(n) else float("nan")
-            ok = bool(frac > majority) if np.isfinite(frac) else None
-        else:
-            frac, ok = float("nan"), None
-        rows.append(
-            dict(
-                claim="asymmetric noise: the noise share grows with t",
-                measure=f"share of activations whose noise share rises over t={ts}",
-                value=frac,
-                verdict=_verdict(ok),
+        return med([x for x in g["group"].unique() if x.startswith("down")]) - low, med([late]) - low
+
+    out = {iid: gaps(g) for iid, g in d.groupby("image_id", sort=False)}
+    return pd.DataFrame.from_dict(out, orient="index", columns=["down", "late"]), dict(t=t0, early=early, late=late)
+
+
+def noise_growth(images: pd.DataFrame) -> tuple[pd.Series, list[int]]:
+    """Per image, the mean over activations of noise share at the largest t minus at the smallest."""
+    d = images[images["measure"] == "noise_share"]
+    ts = sorted(int(t) for t in d["t"].unique())
+    if len(ts) < 2:
+        return pd.Series(dtype=float), ts
+    w = d.pivot_table(index=["image_id", "activation"], columns="t", values="value")
+    return (w[ts[-1]] - w[ts[0]]).groupby(level="image_id").mean(), ts
+
+
+def granularity_order(images: pd.DataFrame, t: int | None = None, min_size: int = 8) -> pd.DataFrame:
+    """Per image and resolution level, Spearman's rho of granularity with the forward order of
+    the level's activations (positive: coarse to fine along the forward pass, the paper's
+    in-resolution granularity change). Levels whose maps are narrower than ``min_size`` pixels
+    are left out (a 2x2 map has just three frequencies), as are levels with fewer than 3
+    activations. Columns ``image_id, group, rho, n_activations``."""
+    from scipy.stats import spearmanr
+
+    d, t0 = _at_t(images, "granularity", t)
+    d["position"] = _forward_position(d)
+    d = d[(d["group"] != "") & (d["size"] >= min_size)].dropna(subset=["value"])
+    rows = []
+    for (iid, grp), g in d.groupby(["image_id", "group"], sort=False):
+        if len(g) >= 3 and np.ptp(g["value"]) > 0:
+            rows.append(
+                dict(
+                    image_id=iid,
+                    group=grp,
+                    rho=float(spearmanr(g["position"], g["value"]).statistic),
+                    n_activations=len(g),
+                )
             )
-        )
-    if "granularity" in set(df["measure"]):
-        d, t0 = _at_t(df, "granularity", t)
-        d = d[(d["group"] != "") & (d["size"] >= min_size)].dropna(subset=["value"])
-        within = d.groupby("group")["value"].std().median()
-        means = d.groupby("group")["value"].mean()
-        changes = []
-        for stage in ("down", "up"):
-            lv = sorted(int(g[len(stage) :]) for g in means.index if g.startswith(stage))
-            changes += [abs(means[f"{stage}{a}"] - means[f"{stage}{b}"]) for a, b in zip(lv, lv[1:])]
-        between = float(np.median(changes)) if changes else float("nan")
-        ratio = float(within / between) if between else float("nan")
-        rows.append(
-            dict(
-                claim="in-resolution granularity: granularity varies within a resolution level as much as between levels",
-                measure=(
-                    f"median within-level std / median between-level change of granularity (cycles/px), "
-                    f"levels {'+'.join(means.index)} (maps >= {min_size} px), t={t0}"
-                ),
-                value=ratio,
-                verdict=_verdict(bool(ratio >= comparable) if np.isfinite(ratio) else None),
-            )
-        )
-    if "locality" in set(df["measure"]):
-        d, t0 = _at_t(df, "locality", t)
-        qk = float(d.loc[d["kind"].isin(["self-q", "self-k"]), "value"].median())
-        blocks = float(d.loc[d["kind"].isin(BLOCK_OUTPUT_KINDS), "value"].median())
-        diff = qk - blocks
-        rows.append(
-            dict(
-                claim="locality: self-attention q/k are more local than block outputs",
-                measure=f"median locality index, self-q/k minus block outputs, t={t0}",
-                value=diff,
-                verdict=_verdict(bool(diff > margin) if np.isfinite(diff) else None),
-            )
-        )
-    return pd.DataFrame(rows, columns=CLAIM_COLUMNS)
+    return pd.DataFrame(rows, columns=["image_id", "group", "rho", "n_activations"])
+
+
+def locality_gaps(images: pd.DataFrame, t: int | None = None) -> pd.DataFrame:
+    """Per image and transformer block, the locality index of its self-attention q and k (their
+    mean) minus that of the block's output (``vit-out`` of the same stage, level and repeat: the
+    same resolution). Columns ``image_id, block, gap``."""
+    d, _ = _at_t(images, "locality", t)
+    d = d[d["kind"].isin(["self-q", "self-k", "vit-out"])].copy()
+    d["block"] = d["stage"].astype(str) + d["level"].astype(str) + "-" + d["repeat"].astype(str)
+    d["part"] = np.where(d["kind"] == "vit-out", "out", "qk")
+    w = d.pivot_table(index=["image_id", "block"], columns="part", values="value", aggfunc="mean")
+    if not {"qk", "out"} <= set(w.columns):
+        return pd.DataFrame(columns=["image_id", "block", "gap"])
+    return (w["qk"] - w["out"]).rename("gap").dropna().reset_index()
+
+
+def _controlled(claim, measure, trained: pd.Series, control: pd.Series, min_effect: float) -> dict:
+    from .verdicts import controlled_row, paired
+
+    both = pd.concat([trained.rename("trained"), control.rename("control")], axis=1)
+    return controlled_row(
+        claim,
+        measure,
+        paired(both["trained"].to_numpy(), min_effect),
+        paired((both["trained"] - both["control"]).to_numpy(), min_effect),
+        control=float(both["control"].mean()),
+    )
+
+
+def claims(images: pd.DataFrame, control: pd.DataFrame, t: int | None = None, min_size: int = 8) -> pd.DataFrame:
+    """Paper 1's property claims, one ledger row each (:data:`difstudy.verdicts.CLAIM_COLUMNS` and
+    the control columns of :func:`difstudy.verdicts.controlled_row`).
+
+    ``images`` and ``control`` are per-image property tables (:data:`IMAGE_COLUMNS`,
+    ``measure_properties(..., per_image=True)``) of the trained model and of the same
+    architecture with random weights, on the same images. Only claims whose measure is in
+    ``images`` are stated. The sampling units are the images: each claim's statistic is computed
+    per image, and the claim holds when the trained model shows it (:func:`difstudy.verdicts.paired`
+    against its minimum effect) *and* beats the random-weight control by that minimum, paired over
+    images. Stage claims are read at ``t`` (default 50, the papers' t, else the smallest in the
+    table); groups are resolution levels (:func:`resolution_group`). The claims:
+
+    - asymmetric noise, down (:func:`noise_stage_gaps` ``down``) and late up (``late``),
+      minimum :data:`MIN_NOISE_GAP`;
+    - noise grows with t (:func:`noise_growth`), minimum :data:`MIN_NOISE_GROWTH`;
+    - in-resolution granularity (:func:`granularity_order`: per image the mean over levels of the
+      rank correlation with forward order), minimum :data:`MIN_GRANULARITY_RHO`;
+    - locality (:func:`locality_gaps`: per image the mean over transformer blocks of q/k minus
+      the same block's output), minimum :data:`MIN_LOCALITY_GAP`.
+    """
+    _check_images(images, "trained")
+    _check_images(control, "control")
+    measures = set(images["measure"])
+    rows = []
+    if "noise_share" in measures:
+        tr, info = noise_stage_gaps(images, t)
+        ct, _ = noise_stage_gaps(control, info["t"])
+        low = f"min(mid, {'+'.join(info['early'])})"
+        rows.append(_controlled(
+            "asymmetric noise: the down stage is noisier than the mid and early up stages",
+            f"per image: median noise share of the down stage minus {low}, t={info['t']}",
+            tr["down"], ct["down"], MIN_NOISE_GAP,
+        ))  # fmt: skip
+        rows.append(_controlled(
+            "asymmetric noise: noise partly reappears late in the up stage",
+            f"per image: median noise share of {info['late']} minus {low}, t={info['t']}",
+            tr["late"], ct["late"], MIN_NOISE_GAP,
+        ))  # fmt: skip
+        g_tr, ts = noise_growth(images)
+        g_ct, _ = noise_growth(control)
+        rows.append(_controlled(
+            "asymmetric noise: the noise share grows with t",
+            f"per image: mean over activations of noise share at t={ts[-1] if ts else '?'} minus t={ts[0] if ts else '?'}",
+            g_tr, g_ct, MIN_NOISE_GROWTH,
+        ))  # fmt: skip
+    if "granularity" in measures:
+        o_tr, o_ct = granularity_order(images, t, min_size), granularity_order(control, t, min_size)
+        levels = "+".join(dict.fromkeys(o_tr["group"]))
+        rows.append(_controlled(
+            "in-resolution granularity: within a resolution level, activations go from coarse to fine along the forward order",
+            f"per image: mean over levels {levels} (maps >= {min_size} px) of Spearman's rho of granularity with forward order",
+            o_tr.groupby("image_id")["rho"].mean(), o_ct.groupby("image_id")["rho"].mean(), MIN_GRANULARITY_RHO,
+        ))  # fmt: skip
+    if "locality" in measures:
+        l_tr, l_ct = locality_gaps(images, t), locality_gaps(control, t)
+        rows.append(_controlled(
+            "locality: in self-attention q/k, near pixels of different parts are more alike than far pixels of the same part, more than in the block's output",
+            f"per image: mean over {l_tr['block'].nunique()} transformer blocks of the locality index of self-q/k minus the same block's vit-out",
+            l_tr.groupby("image_id")["gap"].mean(), l_ct.groupby("image_id")["gap"].mean(), MIN_LOCALITY_GAP,
+        ))  # fmt: skip
+    return pd.DataFrame(rows)
 
 
 def group_summary(df: pd.DataFrame, measure: str, by: str = "level") -> pd.DataFrame:
@@ -701,6 +837,19 @@ __all__ = [
     "pca_pictures",
     "write_part",
     "claims",
+    "summarise",
+    "measure_with_control",
+    "dataset_split",
+    "CHOICE_SPLITS",
+    "IMAGE_COLUMNS",
+    "noise_stage_gaps",
+    "noise_growth",
+    "granularity_order",
+    "locality_gaps",
+    "MIN_NOISE_GAP",
+    "MIN_NOISE_GROWTH",
+    "MIN_GRANULARITY_RHO",
+    "MIN_LOCALITY_GAP",
     "group_summary",
     "resolution_group",
 ]

@@ -31,15 +31,45 @@ good executed copy.
 finished``; rewritten atomically after every notebook, rows of notebooks not
 run this time are kept), which the book's performance page shows.
 
+**Runs.** Every ``difstudy run`` has a run id (``YYYYMMDD-HHMMSS-xxxxxx``: the start
+time and six random hex digits), recorded before the first notebook in
+``results/run.json``::
+
+    {"run_id": "20250301-141502-3fa9c1", "params": "ci", "commit": "34bd345+dirty",
+     "started": "2025-03-01T14:15:02", "notebooks": ["mini_model_card", "...", "performance"]}
+
+(``commit``: :func:`git_commit` at the start; ``notebooks``: those of that
+invocation). A run of only the pages that read results and write no claims
+(:data:`READERS`: the claims ledger and the performance page) with the same
+``params`` keeps the recorded run id, so ``difstudy run --only claims_ledger``
+rebuilds the ledger of the last run; any other run starts a new id (rerunning
+one page alone therefore starts a new run, whose ledger holds only that page).
+:func:`execute` hands the notebook its provenance through the environment,
+which the papermill kernel inherits: ``DIFSTUDY_NOTEBOOK`` (the notebook's
+name), ``DIFSTUDY_PARAMS`` (``ci``, ``full`` or the YAML file as given) and
+``DIFSTUDY_RUN_ID``.
+
 **Results conventions** shared by the notebooks, :mod:`difstudy.sweep` and the
 claims ledger:
 
 - a notebook writes its tidy results to ``{out_dir}/results.csv``
   (:func:`write_results`), ``out_dir`` being one of its parameters;
-- a notebook that tests a claim of the papers writes ``{out_dir}/claims.csv``
-  with the columns ``claim, measure, value, verdict`` (:func:`write_claims`;
-  verdict one of :data:`VERDICTS`); :func:`collect_claims` gathers every
-  ``results/**/claims*.csv`` into ``results/claims.csv`` for the ledger.
+- a notebook that tests a claim of the papers writes
+  ``{out_dir}/claims.csv`` (or ``claims_<part>.csv`` when pages share an
+  ``out_dir``) with :func:`write_claims`: rows built by
+  :mod:`difstudy.verdicts` (:data:`CLAIM_COLUMNS` ``claim, measure, estimate,
+  lo, hi, min_effect, control, n_units, verdict, note``, extra columns such as
+  ``vs_lo`` kept; verdict one of :data:`VERDICTS`, decided only in
+  :mod:`difstudy.verdicts`), each stamped with :data:`PROVENANCE_COLUMNS`
+  ``notebook, params, run_id, commit, model_fingerprint``. Outside ``difstudy
+  run`` (a notebook run by hand) ``notebook`` and ``params`` are ``""`` and
+  ``run_id`` is ``manual-<id>``, one per Python process, so the ledger never
+  takes those rows;
+- :func:`collect_claims` builds the ledger ``results/claims.csv`` from the
+  current run only: for each notebook of the toc, the ``claims*.csv`` files
+  directly in its ``out_dir`` (never ``results/sweeps`` or other folders). A
+  file whose rows carry another run id (an earlier run, a hand run) is refused
+  with an error naming it, never silently mixed in.
 
 ``difstudy probe --params ci`` runs the benchmark tables without a notebook
 and writes ``results.csv`` (tidy) and ``table.md``.
@@ -49,26 +79,35 @@ from __future__ import annotations
 
 import ast
 import html
+import json
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
 from .errors import DifstudyError
-from .fileio import write_csv_atomic
+from .fileio import write_csv_atomic, write_text_atomic
+from .verdicts import CLAIM_COLUMNS, VERDICTS
 
 ROOT = Path(__file__).resolve().parent.parent
 TOC = Path("book") / "_toc.yml"
 GENERATED = Path("book") / "_generated"
 TIMES = Path("results") / "times.csv"
-CLAIM_COLUMNS = ("claim", "measure", "value", "verdict")
-VERDICTS = ("holds", "fails", "inconclusive")
+RUN = Path("results") / "run.json"
+# stamped on every claim row by write_claims: which page, parameters, run, code and weights made it
+PROVENANCE_COLUMNS = ("notebook", "params", "run_id", "commit", "model_fingerprint")
+# the environment difstudy run gives a notebook's kernel (papermill kernels inherit it)
+ENV_NOTEBOOK, ENV_PARAMS, ENV_RUN_ID = "DIFSTUDY_NOTEBOOK", "DIFSTUDY_PARAMS", "DIFSTUDY_RUN_ID"
+# pages that read the results and write no claims: a run of only these keeps the recorded run id
+READERS = ("claims_ledger", "performance")
 # seconds for a kernel to start: nbclient's 60 s is too short on a busy 2-core machine
 KERNEL_START_TIMEOUT = 300
 BOILERPLATE_TAGS = {"hide-input", "remove-input", "remove-cell", "hide-cell", "hide-output", "remove-output"}
@@ -144,6 +183,121 @@ def declared_parameters(nb) -> dict:
     return out
 
 
+# -- runs and provenance -----------------------------------------------------------------
+_MANUAL_RUN_ID: str | None = None  # the run id of rows written outside difstudy run, one per process
+
+
+def new_run_id() -> str:
+    """``YYYYMMDD-HHMMSS-xxxxxx``: the local time and six random hex digits."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def git_commit(root: Path = ROOT) -> str:
+    """The short sha of ``root``'s git HEAD, plus ``+dirty`` when the tree has changes (untracked
+    files that git does not ignore included); ``unknown`` outside git or without git."""
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=30
+        )
+        if sha.returncode != 0 or not sha.stdout.strip():
+            return "unknown"
+        status = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain"], capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    dirty = status.returncode != 0 or bool(status.stdout.strip())
+    return sha.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def read_run(path: str | os.PathLike = RUN) -> dict | None:
+    """The run recorded in ``results/run.json`` by :func:`start_run` (None when there is none)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DifstudyError(f"{path} is not valid JSON ({e}); delete it and run the study again") from None
+    if not isinstance(data, dict) or not data.get("run_id"):
+        raise DifstudyError(f"{path} records no run_id; delete it and run the study again")
+    return data
+
+
+def start_run(params: str, names: list[str], root: Path = ROOT) -> dict:
+    """The run of one ``difstudy run``: the recorded one (``results/run.json``) when every
+    notebook in ``names`` is one of :data:`READERS` and the params are the same, else a new
+    one, recorded (atomically) before the first notebook runs. Returns the record."""
+    path = root / RUN
+    last = read_run(path)
+    if last is not None and last.get("params") == params and set(names) <= set(READERS):
+        return last
+    record = dict(
+        run_id=new_run_id(),
+        params=params,
+        commit=git_commit(root),
+        started=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        notebooks=list(names),
+    )
+    write_text_atomic(path, json.dumps(record, indent=2) + "\n")
+    return record
+
+
+@contextmanager
+def run_environment(notebook: str, params: str, run_id: str):
+    """Set ``DIFSTUDY_NOTEBOOK``, ``DIFSTUDY_PARAMS`` and ``DIFSTUDY_RUN_ID`` in this process
+    (and so in the kernels it starts) for the ``with`` block; the old values come back after."""
+    new = {ENV_NOTEBOOK: notebook, ENV_PARAMS: str(params), ENV_RUN_ID: run_id}
+    old = {k: os.environ.get(k) for k in new}
+    os.environ.update(new)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def model_fingerprint(model) -> str:
+    """What ``model_fingerprint`` records: :func:`difstudy.extract.module_fingerprint` of a
+    pipeline's U-Net (anything with ``.unet``) or of a network itself; a string (a model
+    name) as given; ``""`` for None."""
+    if model is None:
+        return ""
+    if isinstance(model, str):
+        return model
+    from .extract import module_fingerprint
+
+    net = getattr(model, "unet", model)
+    if not (hasattr(net, "named_parameters") and hasattr(net, "config")):
+        raise DifstudyError(
+            f"model must be a diffusers pipeline, a network with a config, a model name or None; "
+            f"got {type(model).__name__}"
+        )
+    return module_fingerprint(net)
+
+
+def provenance(model=None, root: Path = ROOT) -> dict:
+    """The :data:`PROVENANCE_COLUMNS` of rows written now: ``notebook``, ``params``, ``run_id``
+    from the environment :func:`execute` sets (outside ``difstudy run``: ``""``, ``""`` and
+    ``manual-<id>``, one id per process), ``commit`` (:func:`git_commit` of ``root``) and
+    ``model_fingerprint`` (:func:`model_fingerprint` of ``model``)."""
+    global _MANUAL_RUN_ID
+    run_id = os.environ.get(ENV_RUN_ID, "")
+    if not run_id:
+        _MANUAL_RUN_ID = _MANUAL_RUN_ID or f"manual-{new_run_id()}"
+        run_id = _MANUAL_RUN_ID
+    return dict(
+        notebook=os.environ.get(ENV_NOTEBOOK, ""),
+        params=os.environ.get(ENV_PARAMS, ""),
+        run_id=run_id,
+        commit=git_commit(root),
+        model_fingerprint=model_fingerprint(model),
+    )
+
+
 # -- executing one notebook --------------------------------------------------------------
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -173,15 +327,24 @@ def describe_failure(err, source: Path, executed=None, kept: Path | None = None)
     return msg
 
 
-def execute(name: str, params: str = "ci", root: Path = ROOT, out_dir: Path | None = None) -> Path:
-    """Execute one notebook with papermill and :func:`present` it; returns the executed copy's path."""
+def execute(
+    name: str, params: str = "ci", root: Path = ROOT, out_dir: Path | None = None, run_id: str | None = None
+) -> Path:
+    """Execute one notebook with papermill and :func:`present` it; returns the executed copy's path.
+
+    The kernel sees ``DIFSTUDY_NOTEBOOK=name``, ``DIFSTUDY_PARAMS=params`` and
+    ``DIFSTUDY_RUN_ID=run_id`` (:func:`run_environment`). Without ``run_id`` it is a run of
+    its own, like ``difstudy run --only name`` (:func:`start_run`)."""
     src = notebook_path(name, root)
     values = load_params(name, params, root)
     out_dir = Path(out_dir or root / GENERATED)
     dst = out_dir / f"{name}.ipynb"
     label = params_path(src, params)
     label = label.relative_to(root) if label.is_relative_to(root) else label
-    run_notebook(src, dst, values, cwd=root, failed=out_dir / f".{name}.failed.ipynb", label=str(label))
+    if run_id is None:
+        run_id = start_run(params, [name], root)["run_id"]
+    with run_environment(name, params, run_id):
+        run_notebook(src, dst, values, cwd=root, failed=out_dir / f".{name}.failed.ipynb", label=str(label))
     return dst
 
 
@@ -330,14 +493,17 @@ def read_times(path: str | os.PathLike = TIMES) -> pd.DataFrame:
 def run(params: str = "ci", only: list[str] | None = None, book: bool = True, root: Path = ROOT) -> list[dict]:
     """Execute the notebooks (all, in toc order, or ``only``), then build the book; returns the times.
 
-    Stops at the first failing notebook (its error names the cell); the times
-    so far are printed either way."""
+    One run id for all of them (:func:`start_run`: new, or the recorded one for a run of
+    :data:`READERS` only). Stops at the first failing notebook (its error names the cell);
+    the times so far are printed either way."""
     study = notebook_names(root)
     names = only or study
     available = {p.stem for p in (root / "notebooks").glob("*.ipynb")}
     unknown = [n for n in names if n not in available]
     if unknown:
         raise DifstudyError(f"unknown notebooks {unknown}; choose from {study} (or any of {sorted(available)})")
+    run_id = start_run(params, names, root)["run_id"]
+    print(f"[difstudy run] run {run_id} ({root / RUN})", flush=True)
     times: list[dict] = []
 
     def timed(name, fn):
@@ -356,7 +522,7 @@ def run(params: str = "ci", only: list[str] | None = None, book: bool = True, ro
     try:
         for n in names:
             print(f"[difstudy run] executing {n} ({params}) ...", flush=True)
-            timed(n, lambda n=n: execute(n, params, root))
+            timed(n, lambda n=n: execute(n, params, root, run_id=run_id))
             print(f"[difstudy run] {n} done in {times[-1]['seconds']:.0f} s", flush=True)
         if book:
             missing = [n for n in study if not (root / GENERATED / f"{n}.ipynb").exists()]
@@ -387,43 +553,195 @@ def write_results(df: pd.DataFrame, out_dir: str | os.PathLike, name: str = "res
     return write_csv_atomic(df, Path(out_dir) / name)
 
 
+_NUMERIC = ("estimate", "lo", "hi", "min_effect", "control", "n_units")
+
+
 def claims_frame(rows) -> pd.DataFrame:
-    """Validate claim rows (dicts or a DataFrame with :data:`CLAIM_COLUMNS`; bool verdicts become holds/fails)."""
+    """Validate claim rows (dicts or a DataFrame): every column of :data:`CLAIM_COLUMNS` (extra
+    columns kept), numbers where numbers belong, verdicts from :data:`VERDICTS` only (a verdict is
+    decided by :mod:`difstudy.verdicts`, never here: True/False are refused). No rows at all give
+    an empty table with those columns."""
     df = pd.DataFrame(rows).copy()
+    if df.empty and len(df.columns) == 0:
+        return pd.DataFrame(columns=list(CLAIM_COLUMNS))
     missing = [c for c in CLAIM_COLUMNS if c not in df.columns]
     if missing:
-        raise DifstudyError(f"claim rows lack the columns {missing}; each row needs {list(CLAIM_COLUMNS)}")
-    df["verdict"] = df["verdict"].map(lambda v: ("holds" if v else "fails") if isinstance(v, bool) else v)
-    bad = sorted(set(df["verdict"]) - set(VERDICTS), key=str)
+        hint = " (the old column `value` is now `estimate`, with its interval lo, hi)" if "value" in df.columns else ""
+        raise DifstudyError(
+            f"claim rows lack the columns {missing}{hint}; each row needs {list(CLAIM_COLUMNS)}: "
+            "build rows with difstudy.verdicts (Verdict.row or controlled_row)"
+        )
+    for c in _NUMERIC:
+        num = pd.to_numeric(df[c], errors="coerce")
+        bad = df.loc[num.isna() & df[c].notna(), c]
+        if len(bad):
+            raise DifstudyError(
+                f"claim column {c!r} must hold numbers (NaN where none); got {bad.unique()[:5].tolist()}"
+            )
+        df[c] = num
+    bad = [v for v in dict.fromkeys(df["verdict"]) if not (isinstance(v, str) and v in VERDICTS)]
     if bad:
-        raise DifstudyError(f"unknown claim verdicts {bad}; use one of {list(VERDICTS)} (or True/False)")
+        raise DifstudyError(
+            f"unknown claim verdicts {bad}; use one of {list(VERDICTS)}, as difstudy.verdicts decides them "
+            "(True/False are no verdicts)"
+        )
     return df
 
 
-def write_claims(rows, out_dir: str | os.PathLike) -> Path:
-    """``{out_dir}/claims.csv``: one row per claim tested (claim, measure, value, verdict, extra columns kept)."""
-    return write_csv_atomic(claims_frame(rows), Path(out_dir) / "claims.csv")
+def write_claims(rows, out_dir: str | os.PathLike, name: str = "claims.csv", model=None, root: Path = ROOT) -> Path:
+    """``{out_dir}/{name}``: one row per claim tested, from :mod:`difstudy.verdicts` (``Verdict.row``,
+    ``controlled_row``), validated by :func:`claims_frame` (extra columns kept) and stamped with
+    :data:`PROVENANCE_COLUMNS` (:func:`provenance`; any such columns in ``rows`` are replaced).
+
+    ``name``: ``claims.csv``, or ``claims_<part>.csv`` when notebooks share an ``out_dir`` (the
+    ledger reads ``claims*.csv``). ``model``: the diffusers pipeline the claims were measured on
+    (its U-Net's weights fingerprint is recorded), a model name, or None. Returns the path."""
+    if Path(name).name != name or not (name.startswith("claims") and name.endswith(".csv")):
+        raise DifstudyError(f"claims file name must look like claims.csv or claims_<part>.csv, got {name!r}")
+    df = claims_frame(rows)
+    extra = [c for c in df.columns if c not in CLAIM_COLUMNS and c not in PROVENANCE_COLUMNS]
+    df = df[[*CLAIM_COLUMNS, *extra]].copy()
+    for k, v in provenance(model, root).items():
+        df[k] = v
+    return write_csv_atomic(df, Path(out_dir) / name)
 
 
-def collect_claims(results_dir: str | os.PathLike = "results", out: str | os.PathLike | None = None) -> pd.DataFrame:
-    """Concatenate every ``results_dir/**/claims*.csv`` (a ``source`` column names the folder) into
-    ``results_dir/claims.csv`` (or ``out``); returns the table, empty when no notebook wrote claims."""
-    results_dir = Path(results_dir)
-    out = Path(out) if out is not None else results_dir / "claims.csv"
-    frames = []
-    for path in sorted(results_dir.glob("**/claims*.csv")):
-        if path.resolve() == out.resolve():
-            continue
-        try:
-            df = claims_frame(pd.read_csv(path))
-        except DifstudyError as e:
-            raise DifstudyError(f"{path}: {e}") from None
-        df.insert(0, "source", path.parent.relative_to(results_dir).as_posix() or ".")
-        frames.append(df)
-    cols = ["source", *CLAIM_COLUMNS]
-    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
+def notebook_values(name: str, params: str, root: Path = ROOT) -> dict:
+    """The parameters notebook ``name`` runs with: its parameters cell's defaults, then ``params``."""
+    import nbformat
+
+    declared = declared_parameters(nbformat.read(notebook_path(name, root), as_version=4))
+    return {**declared, **load_params(name, params, root)}
+
+
+def collect_claims(
+    params: str | None = None,
+    run_id: str | None = None,
+    results_dir: str | os.PathLike = "results",
+    out: str | os.PathLike | None = None,
+    root: Path = ROOT,
+) -> pd.DataFrame:
+    """The claims ledger of one run: ``{results_dir}/claims.csv`` (or ``out``), also returned.
+
+    For each notebook of the book's toc (:func:`notebook_names`), the ``claims*.csv`` files
+    directly in its ``out_dir`` (from ``params``), each folder once however many notebooks share
+    it; never ``results/sweeps`` or any other folder. Rows keep the ``notebook`` that wrote them
+    and are ordered as the toc; a ``source`` column names the file. ``run_id`` and ``params``
+    default to the current run's: the environment ``difstudy run`` sets (``DIFSTUDY_RUN_ID``,
+    ``DIFSTUDY_PARAMS``), else ``{results_dir}/run.json``.
+
+    A file whose rows carry another run id (an earlier run, a notebook run by hand, a file from
+    before rows had provenance) or that a notebook outside the toc wrote is refused: a
+    :class:`DifstudyError` lists every such file with its run id and the fix; nothing is written."""
+    root = Path(root)
+    results = root / results_dir
+    out = root / out if out is not None else results / "claims.csv"
+    run_id = run_id or os.environ.get(ENV_RUN_ID) or None
+    params = params or os.environ.get(ENV_PARAMS) or None
+    if run_id is None or params is None:
+        record = read_run(results / "run.json")
+        if record is None and run_id is None:
+            raise DifstudyError(
+                f"no run recorded in {results / 'run.json'}: the ledger takes the claims of one run; "
+                "run the study with `difstudy run --params ci`"
+            )
+        run_id = run_id or record["run_id"]
+        params = params or (record or {}).get("params") or "ci"
+    toc = notebook_names(root)
+    folders: dict[Path, list[str]] = {}
+    for name in toc:
+        values = notebook_values(name, params, root)
+        if values.get("out_dir"):
+            folders.setdefault((root / values["out_dir"]).resolve(), []).append(name)
+    frames, refused = [], []
+    for folder, writers in folders.items():
+        for path in sorted(folder.glob("claims*.csv")):
+            if path.resolve() == out.resolve():
+                continue
+            shown = path.relative_to(root) if path.is_relative_to(root) else path
+            try:
+                df = claims_frame(pd.read_csv(path))
+            except (DifstudyError, pd.errors.EmptyDataError, pd.errors.ParserError) as e:
+                raise DifstudyError(f"{shown}: {e}; rerun the notebook that writes it ({', '.join(writers)})") from None
+            if "run_id" not in df.columns or "notebook" not in df.columns:
+                refused.append(
+                    (shown, "no run_id column (written before claim rows carried their provenance)", writers)
+                )
+                continue
+            ids = sorted(df["run_id"].astype(str).unique())
+            by = [str(n) for n in dict.fromkeys(df["notebook"].fillna(""))]
+            if ids and ids != [run_id]:
+                hand = (
+                    " (a notebook run by hand, not by `difstudy run`)"
+                    if any(i.startswith("manual-") for i in ids)
+                    else ""
+                )
+                who = ", ".join(n for n in by if n) or "unknown"
+                refused.append(
+                    (shown, f"run_id {', '.join(ids)}{hand}, written by {who}", [n for n in by if n] or writers)
+                )
+                continue
+            foreign = [n for n in by if n not in writers]
+            if foreign:
+                raise DifstudyError(
+                    f"{shown}: rows written by {foreign}, but only {writers} of the book's toc write to "
+                    f"{shown.parent}; delete the file or give that notebook its own out_dir"
+                )
+            df["source"] = shown.as_posix()
+            frames.append(df)
+    if refused:
+        lines = "\n".join(f"  - {f}: {why}" for f, why, _ in refused)
+        notebooks = sorted({n for *_, ns in refused for n in ns}, key=lambda n: toc.index(n) if n in toc else len(toc))
+        raise DifstudyError(
+            f"the claims ledger takes only the claims of the current run {run_id} (params {params}); refused:\n"
+            f"{lines}\n"
+            f"fix: rerun {', '.join(notebooks)} with `difstudy run` in the same run as the ledger, e.g. the "
+            f"whole study: `difstudy run --params {params}` (a run of some notebooks starts a new run id); "
+            "or delete a file that no notebook writes any more"
+        )
+    extra = [c for df in frames for c in df.columns if c not in CLAIM_COLUMNS and c not in PROVENANCE_COLUMNS]
+    cols = [*CLAIM_COLUMNS, *dict.fromkeys(c for c in extra if c != "source"), *PROVENANCE_COLUMNS, "source"]
+    if frames:
+        table = pd.concat(frames, ignore_index=True).reindex(columns=cols)
+        order = {n: i for i, n in enumerate(toc)}
+        table = table.sort_values("notebook", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
+    else:
+        table = pd.DataFrame(columns=cols)
     write_csv_atomic(table, out)
     return table
+
+
+# what the ledger page shows of each row, provenance aside
+LEDGER_COLUMNS = (
+    "claim",
+    "measure",
+    "estimate",
+    "lo",
+    "hi",
+    "min_effect",
+    "control",
+    "n_units",
+    "verdict",
+    "note",
+    "notebook",
+)
+
+
+def ledger_table(claims: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """The ledger as its page shows it: the :data:`LEDGER_COLUMNS` of every row plus the
+    :data:`PROVENANCE_COLUMNS` that differ between rows, and (second) the provenance every row
+    shares, column -> value (shown once above the table)."""
+    shared, varying = {}, []
+    for c in PROVENANCE_COLUMNS:
+        if c == "notebook" or c not in claims.columns:
+            continue
+        values = claims[c].fillna("").astype(str).unique()
+        if len(values) == 1:
+            shared[c] = values[0]
+        elif len(values) > 1:
+            varying.append(c)
+    cols = [c for c in LEDGER_COLUMNS if c in claims.columns] + varying
+    return claims[cols].reset_index(drop=True), shared
 
 
 # -- probe without a notebook -----------------------------------------------------------

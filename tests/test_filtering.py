@@ -205,14 +205,32 @@ def test_top_k_includes_ties_at_the_boundary():
     assert t["chance"].tolist() == [0.5, 0.5]
 
 
-def test_claims_verdicts_follow_the_bars():
-    recall = pd.DataFrame(dict(k=[10], n_top=[10], n_top_kept=[5], recall=[0.5], chance=[0.15]))
-    means = pd.DataFrame(dict(setting=["selected", "legacy-v1.5"], mean=[0.30, 0.31], std=[0.0, 0.0], n=[3, 3]))
-    c = F.claims(recall, means.assign(metric="PCK@0.1 img"), recall_bar=0.5)
-    assert c["verdict"].tolist() == ["holds", "fails"]
-    assert math.isclose(c["value"].iloc[1], -0.01)
-    c = F.claims(recall, means.assign(metric="m"), recall_bar=0.6)
-    assert c["verdict"].iloc[0] == "fails"
+def _set_results(selected, legacy, metric="PCK@0.1 img"):
+    rows = [
+        dict(setting=name, seed=i, metric=metric, value=v)
+        for name, vals in (("selected", selected), ("legacy-v1.5", legacy))
+        for i, v in enumerate(vals)
+    ]
+    return pd.DataFrame(rows)
+
+
+def test_claims_verdicts_come_from_intervals_against_chance_and_minimum_effects():
+    recall = pd.DataFrame(dict(k=[10], n_top=[10], n_top_kept=[9], recall=[0.9], chance=[0.15]))
+    clear = _set_results([0.40, 0.41, 0.39, 0.40, 0.42], [0.30, 0.31, 0.30, 0.29, 0.31])
+    c = F.claims(recall, clear, "PCK@0.1 img")
+    assert c["verdict"].tolist() == ["holds", "holds"]
+    assert math.isclose(c["estimate"].iloc[0], 0.75) and c["control"].iloc[0] == 0.15
+    assert math.isclose(c["estimate"].iloc[1], 0.102, abs_tol=1e-9) and math.isclose(c["control"].iloc[1], 0.302)
+    # a filter that keeps everything keeps the whole top ten, but so would chance: it fails
+    everything = recall.assign(n_top_kept=10, recall=1.0, chance=1.0)
+    assert F.claims(everything, clear, "PCK@0.1 img")["verdict"].iloc[0] == "fails"
+    # a +0.001 difference measured precisely is no gain (below the one-point minimum); 3 seeds decide nothing
+    tiny = _set_results([0.301, 0.302, 0.300, 0.301, 0.302], [0.300, 0.301, 0.299, 0.300, 0.301])
+    assert F.claims(recall, tiny, "PCK@0.1 img")["verdict"].iloc[1] == "fails"
+    few = _set_results([0.5, 0.5, 0.5], [0.1, 0.1, 0.1])
+    assert F.claims(recall, few, "PCK@0.1 img")["verdict"].iloc[1] == "inconclusive"
+    with pytest.raises(ValueError, match="no setting 'legacy-v1.5'"):
+        F.claims(recall, clear[clear.setting == "selected"], "PCK@0.1 img")
 
 
 def test_cost_table_totals():
@@ -228,6 +246,14 @@ def test_read_properties_refuses_another_models_table(tmp_path):
     frame = pd.DataFrame(dict(name=["a", "b"], kind=["res-out", "res-out"], shape=["4x8x8", "4x4x4"]))
     df = pd.concat([props([("a", "up", 0, 0.1, 0.2, 0.3)]), props([("b", "up", 1, 0.1, 0.2, 0.3)])])
     df.loc[df["activation"] == "b", "size"] = 4
+    df.to_csv(tmp_path / "p.csv", index=False)
+    with pytest.raises(ValueError, match="does not record the split"):
+        F.read_properties(tmp_path / "p.csv", frame, t=50)
+    df["split"] = "test"
+    df.to_csv(tmp_path / "p.csv", index=False)
+    with pytest.raises(ValueError, match=r"measured on the \['test'\] split"):
+        F.read_properties(tmp_path / "p.csv", frame, t=50)
+    df["split"] = "val"
     df.to_csv(tmp_path / "p.csv", index=False)
     table, why = F.read_properties(tmp_path / "p.csv", frame, t=50)
     assert table is not None and set(table["activation"]) == {"a", "b"}

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from difstudy import gate
+from difstudy import gate, verdicts
 from difstudy.cache import Key
 from difstudy.data.toyworld import ToyWorld
 from difstudy.errors import DifstudyError, ModelNotFoundError
@@ -272,34 +272,72 @@ def test_caption_file_feeds_the_fine_variant(tmp_path):
 
 # ----------------------------------------------------------------------------
 # 5. content-shift table, claims and guideline on frames with known answers
-def _synthetic_frame():
+def _synthetic_frame(n=12, effects=(("better", -0.01), ("worse", 0.01), ("same", 0.0)), noise=0.002, seed=0):
+    """Shift = 0.02 + t / 10000 + an image's own offset + noise per (image, technique, t); the
+    VAE floor is 0.01 + that offset; technique ``name`` adds its effect; structure = 10 x contour."""
+    rng = np.random.default_rng(seed)
     rows = []
-    for i in range(12):
-        rows.append(dict(image_id=f"i{i}", technique="basic", method="vae", t=0, contour=0.01, structure=0.1))
+    for i in range(n):
+        off = rng.normal(0, 0.005)
+        rows.append(dict(image_id=f"i{i}", technique="basic", method="vae", t=0, contour=0.01 + off, structure=0))
         for t in (25, 50, 100, 200, 400):
-            for name, off in (("basic", 0.0), ("better", -0.01), ("same", 0.0)):
-                v = 0.02 + t / 10000 + off
+            for name, eff in (("basic", 0.0), *effects):
+                v = 0.02 + t / 10000 + off + eff + rng.normal(0, noise)
                 rows.append(dict(image_id=f"i{i}", technique=name, method="x0", t=t, contour=v, structure=10 * v))
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    df.loc[df["method"] == "vae", "structure"] = 10 * df.loc[df["method"] == "vae", "contour"]
+    return df
 
 
-def test_claims_and_guideline_verdicts():
+def test_content_shift_claims_pair_over_images_against_the_declared_minimum():
     df = _synthetic_frame()
-    claims = gate.content_shift_claims(df, n_boot=200)
+    claims = gate.content_shift_claims(df).set_index(["claim", "measure"])
+    assert list(claims.reset_index().columns) == list(verdicts.CLAIM_COLUMNS)
     assert set(claims["verdict"]) == {"holds"}
-    grow = claims[claims["claim"].str.startswith("content shift grows")]
-    assert np.allclose(grow["value"], 1.0)  # the shift is a rising function of t alone
-    exists = claims[
-        claims["claim"].str.startswith("content shift exists") & (claims["measure"] == "mean contour shift")
+    assert set(claims["n_units"]) == {12}  # images are the units, not (image, t) rows
+    exists = claims.loc[
+        ("content shift exists (x0, t=50, above the VAE floor)", "contour shift - VAE floor, mean over images")
     ]
-    assert exists["value"].iloc[0] == pytest.approx(0.02 + 50 / 10000 - 0.01)  # mean over images minus floor
-    g = gate.guideline_table(df, n_boot=200).set_index(["technique", "measure"])
-    assert g.loc[("better", "contour"), "verdict"] == "helps"
-    assert g.loc[("better", "contour"), "difference"] == pytest.approx(-0.01)
-    assert g.loc[("same", "contour"), "verdict"] == "no clear effect"
-    gc = gate.guideline_claims(gate.guideline_table(df, n_boot=50))
-    assert list(gc.columns[:4]) == ["claim", "measure", "value", "verdict"]
-    assert set(gc["verdict"]) == {"holds", "inconclusive"}
+    x0, vae = df[(df["technique"] == "basic") & (df["t"] == 50)], df[df["method"] == "vae"]
+    want = x0["contour"].to_numpy() - vae["contour"].to_numpy()  # both in image order
+    assert exists["estimate"] == pytest.approx(want.mean()) and exists["min_effect"] == gate.MIN_SHIFT_EXISTS["contour"]
+    assert exists["lo"] < exists["estimate"] < exists["hi"]
+    grow = claims[claims.index.get_level_values(0).str.startswith("content shift grows")]
+    assert (grow["min_effect"] == gate.MIN_SHIFT_RHO).all() and (grow["estimate"] > 0.8).all()
+
+
+def test_a_shift_no_larger_than_the_vae_floor_does_not_hold():
+    df = _synthetic_frame(effects=())
+    x0 = df["method"] == "x0"
+    df.loc[x0, "contour"] -= 0.01 + df.loc[x0, "t"] / 10000  # x0 shift = floor + noise
+    c = gate.content_shift_claims(df).set_index("measure")["verdict"]
+    assert c["contour shift - VAE floor, mean over images"] == "fails"  # measured precisely: below the minimum
+    assert c["Spearman rho(t, contour) per image, mean over images"] != "holds"  # noise alone does not grow with t
+
+
+def test_guideline_labels_follow_the_verdicts():
+    df = _synthetic_frame()
+    g = gate.guideline_table(df).set_index(["technique", "measure"])
+    assert (
+        g.loc[("better", "contour"), "verdict"] == "helps" and g.loc[("better", "contour"), "claim_verdict"] == "holds"
+    )
+    assert g.loc[("better", "contour"), "estimate"] == pytest.approx(0.01, abs=0.002)  # without - with
+    assert g.loc[("better", "contour"), "difference"] == -g.loc[("better", "contour"), "estimate"]
+    assert g.loc[("worse", "contour"), "verdict"] == "hurts" and g.loc[("worse", "contour"), "claim_verdict"] == "fails"
+    # no effect, measured precisely: the interval rules out the minimum either way
+    assert (
+        g.loc[("same", "contour"), "verdict"] == "negligible" and g.loc[("same", "contour"), "claim_verdict"] == "fails"
+    )
+    assert (g["n_units"] == 12).all() and (
+        g.xs("contour", level=1)["min_effect"] == gate.MIN_SHIFT_REDUCTION["contour"]
+    ).all()
+    # the same effect on 3 images: no interval, no verdict either way
+    few = gate.guideline_table(_synthetic_frame(n=3)).set_index(["technique", "measure"])
+    assert set(few["claim_verdict"]) == {"inconclusive"} and set(few["verdict"]) == {"no clear effect"}
+    gc = gate.guideline_claims(gate.guideline_table(df))
+    assert list(gc.columns) == list(verdicts.CLAIM_COLUMNS)
+    assert gc["verdict"].tolist() == gate.guideline_table(df)["claim_verdict"].tolist()
+    assert gc["claim"].iloc[0] == "better lowers content shift (x0, t=25,50,100,200,400)"
 
 
 def test_spearman_against_hand_values():
@@ -527,7 +565,16 @@ def _results(values: dict[str, list[float]], task="classification", metric="accu
     return pd.DataFrame(rows)
 
 
-def test_feature_claims_verdicts_values_and_not_measured_rows():
+STATUS = pd.DataFrame(
+    [
+        dict(technique="fine", available=True, reason="", how_to_get=""),
+        dict(technique="generic", available=True, reason="", how_to_get=""),
+        dict(technique="lora", available=False, reason="missing", how_to_get="python -m difstudy.train.lora"),
+    ]
+)
+
+
+def test_feature_claims_values_and_not_measured_rows():
     res = _results(
         {
             "basic": [0.50, 0.52],
@@ -537,27 +584,62 @@ def test_feature_claims_verdicts_values_and_not_measured_rows():
             "amalgamated: basic t=25 + basic t=50": [0.61, 0.50],
         }
     )
-    status = pd.DataFrame(
-        [
-            dict(technique="fine", available=True, reason="", how_to_get=""),
-            dict(technique="generic", available=True, reason="", how_to_get=""),
-            dict(technique="lora", available=False, reason="missing", how_to_get="python -m difstudy.train.lora"),
-        ]
-    )
-    c = gate.feature_claims(res, status, control="amalgamated: basic t=25 + basic t=50").set_index("claim")
-    assert c.loc["fine improves features (classification)", "value"] == pytest.approx(0.045)
-    assert c.loc["fine improves features (classification)", "verdict"] == "holds"
-    assert c.loc["generic improves features (classification)", "verdict"] == "inconclusive"  # -0.01, +0.01
+    c = gate.feature_claims(res, STATUS, control="amalgamated: basic t=25 + basic t=50")
+    assert list(c.columns) == list(verdicts.CLAIM_COLUMNS)
+    c = c.set_index("claim")
+    fine = c.loc["fine improves features (classification)"]
+    # every seed gains (the old rule said "holds"), but two seeds are too few units for an interval
+    assert fine["estimate"] == pytest.approx(0.045) and fine["verdict"] == "inconclusive"
+    assert fine["n_units"] == 2 and "only 2 units" in fine["note"] and "run seeds" in fine["note"]
+    assert fine["min_effect"] == gate.MIN_FEATURE_GAIN
     lora = c.loc["lora improves features (classification)"]
-    assert lora["verdict"] == "not measured" and np.isnan(lora["value"]) and "train.lora" in lora["measure"]
+    assert lora["verdict"] == "inconclusive" and np.isnan(lora["estimate"]) and lora["n_units"] == 0
+    assert lora["note"].startswith("not measured") and "train.lora" in lora["note"]
     amal = c.loc["amalgamation beats the best single technique (classification) (lora not measured)"]
-    assert amal["value"] == pytest.approx(0.035) and amal["verdict"] == "holds" and "- fine" in amal["measure"]
+    assert amal["estimate"] == pytest.approx(0.035) and "- fine" in amal["measure"]
+    assert amal["min_effect"] == gate.MIN_AMALGAMATION_GAIN
     div = c.loc["the gain is not just diversity (classification) (lora not measured)"]
-    assert div["value"] == pytest.approx(0.035) and div["verdict"] == "inconclusive"  # -0.01, +0.08
-    assert gate.seed_verdict([0.1]) == "inconclusive" and gate.seed_verdict([-0.1, 0.0]) == "fails"
-    ledger = gate.for_ledger(c.reset_index(), ("holds", "fails", "inconclusive"))
-    assert set(ledger["verdict"]) <= {"holds", "fails", "inconclusive"}
-    assert gate.for_ledger(c.reset_index(), ("not measured",))["verdict"].tolist() == c["verdict"].tolist()
+    assert div["estimate"] == pytest.approx(0.035) and div["min_effect"] == gate.MIN_DIVERSITY_GAIN
+    assert set(c["verdict"]) == {"inconclusive"}
+
+
+def test_a_null_feature_effect_over_two_seeds_never_holds():
+    # the old rule (every seed positive) held a null effect 25% of the time with two seeds
+    rng = np.random.default_rng(0)
+    got = []
+    for _ in range(200):
+        res = _results({"basic": rng.normal(0.5, 0.02, 2), "fine": rng.normal(0.5, 0.02, 2), "generic": [0.5, 0.5]})
+        got.append(gate.feature_claims(res, STATUS.iloc[:2])["verdict"].iloc[0])
+    assert set(got) == {"inconclusive"}
+
+
+def test_a_clear_feature_gain_over_enough_seeds_holds_and_a_tiny_precise_one_fails():
+    rng = np.random.default_rng(1)
+    base = rng.normal(0.5, 0.03, 8)  # seeds share their split and noise draw: paired
+    res = _results(
+        {
+            "basic": base,
+            "fine": base + 0.05 + rng.normal(0, 0.01, 8),  # five points, clearly
+            "generic": base + 0.001 + rng.normal(0, 0.0005, 8),  # a tenth of a point, precisely
+        }
+    )
+    c = gate.feature_claims(res, STATUS.iloc[:2]).set_index("claim")
+    fine, generic = (
+        c.loc["fine improves features (classification)"],
+        c.loc["generic improves features (classification)"],
+    )
+    assert fine["verdict"] == "holds" and fine["lo"] > 0 and fine["n_units"] == 8
+    assert generic["verdict"] == "fails" and generic["hi"] < gate.MIN_FEATURE_GAIN
+    assert generic["lo"] > 0  # positive, yet too small to matter
+
+
+def test_gate_decides_no_verdict_itself():
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(gate))
+    literals = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value in verdicts.VERDICTS]
+    assert literals == []  # every verdict comes from difstudy.verdicts
 
 
 def test_technique_status_names_the_training_command(monkeypatch, tmp_path):
@@ -572,7 +654,10 @@ def test_technique_status_names_the_training_command(monkeypatch, tmp_path):
     assert "difstudy.train.lora" in st.loc["lora", "how_to_get"]
     assert "pass an existing" in st.loc["mylora", "how_to_get"]
     guide = gate.guideline_rows(pd.DataFrame(), st.reset_index())
-    assert guide["verdict"].tolist() == ["not measured"] * 3
+    assert list(guide.columns) == list(verdicts.CLAIM_COLUMNS)
+    assert guide["verdict"].tolist() == ["inconclusive"] * 6  # 3 techniques x 2 scores
+    assert guide["note"].str.startswith("not measured: weights missing").all()
+    assert "difstudy.train.lora" in guide.set_index("claim").loc["lora lowers content shift (img2img)", "note"].iloc[0]
 
 
 def test_domain_indices_pick_the_background():

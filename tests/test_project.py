@@ -61,3 +61,31 @@ def test_book_toc_lists_every_notebook():
     files = set(toc_files(ROOT / "book" / "_toc.yml"))
     for nb in (ROOT / "notebooks").glob("*.ipynb"):
         assert f"book/_generated/{nb.stem}" in files
+
+
+def _machine_paths(value, where=""):
+    """(where, string) of every string in a JSON value that names a folder of the machine it was made on."""
+    if isinstance(value, dict):
+        return [hit for k, v in value.items() for hit in _machine_paths(v, f"{where}.{k}")]
+    if isinstance(value, list):
+        return [hit for i, v in enumerate(value) for hit in _machine_paths(v, f"{where}[{i}]")]
+    if isinstance(value, str) and (value.startswith(("/", "~")) or re.match(r"^(runs|tmp|\.\.?)/", value)):
+        return [(where, value)]
+    return []
+
+
+def test_committed_model_configs_hold_no_local_paths(tmp_path):
+    from difstudy.train.common import drop_local_paths
+
+    configs = sorted((ROOT / "difstudy" / "models").rglob("config.json"))
+    assert configs, "no committed model config found"
+    for path in configs:
+        cfg = json.loads(path.read_text())
+        assert "_name_or_path" not in cfg, f"{path}: diffusers wrote the training folder; run drop_local_paths"
+        assert not _machine_paths(cfg), f"{path}: {_machine_paths(cfg)}"
+    # the exporters' scrubber removes what diffusers writes, and only that
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"_name_or_path": "/work/x/runs/a", "in_channels": 4}))
+    assert drop_local_paths(tmp_path) == [tmp_path / "unet" / "config.json"]
+    assert json.loads((tmp_path / "unet" / "config.json").read_text()) == {"in_channels": 4}
+    assert drop_local_paths(tmp_path) == []

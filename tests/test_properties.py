@@ -34,7 +34,16 @@ def _randn(*shape, seed=0):
 # noise share
 def test_noise_share_of_a_map_that_ignores_the_noise_is_zero():
     signal = _randn(8, 12, 12)
-    assert noise_share(signal[None].repeat(6, 1, 1, 1)) == 0.0
+    assert noise_share(signal[None].repeat(6, 1, 1, 1)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_noise_share_ignores_constant_channel_offsets():
+    # pure spatial noise plus large per-channel constants: the offsets are neither signal nor noise
+    offsets = 10 * _randn(1, 8, 1, 1, seed=5)
+    assert noise_share(_randn(4, 8, 16, 16, seed=6) + offsets) == pytest.approx(1.0, abs=0.02)
+    # a signal plus offsets that differ per draw is still all signal
+    signal = _randn(8, 16, 16, seed=7)
+    assert noise_share(signal[None] + 10 * _randn(4, 8, 1, 1, seed=8)) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_noise_share_of_pure_independent_noise_is_one():
@@ -129,14 +138,16 @@ def _one_hot(parts):
 
 
 def test_locality_of_a_positional_ramp_is_clearly_positive():
-    assert locality_index(_positional(), _blocks()) > 0.5
+    assert locality_index(_positional(), _blocks()) > 0.8
 
 
-def test_locality_of_a_part_one_hot_is_about_zero():
+def test_locality_of_a_part_one_hot_is_clearly_negative():
+    # the paper's comparison: near pixels of different parts (one-hots: dissimilar) against far
+    # pixels of the same part (identical): semantics wins, the index is well below 0
     y, x = _grid()
     quadrants = ((y >= 8).long() * 2 + (x >= 8).long()).long()
-    assert locality_index(_one_hot(quadrants), quadrants) == pytest.approx(0.0, abs=1e-9)  # symmetric: exactly 0
-    assert abs(locality_index(_one_hot(_blocks()), _blocks())) < 0.05
+    assert locality_index(_one_hot(quadrants), quadrants) == pytest.approx(-4 / 3)  # centred one-hots of 4 parts
+    assert locality_index(_one_hot(_blocks()), _blocks()) < -1.0
 
 
 def test_locality_ranks_position_above_semantics_above_noise():
@@ -230,6 +241,12 @@ def test_properties_from_cache_matches_the_measures_per_image():
     one = noise_share(torch.stack([maps["a-noisy", "i1", 300, s] for s in seeds]))
     two = noise_share(torch.stack([maps["a-noisy", "i0", 300, s] for s in seeds]))
     assert noisy[noisy.t == 300]["value"].item() == pytest.approx((one + two) / 2)
+    # one row per image (the claims' units) summarises to the same table
+    images = properties_from_cache(
+        FakeCache(maps), _frame(), ids, ts, seeds, masks=masks, progress=False, per_image=True
+    )
+    assert list(images.columns) == P.IMAGE_COLUMNS and len(images) == 2 * len(df)
+    pd.testing.assert_frame_equal(P.summarise(images), df)
 
 
 def test_properties_from_cache_counts_only_images_with_a_value():
@@ -251,79 +268,104 @@ def test_properties_from_cache_rejects_bad_requests():
 
 # ----------------------------------------------------------------------------
 # claims
-def _table(noise: dict, t_scale: float = 2.0):
-    """A property table over a 4-level U-Net with the given median noise share per group."""
+GROUPS = [("down", lv) for lv in range(4)] + [("mid", None)] + [("up", lv) for lv in range(4)]
+
+
+def _table(noise: dict, t_scale: float = 2.0, n_images: int = 8, jitter: float = 0.01, seed: int = 0):
+    """A per-image property table over a 4-level U-Net with the given noise share per group,
+    each image's values jittered (seeded)."""
+    rng = np.random.default_rng(seed)
     rows = []
-    groups = [("down", lv) for lv in range(4)] + [("mid", None)] + [("up", lv) for lv in range(4)]
-    for stage, lv in groups:
-        key = "mid" if stage == "mid" else f"{stage}{lv}"
-        for r in range(2):
-            for t, scale in ((50, 1.0), (300, t_scale)):
-                rows.append(
-                    dict(
-                        activation=f"{key}-r{r}",
-                        kind="res-out",
-                        stage=stage,
-                        level=lv,
-                        repeat=r,
-                        t=t,
-                        measure="noise_share",
-                        value=min(1.0, noise[key] * scale),
-                        n_images=4,
-                        size=16,
-                    )
-                )
-    return pd.DataFrame(rows).astype({"level": "Int64"})
+    for i in range(n_images):
+        for stage, lv in GROUPS:
+            key = "mid" if stage == "mid" else f"{stage}{lv}"
+            for r in range(2):
+                for t, scale in ((50, 1.0), (300, t_scale)):
+                    value = min(1.0, noise[key] * scale) + jitter * rng.standard_normal()
+                    rows.append(
+                        dict(activation=f"{key}-r{r}", kind="res-out", stage=stage, level=lv, repeat=r, t=t,
+                             measure="noise_share", image_id=f"val_0_{i:06d}", value=value, size=16)
+                    )  # fmt: skip
+    return pd.DataFrame(rows, columns=P.IMAGE_COLUMNS).astype({"level": "Int64", "repeat": "Int64"})
 
 
 ASYMMETRIC = dict(down0=0.3, down1=0.1, down2=0.05, down3=0.04, mid=0.02, up0=0.01, up1=0.01, up2=0.02, up3=0.4)
+FLAT = {k: 0.1 for k in ASYMMETRIC}
 
 
-def test_noise_claims_hold_on_the_asymmetric_pattern():
-    c = claims(_table(ASYMMETRIC)).set_index("claim")
-    assert len(c) == 3 and set(c["verdict"]) == {"holds"}
-    assert c.iloc[0]["value"] == pytest.approx(np.median([0.3, 0.3, 0.1, 0.1, 0.05, 0.05, 0.04, 0.04]) / 0.01)
+def test_noise_claims_hold_on_the_asymmetric_pattern_against_a_flat_control():
+    c = claims(_table(ASYMMETRIC), _table(FLAT, t_scale=1.0, seed=1)).set_index("claim")
+    assert len(c) == 3 and set(c["verdict"]) == {"holds"}, c[["estimate", "lo", "hi", "verdict"]]
+    down = c.iloc[0]
+    # median of the down stage (0.3, 0.1, 0.05, 0.04, twice each) minus min(mid, up0+up1) = 0.01
+    assert down["estimate"] == pytest.approx(np.median([0.3, 0.1, 0.05, 0.04]) - 0.01, abs=0.01)
+    assert down["control"] == pytest.approx(0.0, abs=0.01) and down["n_units"] == 8
+    assert down["min_effect"] == P.MIN_NOISE_GAP
+
+
+def test_noise_claims_that_the_control_shows_as_well_fail():
+    # a pattern the random-weight control shows just as much says nothing about training
+    c = claims(_table(ASYMMETRIC), _table(ASYMMETRIC, seed=1))
+    assert list(c["verdict"]) == ["fails", "fails", "fails"]
+    assert (c["estimate"].iloc[:2] > P.MIN_NOISE_GAP).all()  # the trained model alone shows it
 
 
 def test_noise_claims_fail_when_the_pattern_is_absent():
-    flat = {k: 0.1 for k in ASYMMETRIC} | {"mid": 0.5}
-    c = claims(_table(flat, t_scale=0.5))
+    flat = FLAT | {"mid": 0.5}
+    c = claims(_table(flat, t_scale=0.5), _table(FLAT, t_scale=1.0, seed=1))
     assert list(c["verdict"]) == ["fails", "fails", "fails"]
 
 
-def test_noise_growth_claim_is_inconclusive_with_one_timestep():
+def test_claims_with_too_few_images_are_inconclusive_and_need_per_image_tables():
+    c = claims(_table(ASYMMETRIC, n_images=3), _table(FLAT, n_images=3, seed=1))
+    assert set(c["verdict"]) == {"inconclusive"} and c["note"].str.contains("only 3 units").all()
     df = _table(ASYMMETRIC)
-    c = claims(df[df.t == 50])
-    assert c.iloc[2]["verdict"] == "inconclusive" and math.isnan(c.iloc[2]["value"])
+    assert claims(df[df.t == 50], _table(FLAT, seed=1)).iloc[2]["verdict"] == "inconclusive"  # one timestep
+    with pytest.raises(ValueError, match="per_image=True"):
+        claims(P.summarise(df), df)
 
 
-def _gran_locality_table(within: float, qk_extra: float):
+def _gran_locality_table(slope: float, qk_extra: float, n_images: int = 8, seed: int = 0, size: int = 8):
+    rng = np.random.default_rng(seed)
     rows = []
-    for stage, lv, base in (("down", 0, 0.2), ("down", 1, 0.3), ("up", 2, 0.3), ("up", 3, 0.2)):
-        for r, kind in enumerate(["res-out", "self-q", "self-k", "vit-out"]):
-            g = base + within * (r - 1.5)
-            loc = 0.2 + (qk_extra if kind in ("self-q", "self-k") else 0.0)
-            common = dict(activation=f"{stage}{lv}-{kind}", kind=kind, stage=stage, level=lv, repeat=0, t=50)
-            rows.append(common | dict(measure="granularity", value=g, n_images=3, size=8))
-            rows.append(common | dict(measure="locality", value=loc, n_images=3, size=8))
-    return pd.DataFrame(rows).astype({"level": "Int64"})
+    for i in range(n_images):
+        for stage, lv, base in (("down", 0, 0.2), ("down", 1, 0.3), ("up", 2, 0.3), ("up", 3, 0.2)):
+            for r, kind in enumerate(["res-out", "self-q", "self-k", "vit-out"]):
+                g = base + slope * r + 0.02 * rng.standard_normal()
+                loc = 0.2 + (qk_extra if kind in ("self-q", "self-k") else 0.0) + 0.02 * rng.standard_normal()
+                common = dict(activation=f"{stage}{lv}-{kind}", kind=kind, stage=stage, level=lv, repeat=0, t=50)
+                common |= dict(image_id=f"val_0_{i:06d}", size=size)
+                rows.append(common | dict(measure="granularity", value=g))
+                rows.append(common | dict(measure="locality", value=loc))
+    return pd.DataFrame(rows, columns=P.IMAGE_COLUMNS).astype({"level": "Int64", "repeat": "Int64"})
 
 
 def test_granularity_and_locality_claims_follow_the_numbers():
-    held = claims(_gran_locality_table(within=0.05, qk_extra=0.2)).set_index("measure")
-    failed = claims(_gran_locality_table(within=0.001, qk_extra=0.0)).set_index("measure")
+    control = _gran_locality_table(slope=0.0, qk_extra=0.0, seed=1)
+    held = claims(_gran_locality_table(slope=0.05, qk_extra=0.2), control).set_index("measure")
     assert list(held["verdict"]) == ["holds", "holds"]
+    assert held.iloc[0]["estimate"] > 0.8  # a clear monotone trend within each level
+    assert held.iloc[1]["estimate"] == pytest.approx(0.2, abs=0.02)  # q/k minus the block output
+    # coarse-to-fine *against* the forward order, and q/k no more local than the output: both fail
+    failed = claims(_gran_locality_table(slope=-0.05, qk_extra=0.0), control)
     assert list(failed["verdict"]) == ["fails", "fails"]
-    # within-level std of r * 0.05 for r = -1.5..1.5, between-level change 0.1
-    assert held.iloc[0]["value"] == pytest.approx(np.std([-1.5, -0.5, 0.5, 1.5], ddof=1) * 0.05 / 0.1)
-    assert held.iloc[1]["value"] == pytest.approx(0.2)
 
 
 def test_claims_leave_out_levels_too_small_for_granularity():
-    df = _gran_locality_table(within=0.05, qk_extra=0.2)
+    df = _gran_locality_table(slope=0.05, qk_extra=0.2)
     df.loc[df["level"] == 1, "size"] = 2
-    row = claims(df[df.measure == "granularity"]).iloc[0]
+    order = P.granularity_order(df)
+    assert "down1" not in set(order["group"]) and "down0" in set(order["group"])
+    row = claims(df[df.measure == "granularity"], _gran_locality_table(0.0, 0.0, seed=1)).iloc[0]
     assert "down1" not in row["measure"] and "down0" in row["measure"]
+
+
+def test_property_tables_for_the_filter_refuse_test_images(tiny_sd15, tmp_path):
+    from difstudy.data.toyworld import ToyWorld
+
+    with pytest.raises(ValueError, match="not on 'test'"):
+        P.measure_with_control(tiny_sd15, ToyWorld("test", n=2), "granularity", tmp_path)
+    assert P.dataset_split([ToyWorld("val", n=2)[1]]) == "val"
 
 
 # ----------------------------------------------------------------------------
@@ -344,7 +386,7 @@ def test_write_part_replaces_only_its_own_rows(tmp_path):
 def test_property_plots_need_one_timestep_or_a_grid():
     from difstudy import plots
 
-    df = _table(ASYMMETRIC)
+    df = P.summarise(_table(ASYMMETRIC))
     with pytest.raises(ValueError, match=r"\[50, 300\]"):
         plots.plot_property_profile(df, "noise_share")
     ax = plots.plot_property_profile(df, "noise_share", t=300)

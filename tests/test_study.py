@@ -102,26 +102,14 @@ def test_record_time_replaces_one_row_and_keeps_the_others(tmp_path):
     assert pd.read_csv(tmp_path / "results" / "times.csv")["seconds"].tolist() == [1.0, 3.0, 9.0]
 
 
-def test_claims_are_collected_from_every_results_folder(tmp_path):
-    study.write_claims(
-        [dict(claim="noise is asymmetric", measure="ratio", value=2.5, verdict=True)], tmp_path / "noise"
-    )
-    study.write_claims(
-        pd.DataFrame(
-            dict(claim=["GATE helps", "shift grows with t"], measure="d", value=[0.1, -0.2], verdict=["fails", "holds"])
-        ),
-        tmp_path / "gate" / "mini",
-    )
-    table = study.collect_claims(tmp_path)
-    assert table["source"].tolist() == ["gate/mini", "gate/mini", "noise"]
-    assert table["verdict"].tolist() == ["fails", "holds", "holds"]  # True became "holds"
-    assert pd.read_csv(tmp_path / "claims.csv").shape == (3, 5)
-    assert len(study.collect_claims(tmp_path)) == 3  # its own output is not collected again
-
-
 def test_bad_claims_name_the_accepted_values(tmp_path):
+    row = dict(claim="c", measure="m", estimate=1.0, lo=0.5, hi=1.5, min_effect=0.2, control=float("nan"))
+    row.update(n_units=30, note="")
     with pytest.raises(DifstudyError, match=r"unknown claim verdicts \['maybe'\].*holds"):
-        study.write_claims([dict(claim="c", measure="m", value=1, verdict="maybe")], tmp_path)
+        study.write_claims([dict(row, verdict="maybe")], tmp_path)
+    with pytest.raises(DifstudyError, match=r"unknown claim verdicts \[True\]"):  # no bool -> verdict mapping
+        study.write_claims([dict(row, verdict=True)], tmp_path)
     with pytest.raises(DifstudyError, match=r"lack the columns \['verdict'\]"):
-        study.write_claims([dict(claim="c", measure="m", value=1)], tmp_path)
-    assert study.collect_claims(tmp_path / "empty").empty
+        study.write_claims([row], tmp_path)
+    assert not (tmp_path / "claims.csv").exists()
+    # the ledger's own tests: tests/test_ledger.py

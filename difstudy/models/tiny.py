@@ -12,6 +12,8 @@ fixed seed, so every build is identical.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -143,6 +145,14 @@ def build_tiny(name: str):
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def with_random_unet(pipe, seed: int = 0):
+    """A shallow copy of ``pipe`` whose U-Net is :func:`random_like` (on the same device): the
+    random-weight control of a measurement, everything else (VAE, text encoder) shared."""
+    rnd = copy.copy(pipe)
+    rnd.unet = random_like(pipe, seed=int(seed)).to(pipe.unet.device)
+    return rnd
 
 
 def random_like(pipe, seed: int = 0):

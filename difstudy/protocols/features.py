@@ -235,11 +235,10 @@ class RandomUNetFeatures(CachedFeatures):
         model_name: str | None = None,
         label: str | None = None,
     ):
-        from ..models.tiny import random_like
+        from ..models.tiny import with_random_unet
 
         base = model_name or str(getattr(pipe, "name_or_path", "") or type(pipe).__name__)
-        rnd = copy.copy(pipe)
-        rnd.unet = random_like(pipe, seed=int(seed)).to(pipe.unet.device)
+        rnd = with_random_unet(pipe, seed)
         super().__init__(rnd, activations, extraction, seed, f"{base}-random{int(seed)}", label)
         self._base_pipe, self._base_name = pipe, base
 

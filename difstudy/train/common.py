@@ -56,6 +56,24 @@ class CsvLog:
         self.f.close()
 
 
+def drop_local_paths(folder: Path) -> list[Path]:
+    """Remove ``_name_or_path`` from every ``config.json`` under ``folder`` (diffusers writes the
+    folder a model was loaded from, a path of the machine that trained it, into the config it
+    saves). Returns the files changed; each is rewritten atomically."""
+    import json
+
+    changed = []
+    for path in sorted(Path(folder).rglob("config.json")):
+        cfg = json.loads(path.read_text())
+        if isinstance(cfg, dict) and "_name_or_path" in cfg:
+            del cfg["_name_or_path"]
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(json.dumps(cfg, indent=2) + "\n")
+            os.replace(tmp, path)
+            changed.append(path)
+    return changed
+
+
 def cosine_lr(step: int, total: int, base: float, warmup: int = 100) -> float:
     """Linear warmup, then cosine decay to 0 at ``total``."""
     if step < warmup:

@@ -36,7 +36,16 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .common import CsvLog, atomic_save, caption_ids, cosine_lr, diffusion_target, encode_latents, toy_data
+from .common import (
+    CsvLog,
+    atomic_save,
+    caption_ids,
+    cosine_lr,
+    diffusion_target,
+    drop_local_paths,
+    encode_latents,
+    toy_data,
+)
 
 
 def train(
@@ -156,6 +165,7 @@ def main(argv=None) -> None:
     if a.export:
         a.export.mkdir(parents=True, exist_ok=True)
         cn.save_pretrained(a.export, safe_serialization=True)
+        drop_local_paths(a.export)
         shutil.copyfile(a.out / "log.csv", a.export / "training_log.csv")
         meta = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}
         meta["wall_seconds_this_invocation"] = round(time.time() - t_start, 1)

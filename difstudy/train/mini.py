@@ -62,7 +62,7 @@ from tqdm.auto import tqdm
 
 from ..data.toyworld import BACKGROUNDS, ToyWorld, vocabulary
 from ..models import mini
-from .common import CsvLog, atomic_save, caption_ids, cosine_lr, diffusion_target, to_tensor
+from .common import CsvLog, atomic_save, caption_ids, cosine_lr, diffusion_target, drop_local_paths, to_tensor
 
 
 def make_data(out: Path, n: int, seed: int, tokenizer, need_foreground: bool = False) -> dict:
@@ -385,6 +385,7 @@ def export(folder: Path, vae, unet, te, tokenizer, scaling: float, meta: dict) -
     )
     folder.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(folder, safe_serialization=True)
+    drop_local_paths(folder)
     (folder / "difstudy_training.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
