@@ -711,18 +711,17 @@ def collect_claims(
     return table
 
 
-# what the ledger page shows of each row, provenance aside
+# what the ledger page shows of each row, provenance aside (the verdict next to the claim, so it
+# stays in view in the text column; measure and note are in results/claims.csv)
 LEDGER_COLUMNS = (
     "claim",
-    "measure",
+    "verdict",
     "estimate",
     "lo",
     "hi",
     "min_effect",
     "control",
     "n_units",
-    "verdict",
-    "note",
     "notebook",
 )
 
