@@ -133,10 +133,13 @@ def prompt_effect(pipe, n: int = 60, timesteps=(300, 500, 700), seed: int = 0) -
 
 
 def recognition_summary(df: pd.DataFrame) -> dict:
-    """Share recognised with its 95% Wilson interval."""
+    """Share recognised with its 95% Wilson interval, and the share per class prompt
+    (``per_class``: class name -> share, in the order of ``CLASS_NAMES``)."""
     k, n = int(df["correct"].sum()), len(df)
     lo, hi = wilson_interval(k, n)
-    return dict(recognised=k / n, n=n, ci95_low=lo, ci95_high=hi)
+    shares = df.groupby("cls")["correct"].mean()
+    per_class = {c: float(shares[c]) for c in CLASS_NAMES if c in shares.index}
+    return dict(recognised=k / n, n=n, ci95_low=lo, ci95_high=hi, per_class=per_class)
 
 
 def describe(pipe) -> pd.DataFrame:
@@ -266,6 +269,7 @@ def card_summary(
         judge_accuracy_real=float(judge_acc),
         samples_recognised=float(recognition["recognised"]),
         samples_recognised_ci95=[float(recognition["ci95_low"]), float(recognition["ci95_high"])],
+        samples_recognised_per_class=dict(recognition.get("per_class", {})),
         n_samples=int(recognition["n"]),
         cls_acc_trained=cls_trained,
         cls_best_activation=best_cls,
@@ -298,6 +302,24 @@ def goals(summary: dict) -> pd.DataFrame:
             ">= 0.50",
             s["samples_recognised"],
             s["samples_recognised"] >= 0.5,
+        ),
+        (
+            "... its 95% interval's lower bound",
+            ">= 0.43",
+            s["samples_recognised_ci95"][0],
+            s["samples_recognised_ci95"][0] >= 0.43,
+        ),
+        *(
+            [
+                (
+                    f"... the least recognised class ({min(per, key=per.get)})",
+                    ">= 0.20",
+                    min(per.values()),
+                    min(per.values()) >= 0.2,
+                )
+            ]
+            if (per := s.get("samples_recognised_per_class"))
+            else []
         ),
         ("best trained activation, classification", ">= 0.50", s["cls_acc_trained"], s["cls_acc_trained"] >= 0.5),
         (
