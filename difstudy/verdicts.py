@@ -259,7 +259,7 @@ def correlation(
     return Verdict(rho, lo, hi, float(min_effect), decide(rho, lo, hi, min_effect), n, label, "", confidence)
 
 
-def all_of(parts: Sequence[Verdict], names: Sequence[str] | None = None) -> str:
+def all_of(parts: Sequence[Verdict]) -> str:
     """The verdict of a claim made of parts: ``holds`` when every part holds, ``fails`` when any
     part fails, else ``inconclusive``."""
     if not parts:
@@ -268,13 +268,6 @@ def all_of(parts: Sequence[Verdict], names: Sequence[str] | None = None) -> str:
     if "fails" in vs:
         return "fails"
     return "holds" if all(v == "holds" for v in vs) else "inconclusive"
-
-
-def check_verdict(v) -> str:
-    """``v`` if it is one of :data:`VERDICTS`, else a clear error."""
-    if v not in VERDICTS:
-        raise ValueError(f"unknown verdict {v!r}; use one of {list(VERDICTS)}")
-    return v
 
 
 __all__ = [
@@ -287,7 +280,6 @@ __all__ = [
     "proportion_vs_chance",
     "correlation",
     "all_of",
-    "check_verdict",
 ]
 
 
