@@ -8,12 +8,10 @@ seed) and the single-activation ranking. ``render(df)`` gives the mean +- std
 table (``n/a`` for one seed). :data:`REFERENCE` holds the papers' numbers,
 only ever shown as separate, labelled reference rows.
 
-Records (:mod:`difstudy.protocols.records`): correspondence pairs are drawn
-from the first ``n_test`` test images (seed = run seed); label-scarce
-segmentation uses ``n_seg_train`` / ``n_seg_test`` images of one class with
-class-local part masks (as Horse-21 is one category); semantic segmentation
-the object-class masks and classification the labels of the first
-``n_train`` / ``n_test`` images.
+Records and the protocol calls are the protocol layer's
+(:mod:`difstudy.protocols.tasks`: :func:`~difstudy.protocols.task_records`,
+:func:`~difstudy.protocols.run_task`); :class:`BenchConfig` is its
+:class:`~difstudy.protocols.TaskConfig` plus the feature settings.
 
 Settings: ``raw pixels``; ``random-weight U-Net`` (the model's architecture,
 fresh weights, ours-v1.5 set); ``legacy-v1.5``; ``ours-v1.5``; ``best single
@@ -27,15 +25,16 @@ the ``protocol`` label of the rows it affects.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, replace
 
 import pandas as pd
 
 from . import protocols as P
 from .catalog import NAMED_SETS
-from .data.toyworld import ToyWorld
+from .protocols.tasks import TASKS as TASKS  # re-exported, as seg_world_size: their home is the protocol layer
+from .protocols.tasks import run_task, task_records
+from .protocols.tasks import seg_world_size as seg_world_size
 
-TASKS = ("correspondence", "label-scarce-seg", "semantic-seg", "classification")
 SETTINGS = ("raw pixels", "random-weight U-Net", "legacy-v1.5", "ours-v1.5", "best single activation")
 
 # Papers' numbers (../shared/STUDY.md): real models on real datasets. Reference only.
@@ -74,68 +73,33 @@ REFERENCE = pd.DataFrame(
     columns=["setting", "metric", "value"],
 ).assign(source="paper (reference; real models, real data)")
 
-_TASK_CONFIGS = {
-    "correspondence": P.CorrespondenceConfig,
-    "part_seg": P.PartSegConfig,
-    "semantic_seg": P.SemSegConfig,
-    "classification": P.ClassifyConfig,
-}
-
 
 @dataclass(frozen=True)
-class BenchConfig:
-    """Parameters of one benchmark run (the notebooks' ``ci``/``full`` sets).
+class BenchConfig(P.TaskConfig):
+    """Parameters of one benchmark run (the notebooks' ``ci``/``full`` sets): the tasks of
+    :class:`~difstudy.protocols.TaskConfig` and the feature settings.
 
     The four task configs may be given as dicts of their fields (as in the YAML
     parameter files); lists become tuples.
     """
 
-    model: str = "mini"
-    image_size: int = 64
     timestep: int = 50
     variant: str = "empty"
-    n_train: int = 60  # labelled images for semantic segmentation and classification
     n_val: int = 40  # images for ranking single activations
-    n_test: int = 60
-    n_pairs: int = 60  # correspondence pairs per seed
-    seeds: tuple[int, ...] = (0, 1, 2)
-    tasks: tuple[str, ...] = TASKS
     settings: tuple[str, ...] = SETTINGS
-    seg_class: str = "bird"  # label-scarce segmentation is on one category's parts, as Horse-21
-    n_seg_train: int = 20  # labelled images of that category (Horse-21: 30)
-    n_seg_test: int = 20
     rank_candidates: str = "all"  # catalogue entries ranked for the best single activation
     cache_dir: str = "cache/features"
     batch_size: int = 16
-    data_seed: int = 0
-    correspondence: P.CorrespondenceConfig = field(default_factory=P.CorrespondenceConfig)
-    part_seg: P.PartSegConfig = field(default_factory=P.PartSegConfig)
-    semantic_seg: P.SemSegConfig = field(default_factory=P.SemSegConfig)
-    classification: P.ClassifyConfig = field(default_factory=P.ClassifyConfig)
 
     def __post_init__(self):
-        for name, kind in _TASK_CONFIGS.items():
-            value = getattr(self, name)
-            if isinstance(value, dict):
-                kw = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
-                object.__setattr__(self, name, kind(**kw))
-        for name in ("seeds", "tasks", "settings"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        unknown = [t for t in self.tasks if t not in TASKS]
-        if unknown:
-            raise ValueError(f"unknown tasks {unknown}; use some of {list(TASKS)}")
+        super().__post_init__()
+        object.__setattr__(self, "settings", tuple(self.settings))
         bad = [s for s in self.settings if s not in SETTINGS and s not in NAMED_SETS]
         if bad:
             raise ValueError(
                 f"unknown setting {bad[0]!r}; use raw pixels, random-weight U-Net, best single activation "
                 f"or a named set {sorted(NAMED_SETS)}"
             )
-
-    @classmethod
-    def from_params(cls, params: dict) -> BenchConfig:
-        """A config from a parameter file's dict (keys that are not fields are ignored)."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in params.items() if k in names})
 
     def extraction(self) -> P.ExtractionConfig:
         return P.ExtractionConfig(
@@ -147,50 +111,11 @@ class BenchConfig:
         )
 
 
-# -- records ---------------------------------------------------------------------
-def _world(split: str, n: int, cfg: BenchConfig) -> ToyWorld:
-    return ToyWorld(split, n=n, size=cfg.image_size, seed=cfg.data_seed)
-
-
-def seg_world_size(cfg: BenchConfig, n: int) -> int:
-    """Toy-world length holding ``n`` images of ``cfg.seg_class``."""
-    return P.toy_class_indices(cfg.seg_class, n)[-1] + 1
-
-
-def task_records(cfg: BenchConfig) -> dict[str, dict]:
-    """The records of every task (pairs per seed are drawn in :func:`run_task`)."""
-    train, test = _world("train", cfg.n_train, cfg), _world("test", cfg.n_test, cfg)
-    seg_train = _world("train", seg_world_size(cfg, cfg.n_seg_train), cfg)
-    seg_test = _world("test", seg_world_size(cfg, cfg.n_seg_test), cfg)
-    return {
-        "correspondence": dict(train_world=train, test_world=test),
-        "label-scarce-seg": dict(
-            train=P.toy_part_records(seg_train, cfg.seg_class, cfg.n_seg_train),
-            test=P.toy_part_records(seg_test, cfg.seg_class, cfg.n_seg_test),
-        ),
-        "semantic-seg": dict(train=P.toy_records(train, target="object"), test=P.toy_records(test, target="object")),
-        "classification": dict(train=P.toy_records(train), test=P.toy_records(test)),
-    }
-
-
-def run_task(task: str, source: P.FeatureSource, records: dict, cfg: BenchConfig, seed: int) -> pd.DataFrame:
-    """One protocol call for one setting and seed."""
-    if task == "correspondence":
-        pairs = P.toy_pairs(records["test_world"], cfg.n_pairs, seed)
-        train_pairs = P.toy_pairs(records["train_world"], cfg.n_pairs, seed)
-        return P.correspondence(source, pairs, cfg.correspondence, seed, train_pairs=train_pairs)
-    if task == "label-scarce-seg":
-        return P.part_segmentation(source, records["train"], records["test"], cfg.part_seg, seed)
-    if task == "semantic-seg":
-        return P.semantic_segmentation(source, records["train"], records["test"], cfg.semantic_seg, seed)
-    return P.classification(source, records["train"], records["test"], cfg.classification, seed)
-
-
 # -- settings ----------------------------------------------------------------------
 def rank_single(pipe, cfg: BenchConfig, names) -> pd.DataFrame:
     """Validation correspondence PCK (seed 0, zero-shot protocol of ``cfg``) of every
     activation alone, best first."""
-    val = _world("val", cfg.n_val, cfg)
+    val = P.toy_world("val", cfg.n_val, cfg)
     pairs = P.toy_pairs(val, cfg.n_pairs, seed=0)
     everyone = P.CachedFeatures(pipe, list(names), cfg.extraction(), 0, cfg.model)
     everyone.prepare(P.pair_images(pairs))  # one forward per batch for all candidates

@@ -635,16 +635,21 @@ def test_a_clear_feature_gain_over_enough_seeds_holds_and_a_tiny_precise_one_fai
 
 def test_gate_decides_no_verdict_itself():
     import ast
-    import inspect
+    from pathlib import Path
 
-    tree = ast.parse(inspect.getsource(gate))
-    literals = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value in verdicts.VERDICTS]
-    assert literals == []  # every verdict comes from difstudy.verdicts
+    files = sorted(Path(gate.__file__).parent.glob("*.py"))
+    assert len(files) > 1  # every module of the package
+    for path in files:
+        tree = ast.parse(path.read_text())
+        literals = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value in verdicts.VERDICTS]
+        assert literals == [], path.name  # every verdict comes from difstudy.verdicts
 
 
 def test_technique_status_names_the_training_command(monkeypatch, tmp_path):
-    monkeypatch.setattr(gate, "MINI_CONTROLNET_PATH", tmp_path / "no-canny")
-    monkeypatch.setattr(gate, "MINI_LORA_PATH", tmp_path / "no-lora")
+    from difstudy.gate import techniques  # where technique_status and _lora_source look them up
+
+    monkeypatch.setattr(techniques, "MINI_CONTROLNET_PATH", tmp_path / "no-canny")
+    monkeypatch.setattr(techniques, "MINI_LORA_PATH", tmp_path / "no-lora")
     st = gate.technique_status(
         [gate.Technique("fine", prompt="fine"), gate.Technique("controlnet", controlnet="mini"),
          gate.Technique("lora", lora="mini"), gate.Technique("mylora", lora=str(tmp_path / "nowhere"))]
@@ -704,3 +709,40 @@ def test_img2img_basic_rows_carry_no_lora_and_lora_rows_do(tmp_path):
     want = [gate.content_shift(images[i], plain[i])["contour"] for i in range(2)]
     assert basic["contour"].tolist() == pytest.approx(want, rel=1e-9)
     assert (basic["contour"].to_numpy() != lora["contour"].to_numpy()).all()
+
+
+class _FakeBuckets:
+    """What gate_sources reads of a TechniqueFeatures: select and _check_bucket."""
+
+    seed = 0
+
+    def select(self, bucket, label=None):
+        return (bucket, label)
+
+    def _check_bucket(self, bucket):
+        return bucket[0], int(bucket[1])
+
+
+def test_gate_page_runs_on_the_protocol_layer():
+    from difstudy import protocols as P
+
+    cfg = P.TaskConfig(
+        model="none", n_train=10, n_test=10, n_pairs=4, seeds=(0, 1), n_seg_train=3, n_seg_test=3,
+        tasks=("correspondence", "label-scarce-seg", "classification"), classification=dict(epochs=2),
+    )  # fmt: skip
+    records = P.task_records(cfg)
+    sources = gate.gate_sources(_FakeBuckets(), ["fine"], 50, records, cfg, control_timesteps=(25, 50))
+    amal = gate.AMALGAMATED_LABEL + "basic + fine"
+    assert list(sources) == ["basic", "fine", amal, gate.AMALGAMATED_LABEL + "basic t=25 + basic t=50"]
+    assert sources["fine"]["classification"] == (("fine", 50), "fine")
+    for task in cfg.tasks:  # each amalgamation fits on the training data its protocol trains on
+        fit = sources[amal][task]
+        assert fit.buckets == [("basic", 50), ("fine", 50)] and fit.task == task
+        assert [r.image_id for r in fit.train(1)] == [r.image_id for r in P.train_records(task, records[task], cfg, 1)]
+    pairs = P.toy_pairs(records["correspondence"]["train_world"], 4, 1)
+    assert [p.pair_id for p in sources[amal]["correspondence"].train(1)] == [p.pair_id for p in pairs]
+    split = sources[amal]["label-scarce-seg"].train(1)
+    assert sorted(r.image_id for r in split) != sorted(r.image_id for r in records["label-scarce-seg"]["train"])
+    df = gate.run_gate_probes({"raw pixels": {"classification": P.PixelFeatures()}}, records, cfg, progress=False)
+    assert df["seed"].tolist() == [0, 1] and set(df["setting"]) == {"raw pixels"} and set(df["model"]) == {"none"}
+    assert "seconds" in df

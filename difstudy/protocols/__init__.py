@@ -8,11 +8,14 @@ frozen config (official defaults) and a run seed, and returning tidy rows:
 - :func:`semantic_segmentation` (light head, ADE20K / Cityscapes),
 - :func:`classification` (linear probe on pooled features, CIFAR-10).
 
+On the toy world, :mod:`~difstudy.protocols.tasks` builds the records of every task from one
+:class:`TaskConfig` and calls the task's function (:func:`run_task`).
+
 Records come from the toy world or from the official-layout loaders through
 the adapters of :mod:`~difstudy.protocols.records`; feature sources are in
 :mod:`~difstudy.protocols.features`. The toy-world tables
-(:mod:`difstudy.tables`), the official-layout runner (:mod:`difstudy.real`)
-and the model card call these functions and nothing else.
+(:mod:`difstudy.tables`), the GATE page (:mod:`difstudy.gate`), the official-layout
+runner (:mod:`difstudy.real`) and the model card call these functions and nothing else.
 """
 
 from .classification import classification
@@ -53,9 +56,11 @@ from .records import (
 )
 from .results import RESULT_COLUMNS, over_seeds, render, result_frame, summarize
 from .semseg import semantic_segmentation
+from .tasks import TASKS, TaskConfig, run_task, seg_world_size, task_records, toy_world, train_records
 
 __all__ = [
     "RESULT_COLUMNS",
+    "TASKS",
     "CachedFeatures",
     "ClassifyConfig",
     "CorrespondenceConfig",
@@ -69,6 +74,7 @@ __all__ = [
     "RandomUNetFeatures",
     "Records",
     "SemSegConfig",
+    "TaskConfig",
     "canonical",
     "classification",
     "concat_maps",
@@ -84,12 +90,17 @@ __all__ = [
     "protocol_label",
     "render",
     "result_frame",
+    "run_task",
     "scale_maps",
+    "seg_world_size",
     "semantic_segmentation",
     "spair_pairs",
     "summarize",
+    "task_records",
     "toy_class_indices",
     "toy_pairs",
     "toy_part_records",
     "toy_records",
+    "toy_world",
+    "train_records",
 ]

@@ -1,0 +1,455 @@
+"""GATE, step 5: feature amalgamation.
+
+**Amalgamation** (:class:`Amalgamation`) follows the official code
+(``scarce_segmentation_gate/segmentation/pixel_classifier.py`` and
+``correspondence_gate/correspondence/aggregation_network.py``): ``k`` weight
+assigners, each applied to every bucket (basic or technique features of the
+same activations) and giving a weight per bucket and channel, softmax over the
+buckets; the ``k`` weighted sums are concatenated for the head. Assigner:
+``Linear(C, 128) -> ReLU -> BatchNorm1d -> Dropout(0.5) -> Linear(128, C)``
+on pixel vectors, ``Conv3x3(C, 128, no bias) -> ReLU -> BatchNorm2d ->
+Dropout(0.5) -> global average pool -> Linear(128, C)`` on feature maps (one
+weight per image and channel). ``k = 1`` (both official task scripts build
+``weight_num=1``). The official sparsity term (mean L2 norm of the weights
+across buckets, rewarded) is available with a fixed coefficient, default 0
+(the official scripts random-walk it from 0 in steps of 1e-5).
+
+:class:`AmalgamatedFeatures` is the amalgamated buckets of a
+:class:`~difstudy.gate.TechniqueFeatures` as a feature source of the protocol layer, its
+assigners fit first (:func:`fit_amalgamation`), then frozen.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import DifstudyError
+from .features import TechniqueFeatures, bucket_label
+
+
+class WeightAssigner(nn.Module):
+    """One official GATE weight assigner: features of one bucket -> a logit per channel.
+
+    Maps (B, C, H, W): ``Conv3x3(C, hidden, no bias) -> ReLU -> BatchNorm2d -> Dropout -> GAP ->
+    Linear(hidden, C)`` (a logit per image and channel). Vectors (B, C): ``Linear(C, hidden) ->
+    ReLU -> BatchNorm1d -> Dropout -> Linear(hidden, C)``."""
+
+    def __init__(self, channels: int, hidden: int = 128, dropout: float = 0.5, spatial: bool = True):
+        super().__init__()
+        if spatial:
+            self.net = nn.Sequential(
+                nn.Conv2d(channels, hidden, 3, padding=1, bias=False),
+                nn.ReLU(),
+                nn.BatchNorm2d(hidden),
+                nn.Dropout(dropout),
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
+                nn.Linear(hidden, channels),
+            )
+        else:
+            self.net = nn.Sequential(
+                nn.Linear(channels, hidden),
+                nn.ReLU(),
+                nn.BatchNorm1d(hidden),
+                nn.Dropout(dropout),
+                nn.Linear(hidden, channels),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Amalgamation(nn.Module):
+    """``k`` learned weight assigners combining ``n_buckets`` feature buckets of ``channels`` each.
+
+    Input: buckets concatenated along channels, (B, V*C, H, W) (or (B, V*C) with
+    ``spatial=False``), bucket ``v`` in channels ``v*C:(v+1)*C`` (so the probes' 4D batches
+    carry them unchanged). Output ``(features (B, k*C, ...), weights (B, k, V, C))``: per
+    assigner, softmax over buckets of its per-channel logits, and the weighted sum of the buckets.
+    ``weights=`` fixes the weights instead ((V,), (k, V) or (B, k, V, C); e.g. one-hot picks a bucket).
+    """
+
+    def __init__(
+        self, channels: int, n_buckets: int, k: int = 1, hidden: int = 128, dropout: float = 0.5, spatial: bool = True
+    ):
+        super().__init__()
+        if channels < 1 or n_buckets < 1 or k < 1:
+            raise ValueError(f"channels, n_buckets and k must be >= 1, got {channels}, {n_buckets}, {k}")
+        self.channels, self.n_buckets, self.k, self.spatial = channels, n_buckets, k, spatial
+        self.assigners = nn.ModuleList(WeightAssigner(channels, hidden, dropout, spatial) for _ in range(k))
+
+    @property
+    def out_channels(self) -> int:
+        return self.k * self.channels
+
+    def buckets(self, x: torch.Tensor) -> torch.Tensor:
+        want = 4 if self.spatial else 2
+        if x.ndim != want or x.shape[1] != self.n_buckets * self.channels:
+            shape = "(B, V*C, H, W)" if self.spatial else "(B, V*C)"
+            raise ValueError(
+                f"expected {shape} with V*C = {self.n_buckets}*{self.channels} = {self.n_buckets * self.channels}, "
+                f"got shape {tuple(x.shape)}"
+            )
+        return x.float().reshape(x.shape[0], self.n_buckets, self.channels, *x.shape[2:])
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        xb = self.buckets(x)  # (B, V, C, ...)
+        B, V, C = xb.shape[:3]
+        if weights is None:
+            logits = torch.stack([torch.stack([a(xb[:, v]) for v in range(V)], 1) for a in self.assigners], 1)
+            w = F.softmax(logits, dim=2)  # (B, k, V, C)
+        else:
+            w = torch.as_tensor(weights, dtype=xb.dtype, device=xb.device)
+            if w.ndim == 1:
+                w = w[None, None, :, None].expand(B, self.k, V, C)
+            elif w.ndim == 2:
+                w = w[None, :, :, None].expand(B, self.k, V, C)
+            if tuple(w.shape) != (B, self.k, V, C):
+                raise ValueError(f"weights must have shape (V,), (k, V) or (B, k, V, C) = {(B, self.k, V, C)}")
+        extra = (None,) * (xb.ndim - 3)
+        mixed = [(w[(slice(None), j, slice(None), slice(None), *extra)] * xb).sum(1) for j in range(self.k)]
+        return torch.cat(mixed, 1), w
+
+    @staticmethod
+    def sparsity(weights: torch.Tensor) -> torch.Tensor:
+        """The official sparsity term: L2 norm of the weights across buckets, mean over the batch
+        and channels, averaged over the ``k`` assigners (1 for one-hot weights, 1/sqrt(V) for uniform)."""
+        return torch.linalg.norm(weights, dim=2).mean()
+
+
+class AmalgamatedHead(nn.Module):
+    """An :class:`Amalgamation` followed by a probe head (e.g. :class:`difstudy.probes.SegHead`
+    built for ``amalgamation.out_channels``); accepts what the probes' training loops pass
+    (a tensor or a one-element list of (B, V*C, H, W)). ``weights`` fixes the bucket weights."""
+
+    def __init__(self, amalgamation: Amalgamation, head: nn.Module, weights: torch.Tensor | None = None):
+        super().__init__()
+        self.amalgamation, self.head = amalgamation, head
+        self.register_buffer("weights", None if weights is None else torch.as_tensor(weights, dtype=torch.float32))
+        self.last_weights: torch.Tensor | None = None
+
+    def forward(self, feats):
+        x = feats if isinstance(feats, torch.Tensor) else feats[0]
+        if not isinstance(feats, torch.Tensor) and len(feats) != 1:
+            raise ValueError(f"AmalgamatedHead takes one feature level (the buckets), got {len(feats)}")
+        mixed, self.last_weights = self.amalgamation(x, self.weights)
+        return self.head(mixed)
+
+
+def train_amalgamated_head(
+    train_iter_fn,
+    channels: int,
+    n_buckets: int,
+    num_classes: int,
+    kind: str = "linear",
+    k: int = 1,
+    weights: torch.Tensor | None = None,
+    dim: int = 128,
+    epochs: int = 10,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    sparsity: float = 0.0,
+    seed: int = 0,
+    ignore_index: int = 255,
+    show_progress: bool | None = None,
+) -> AmalgamatedHead:
+    """Train amalgamation and segmentation head jointly, as :func:`difstudy.probes.train_seg_head`
+    (same head, initialisation from ``seed``, AdamW and loss) on bucketed features (B, V*C, h, w).
+
+    ``weights`` fixes the bucket weights (no assigner is trained): with one-hot weights the result
+    equals ``train_seg_head`` on that bucket alone. ``sparsity`` > 0 adds ``-sparsity *
+    Amalgamation.sparsity(w)`` to the loss (the official term, with a fixed coefficient)."""
+    from ..probes.runner import progress as _progress
+    from ..probes.segmentation import LinearPixelProbe, SegHead, seg_logits
+
+    if kind not in ("conv", "linear"):
+        raise ValueError(f"kind must be 'conv' or 'linear', got {kind!r}")
+    amal = Amalgamation(channels, n_buckets, k)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the head first: the same initialisation as train_seg_head
+        head = (
+            SegHead([amal.out_channels], num_classes, dim)
+            if kind == "conv"
+            else LinearPixelProbe([amal.out_channels], num_classes)
+        )
+        torch.manual_seed(seed + 1)
+        amal = Amalgamation(channels, n_buckets, k)
+    model = AmalgamatedHead(amal, head, weights)
+    params = list(head.parameters()) + ([] if weights is not None else list(amal.parameters()))
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    model.train()
+    for _ in _progress(range(epochs), desc=f"amalgamated head ({kind}, k={k})", enabled=show_progress):
+        for feats, labels in train_iter_fn():
+            x = (feats if isinstance(feats, torch.Tensor) else feats[0]).float()
+            labels = torch.as_tensor(labels).long()
+            if labels.ndim != 3 or labels.shape[0] != x.shape[0]:
+                raise ValueError(f"label maps must have shape ({x.shape[0]}, H, W), got shape {tuple(labels.shape)}")
+            if not (labels != ignore_index).any():
+                continue
+            loss = F.cross_entropy(seg_logits(model, [x], labels.shape[1:]), labels, ignore_index=ignore_index)
+            if sparsity and weights is None:
+                loss = loss - sparsity * Amalgamation.sparsity(model.last_weights)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def stack_buckets(per_bucket: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Buckets (each (B, C, h, w) or (B, C), same shape) -> (B, V*C, ...) for :class:`Amalgamation`."""
+    shapes = {tuple(x.shape) for x in per_bucket}
+    if len(shapes) != 1:
+        raise ValueError(f"buckets must share one shape, got {sorted(shapes)}; resize them to a common size first")
+    return torch.cat([x.float() for x in per_bucket], 1)
+
+
+# -- amalgamated techniques as feature sources of the protocol layer -----------------
+@dataclass(frozen=True)
+class AmalgamationConfig:
+    """How :class:`AmalgamatedFeatures` fits its weight assigners.
+
+    ``k`` assigners (official 1) of ``hidden`` units with ``dropout``; AdamW (``lr``,
+    ``weight_decay``) for ``epochs`` passes over the task's training data in minibatches of
+    ``batch_size`` images (pairs for correspondence); ``sparsity``: the official sparsity term's
+    fixed coefficient (0 = off); ``temperature``: of the correspondence contrastive loss."""
+
+    k: int = 1
+    hidden: int = 128
+    dropout: float = 0.5
+    epochs: int = 10
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    sparsity: float = 0.0
+    temperature: float = 0.07
+
+
+FIT_TASKS = ("correspondence", "label-scarce-seg", "classification")
+# settings of learned amalgamation name the deviation in their label (the official code trains the
+# weight assigners jointly with the task head; difstudy fits them first, then the protocol's head)
+AMALGAMATED_LABEL = "amalgamated (2-stage fit): "
+
+
+class AmalgamatedFeatures:
+    """A feature source: buckets of a :class:`TechniqueFeatures` combined by learned weight assigners.
+
+    Per image, the assigners see each bucket's activations (resized to the largest and
+    concatenated, (C, H, W)) and give a weight per bucket and channel (softmax over buckets, one
+    weight per image and channel, :class:`Amalgamation`); :meth:`maps` returns, per activation,
+    the ``k`` weighted sums of the buckets' maps at the activation's own size, concatenated
+    ((k*C_i, h_i, w_i)). A per-channel weight commutes with the protocols' bilinear resizing, so
+    with one-hot ``weights`` and ``k = 1`` the maps are exactly the chosen bucket's.
+
+    **Fitting** (difstudy's two-stage deviation from the official joint training): on
+    :meth:`prepare` for a run seed, the assigners are trained on ``train`` (records, or pairs for
+    correspondence, or a function ``seed -> records``) together with a light task head
+    (``task``: ``label-scarce-seg``: a per-pixel linear layer on the label maps resized to
+    the assigners' grid; ``classification``: a linear layer on pooled features;
+    ``correspondence``: the official contrastive loss on the amalgamated maps, no head), then
+    frozen; the protocol then trains its own head (pixel-MLP ensemble, linear probe, nearest
+    neighbour) on the amalgamated features. ``weights`` ((V,) or (k, V)) fixes the weights
+    instead (no fit)."""
+
+    def __init__(
+        self,
+        base: TechniqueFeatures,
+        buckets: Sequence[tuple[str, int]],
+        task: str | None = None,
+        train=None,
+        config: AmalgamationConfig = AmalgamationConfig(),
+        weights=None,
+        label: str | None = None,
+    ):
+        if len(buckets) < 1:
+            raise DifstudyError("an amalgamation needs at least one bucket")
+        self.base, self.buckets = base, [base._check_bucket(b) for b in buckets]
+        if weights is None and task not in FIT_TASKS:
+            raise DifstudyError(f"learned weights need a task in {list(FIT_TASKS)}, got {task!r} (or pass weights=)")
+        if weights is None and train is None:
+            raise DifstudyError("learned weights need training records (train=)")
+        self.task, self.train, self.config = task, train, config
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+        self.label = label or AMALGAMATED_LABEL + " + ".join(bucket_label(*b) for b in self.buckets)
+        self.amalgamation: Amalgamation | None = None
+        self.fit_seconds = 0.0
+
+    @property
+    def seed(self) -> int:
+        return self.base.seed
+
+    def for_seed(self, seed: int) -> AmalgamatedFeatures:
+        import copy
+
+        if int(seed) == self.seed:
+            return self
+        other = copy.copy(self)
+        other.base, other.amalgamation = self.base.for_seed(seed), None
+        return other
+
+    def _stacked(self, record) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+        """(V*C, H, W) assigner input and the buckets' raw maps."""
+        from ..protocols import concat_maps
+
+        per = [self.base.bucket_maps(record, b) for b in self.buckets]
+        return stack_buckets([concat_maps(m)[None] for m in per])[0], per
+
+    def _new_amalgamation(self, channels: int) -> Amalgamation:
+        c = self.config
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed + 1)
+            return Amalgamation(channels, len(self.buckets), c.k, c.hidden, c.dropout)
+
+    def _train_items(self) -> Sequence:
+        return self.train(self.seed) if callable(self.train) else self.train
+
+    def prepare(self, records) -> None:
+        """Extract the buckets of ``records`` (and of the training data); fit the assigners
+        once per run seed unless the weights are fixed."""
+        self.base.prepare(records)
+        if self.weights is not None or self.amalgamation is not None:
+            if self.amalgamation is None:
+                x, _ = self._stacked(records[0])
+                self.amalgamation = self._new_amalgamation(x.shape[0] // len(self.buckets)).eval()
+            return
+        t0 = time.time()
+        self.amalgamation = fit_amalgamation(self, self.task, self._train_items(), self.config)
+        self.fit_seconds = time.time() - t0
+
+    @torch.no_grad()
+    def bucket_weights(self, record) -> torch.Tensor:
+        """(k, V, C) weights of ``record`` (softmax over buckets; C = all activations' channels)."""
+        if self.amalgamation is None:
+            raise DifstudyError(f"{self.label!r} is not prepared; call prepare(records) first")
+        x, _ = self._stacked(record)
+        self.amalgamation.eval()
+        _, w = self.amalgamation(x[None], self.weights)
+        return w[0]
+
+    def mix(self, per_bucket: list[list[torch.Tensor]], w: torch.Tensor) -> list[torch.Tensor]:
+        """Per activation i, ``cat_j sum_v w[j, v, channels of i] * maps[v][i]``."""
+        out, start = [], 0
+        for i in range(len(per_bucket[0])):
+            c = per_bucket[0][i].shape[0]
+            wi = w[:, :, start : start + c]  # (k, V, c)
+            out.append(
+                torch.cat(
+                    [
+                        sum(wi[j, v][:, None, None] * per_bucket[v][i] for v in range(len(per_bucket)))
+                        for j in range(wi.shape[0])
+                    ]
+                )
+            )
+            start += c
+        return out
+
+    def maps(self, record) -> list[torch.Tensor]:
+        per = [self.base.bucket_maps(record, b) for b in self.buckets]
+        return self.mix(per, self.bucket_weights(record))
+
+
+def _pair_images(items) -> list:
+    from ..protocols import pair_images
+
+    return pair_images(items)
+
+
+def fit_amalgamation(source: AmalgamatedFeatures, task: str, train, config: AmalgamationConfig) -> Amalgamation:
+    """Train an :class:`Amalgamation` for ``source``'s buckets on ``task`` (see
+    :class:`AmalgamatedFeatures`); returns it frozen, in eval mode."""
+    from ..probes.correspondence import contrastive_loss
+    from ..protocols.partseg import resize_labels
+
+    if task not in FIT_TASKS:
+        raise DifstudyError(f"unknown amalgamation task {task!r}; use one of {list(FIT_TASKS)}")
+    images = _pair_images(train) if task == "correspondence" else list(train)
+    if not images:
+        raise DifstudyError("fit_amalgamation needs at least one training record")
+    source.base.prepare(images)
+    stacked = {r.image_id: source._stacked(r)[0] for r in images}
+    first = next(iter(stacked.values()))
+    amal = source._new_amalgamation(first.shape[0] // len(source.buckets))
+    c = config
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(source.seed + 2)
+        head: nn.Module
+        if task == "label-scarce-seg":
+            k = train.labels.num_classes if getattr(train, "labels", None) is not None else None
+            k = k or int(max(int(np.asarray(r.mask).max()) for r in images)) + 1
+            head = nn.Conv2d(amal.out_channels, k, 1)
+        elif task == "classification":
+            k = train.labels.num_classes if getattr(train, "labels", None) is not None else None
+            k = k or int(max(r.label for r in images)) + 1
+            head = nn.Linear(amal.out_channels, k)
+        else:
+            head = nn.Identity()
+    # standardise the assigner-space features per channel (a fixed scale, so raw magnitudes don't decide)
+    allx = torch.stack(list(stacked.values()))
+    scale = allx.transpose(0, 1).flatten(1).std(1).clamp_min(1e-6)[None, :, None, None]
+    params = list(amal.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+    gen = torch.Generator().manual_seed(source.seed + 3)
+    items = list(train)
+    amal.train()
+    head.train()
+    for _ in range(c.epochs):
+        order = torch.randperm(len(items), generator=gen).tolist()
+        for s in range(0, len(order), c.batch_size):
+            batch = [items[i] for i in order[s : s + c.batch_size]]
+            if task == "correspondence":
+                ids = [i for p in batch for i in (p.src_id, p.trg_id)]
+            else:
+                ids = [r.image_id for r in batch]
+            x = torch.stack([stacked[i] for i in ids]) / scale
+            if x.shape[0] < 2:
+                continue  # BatchNorm needs two images
+            mixed, w = amal(x)
+            if task == "label-scarce-seg":
+                y = torch.stack([resize_labels(r.mask, x.shape[-1]) for r in batch])
+                loss = F.cross_entropy(head(mixed), y, ignore_index=255)
+            elif task == "classification":
+                y = torch.as_tensor([r.label for r in batch])
+                loss = F.cross_entropy(head(mixed.mean((2, 3))), y)
+            else:
+                losses = []
+                for j, p in enumerate(batch):
+                    pair = dict(
+                        src_feat=mixed[2 * j],
+                        trg_feat=mixed[2 * j + 1],
+                        src_kps=p.src_kps,
+                        trg_kps=p.trg_kps,
+                        src_size=p.src.size,
+                        trg_size=p.trg.size,
+                    )
+                    losses.append(contrastive_loss(head, pair, c.temperature))
+                loss = torch.stack(losses).mean()
+            if c.sparsity:
+                loss = loss - c.sparsity * Amalgamation.sparsity(w)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    amal.eval().requires_grad_(False)
+    # the assigners were trained on standardised inputs: fold the scale into the input
+    return _Scaled(amal, scale[0])
+
+
+class _Scaled(nn.Module):
+    """An :class:`Amalgamation` whose input is divided by a fixed per-channel scale first."""
+
+    def __init__(self, amalgamation: Amalgamation, scale: torch.Tensor):
+        super().__init__()
+        self.amalgamation = amalgamation
+        self.register_buffer("scale", scale)
+
+    @property
+    def out_channels(self) -> int:
+        return self.amalgamation.out_channels
+
+    def forward(self, x: torch.Tensor, weights=None):
+        return self.amalgamation(x / self.scale, weights)
