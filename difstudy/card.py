@@ -115,7 +115,7 @@ def prompt_effect(pipe, n: int = 60, timesteps=(300, 500, 700), seed: int = 0) -
     another class's prompt, and the empty prompt, on the same noise draws. A model that follows
     its class prompt has a clearly lower loss with its own prompt than with another's; equal
     losses mean the class word is ignored and guidance cannot make a sample follow its class."""
-    from .train.common import denoising_losses
+    from .diffusion import denoising_losses
 
     world = ToyWorld("test", n=n)
     labels = [world[i].label for i in range(n)]

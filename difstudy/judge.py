@@ -16,7 +16,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .data.toyworld import CLASS_NAMES
 from .errors import DifstudyError
 
 JUDGE_PATH = Path(__file__).parent / "assets" / "judge"
@@ -26,9 +25,10 @@ class ToyCNN(nn.Module):
     """A 2x average-pool of the input (classes differ in shape, which 32 px
     keeps; it makes the judge 4x cheaper), four conv-BN-ReLU blocks (32, 64,
     128, 128 channels; max-pool after each of the first three), global average
-    pooling and a linear head."""
+    pooling and a linear head over ``n_classes`` (the caller's class list: the toy world's
+    ``CLASS_NAMES`` for the committed judge; :func:`load_judge` reads it from the weights)."""
 
-    def __init__(self, n_classes: int = len(CLASS_NAMES), widths=(32, 64, 128, 128)):
+    def __init__(self, n_classes: int, widths=(32, 64, 128, 128)):
         super().__init__()
         layers, c_in = [nn.AvgPool2d(2)], 3
         for i, c in enumerate(widths):
@@ -52,7 +52,8 @@ def to_input(images: np.ndarray) -> torch.Tensor:
 
 
 def load_judge(path: str | Path = JUDGE_PATH) -> tuple[ToyCNN, dict]:
-    """The committed judge (eval mode) and its training record (``meta.json``)."""
+    """The committed judge (eval mode) and its training record (``meta.json``); its number of
+    classes is that of the weights' head."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -61,8 +62,9 @@ def load_judge(path: str | Path = JUDGE_PATH) -> tuple[ToyCNN, dict]:
         raise DifstudyError(
             f"no judge weights at {weights}; train them with `python -m difstudy.train.judge --out {path}`"
         )
-    net = ToyCNN()
-    net.load_state_dict(load_file(str(weights)))
+    state = load_file(str(weights))
+    net = ToyCNN(n_classes=state["head.weight"].shape[0])
+    net.load_state_dict(state)
     return net.eval(), (json.loads(meta.read_text()) if meta.exists() else {})
 
 

@@ -98,7 +98,7 @@ def test_mini_features_beat_random_weights_and_pixels(mini, tmp_path):
 def _denoising_loss(pipe, images, controlnet=None, timesteps=(100, 300, 500, 700)) -> float:
     """Mean MSE to the model's prediction target (v) over fixed noise draws, empty prompt."""
     from difstudy import gate
-    from difstudy.train.common import denoising_losses
+    from difstudy.diffusion import denoising_losses
 
     cond = gate.control_images(images, 64) if controlnet is not None else None
     losses = denoising_losses(pipe, images, {"empty": [""] * len(images)}, timesteps, 0, controlnet, cond)

@@ -19,6 +19,19 @@ def test_tiny_models_are_seeded_and_identical():
     assert torch.equal(a.text_encoder.get_input_embeddings().weight, b.text_encoder.get_input_embeddings().weight)
 
 
+def test_tiny_tokenizer_holds_the_toy_world_vocabulary():
+    """The tiny models' word list is written out in difstudy.models.tiny (the models layer does not
+    import the dataset): it stays the toy world's caption vocabulary, each word one token."""
+    from difstudy.data.toyworld import vocabulary
+    from difstudy.models.tiny import TINY_WORDS, build_tiny
+
+    assert TINY_WORDS == tuple(vocabulary())
+    tok = load("tiny-sd15").tokenizer
+    assert all(len(tok(w, add_special_tokens=False).input_ids) == 1 for w in TINY_WORDS)
+    other = build_tiny("tiny-sd15", words=["zebra"]).tokenizer  # a caller may pass its own words
+    assert len(other("zebra", add_special_tokens=False).input_ids) == 1 and len(other) < len(tok)
+
+
 def test_tiny_layouts_match_the_real_ones():
     sd21, xl = load("tiny-sd21"), load("tiny-sdxl")
     assert sd21.unet.config.cross_attention_dim == 1024 and sd21.unet.config.use_linear_projection

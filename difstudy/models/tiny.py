@@ -13,6 +13,7 @@ fixed seed, so every build is identical.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 from diffusers import (
@@ -24,7 +25,6 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from ..data.toyworld import vocabulary
 from .tokenizer import build_clip_tokenizer
 
 TINY_IMAGE_SIZE = 64
@@ -73,6 +73,18 @@ UNET_CONFIGS = {
     ),
 }
 TINY_MODELS = tuple(UNET_CONFIGS)
+# The words the tiny models' tokenizer holds as one token each: the toy-world caption vocabulary
+# (difstudy.data.toyworld.vocabulary(), which tests/test_models.py checks it equals), written
+# out so that the models layer does not import the dataset.
+TINY_WORDS = tuple(
+    (
+        "a and background base beak bird black blue boat body brown cabin cap car center checkered chimney "
+        "cluttered crown dog door ears eye facing fin fins fish flag flame flower fruit gradient gray green "
+        "head house hull large leaf left legs light mast mushroom nose of on orange petals photo pink plain "
+        "purple red right rocket roof roots sail small spots stem striped tail tree trunk walls wheels white "
+        "window wing with yellow"
+    ).split()
+)
 
 
 def _seeded(seed: int, fn):
@@ -109,14 +121,15 @@ def _vae():
     ).eval()
 
 
-def build_tiny(name: str):
-    """Build ``tiny-sd15`` / ``tiny-sd21`` / ``tiny-sdxl`` (seeded, random weights)."""
+def build_tiny(name: str, words: Sequence[str] = TINY_WORDS):
+    """Build ``tiny-sd15`` / ``tiny-sd21`` / ``tiny-sdxl`` (seeded, random weights); the tokenizer
+    holds each of ``words`` as one token (default: the toy-world vocabulary, :data:`TINY_WORDS`)."""
     if name not in UNET_CONFIGS:
         raise ValueError(f"unknown tiny model {name!r}; choose one of {TINY_MODELS}")
     ucfg = dict(UNET_CONFIGS[name], sample_size=TINY_IMAGE_SIZE // 8, in_channels=4, out_channels=4)
     unet = _seeded(1, lambda: UNet2DConditionModel(**ucfg).eval())
     vae = _seeded(2, _vae)
-    tok = build_clip_tokenizer(vocabulary(), model_max_length=77)
+    tok = build_clip_tokenizer(words, model_max_length=77)
     pred = "v_prediction" if name == "tiny-sd21" else "epsilon"
     sched = DDIMScheduler(
         num_train_timesteps=1000,

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data.toyworld import ToyWorld, stack
+from ..data.toyworld import CLASS_NAMES, ToyWorld, stack
 from ..judge import ToyCNN, predict, to_input
 
 TRAIN_SEED = 1000  # toy-world seed of the judge's training images (the mini model used seed 0)
@@ -71,7 +71,7 @@ def train(
     x, y = to_input(xs), torch.from_numpy(ys)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    net = ToyCNN()
+    net = ToyCNN(n_classes=len(CLASS_NAMES))
     steps_per_epoch = (n_train + batch - 1) // batch
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
