@@ -138,7 +138,12 @@ def test_controlnet_loads_and_changes_unet_output(tiny_sd15, tmp_path):
     zero = gate.build_controlnet(tiny_sd15)  # fresh from_unet: zero convolutions, no effect
     live = _live_controlnet(tiny_sd15)
     live.save_pretrained(tmp_path / "cn")
-    techs = [gate.BASIC, gate.Technique("zero", controlnet=zero), gate.Technique("cn", controlnet=str(tmp_path / "cn"))]
+    # the one-forward variant (denoise_span=0): the ControlNet path is tested in test_gate_official.py
+    techs = [
+        gate.BASIC,
+        gate.Technique("zero", controlnet=zero, denoise_span=0),
+        gate.Technique("cn", controlnet=str(tmp_path / "cn"), denoise_span=0),
+    ]
     calls = []
     hook = tiny_sd15.unet.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
     try:
@@ -711,7 +716,7 @@ def test_img2img_basic_rows_carry_no_lora_and_lora_rows_do(tmp_path):
     assert (basic["contour"].to_numpy() != lora["contour"].to_numpy()).all()
 
 
-class _FakeBuckets:
+class _SelectOnly:
     """What gate_sources reads of a TechniqueFeatures: select and _check_bucket."""
 
     seed = 0
@@ -731,7 +736,7 @@ def test_gate_page_runs_on_the_protocol_layer():
         tasks=("correspondence", "label-scarce-seg", "classification"), classification=dict(epochs=2),
     )  # fmt: skip
     records = P.task_records(cfg)
-    sources = gate.gate_sources(_FakeBuckets(), ["fine"], 50, records, cfg, control_timesteps=(25, 50))
+    sources = gate.gate_sources(_SelectOnly(), ["fine"], 50, records, cfg, control_timesteps=(25, 50))
     amal = gate.AMALGAMATED_LABEL + "basic + fine"
     assert list(sources) == ["basic", "fine", amal, gate.AMALGAMATED_LABEL + "basic t=25 + basic t=50"]
     assert sources["fine"]["classification"] == (("fine", 50), "fine")

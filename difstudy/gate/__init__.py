@@ -4,7 +4,8 @@ feature amalgamation.
 
 The modules follow the study's steps; each imports only the ones above it:
 
-- :mod:`~difstudy.gate.scores`: the two content-shift scores (``contour``, ``structure``);
+- :mod:`~difstudy.gate.scores`: the content-shift scores (``contour``, ``structure``, detail
+  ``lost`` and ``invented``, the toy-world ``judge`` distance);
 - :mod:`~difstudy.gate.techniques`: techniques (prompt rules, ControlNets, LoRAs) and
   their weights, fine captions;
 - :mod:`~difstudy.gate.features`: extraction with all techniques in one U-Net forward,
@@ -19,6 +20,7 @@ The modules follow the study's steps; each imports only the ones above it:
 Every public name is re-exported here: ``from difstudy import gate; gate.content_shift(...)``.
 """
 
+from . import noising  # noqa: E402  (the module: gate.noising.ddim_invert, ...)
 from .amalgamation import (
     AMALGAMATED_LABEL,
     FIT_TASKS,
@@ -46,6 +48,7 @@ from .claims import (
     NOT_MEASURED,
     SEED_UNITS,
     TASK_METRICS,
+    VAE_CONTROL,
     content_shift_claims,
     feature_claims,
     guideline_claims,
@@ -53,6 +56,7 @@ from .claims import (
     guideline_rows,
     guideline_summary,
     guideline_table,
+    measured,
     reference_table,
     spearman,
     t_label,
@@ -70,8 +74,12 @@ from .runs import (
     run_gate_probes,
 )
 from .scores import (
+    JUDGE_SIZE,
     MEASURES,
+    JudgeDistance,
     content_shift,
+    detail_map,
+    detail_shift,
     edge_map,
     laplacian_map,
     resize_uint8,
@@ -89,6 +97,7 @@ from .shift import (
 )
 from .techniques import (
     BASIC,
+    CANNY,
     CONTROLNET_ALIASES,
     MINI_CONTROLNET_PATH,
     MINI_LORA_PATH,
@@ -96,23 +105,27 @@ from .techniques import (
     TRAIN_COMMANDS,
     Technique,
     build_controlnet,
+    canny_edges,
     control_images,
     load_controlnet,
     load_lora,
     read_captions,
     technique_status,
+    trained_canny,
     with_captions,
 )
 
 __all__ = [
     "AMALGAMATED_LABEL",
     "BASIC",
+    "CANNY",
     "CONTROLNET_ALIASES",
     "EFFECTS",
     "FAILS",
     "FIT_TASKS",
     "HOLDS",
     "INCONCLUSIVE",
+    "JUDGE_SIZE",
     "MEASURES",
     "METHODS",
     "MINI_CONTROLNET_PATH",
@@ -130,22 +143,27 @@ __all__ = [
     "TASK_METRICS",
     "TIMESTEPS",
     "TRAIN_COMMANDS",
+    "VAE_CONTROL",
     "AmalgamatedFeatures",
     "AmalgamatedHead",
     "Amalgamation",
     "AmalgamationConfig",
     "GateExtractor",
+    "JudgeDistance",
     "ShiftConfig",
     "Technique",
     "TechniqueFeatures",
     "WeightAssigner",
     "bucket_label",
     "build_controlnet",
+    "canny_edges",
     "content_shift",
     "content_shift_claims",
     "content_shift_table",
     "control_images",
     "decode_latents",
+    "detail_map",
+    "detail_shift",
     "domain_indices",
     "edge_map",
     "extract_techniques",
@@ -162,6 +180,8 @@ __all__ = [
     "laplacian_map",
     "load_controlnet",
     "load_lora",
+    "measured",
+    "noising",
     "predicted_x0",
     "read_captions",
     "reference_table",
@@ -172,6 +192,7 @@ __all__ = [
     "t_label",
     "technique_status",
     "technique_summary",
+    "trained_canny",
     "train_amalgamated_head",
     "vae_reconstruction",
     "with_captions",

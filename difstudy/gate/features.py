@@ -29,7 +29,17 @@ from tqdm.auto import tqdm
 from ..cache import FeatureCache, Key
 from ..capture import Capture, split_batch
 from ..errors import DifstudyError
-from ..extract import Extractor, Summary, cache_group, image_digest, variant_key
+from ..extract import (
+    Extractor,
+    Summary,
+    cache_group,
+    ddpm_noise,
+    image_digest,
+    module_fingerprint,
+    noise_for,
+    variant_key,
+)
+from .noising import ddim_invert, denoise, denoising_steps
 from .techniques import (
     BASIC,
     Technique,
@@ -41,6 +51,7 @@ from .techniques import (
     control_images,
     load_controlnet,
     load_lora,
+    trained_canny,
 )
 
 
@@ -68,20 +79,32 @@ class GateExtractor(Extractor):
         self.step_scheduler = DDPMScheduler.from_config(pipe.scheduler.config, clip_sample=False, thresholding=False)
         self._had_peft = _has_peft_layers(self.unet)
         self.controlnets: dict[int, Any] = {}
+        self.canny: dict[int, str] = {}  # technique index -> Canny detector of its condition
         self.adapters: dict[int, str] = {}
         self.variant_keys: list[str] = []
+        # the bare U-Net's fingerprint, taken once before any LoRA is added: adapters trained by
+        # difstudy record the U-Net they were trained on and are refused on another one
+        adapters = any(tq.controlnet is not None or tq.lora is not None for tq in techniques)
+        base = module_fingerprint(self.unet) if adapters else None
         try:
             for v, tq in enumerate(techniques):
                 parts = []
                 if tq.controlnet is not None:
-                    cn = load_controlnet(tq.controlnet, dtype=self.dtype, device=self.device)
+                    cn = load_controlnet(
+                        tq.controlnet, dtype=self.dtype, device=self.device, unet=self.unet, unet_fingerprint=base
+                    )
                     _check_controlnet(cn, self.unet, tq.name)
                     self.controlnets[v] = cn
+                    self.canny[v] = tq.canny or trained_canny(tq.controlnet)
                     parts.append(_weights_digest(cn.named_parameters()))
-                    parts.append(f"{tq.conditioning_scale:g}/{tq.canny_sigma:g}")
+                    parts.append(f"{tq.conditioning_scale:g}/{self.canny[v]}/{tq.canny_sigma:g}/span{tq.span}")
+                if tq.span and tq.controlnet is None:
+                    parts.append(f"span{tq.span}")
+                if tq.noising != "ddpm":
+                    parts.append(tq.noising)
                 if tq.lora is not None:
                     adapter = f"difstudy-{tq.name}"
-                    parts.append(load_lora(pipe, tq.lora, adapter))
+                    parts.append(load_lora(pipe, tq.lora, adapter, unet_fingerprint=base))
                     self.adapters[v] = adapter
                 key = variant_key(tq.prompt)
                 if parts:
@@ -105,34 +128,93 @@ class GateExtractor(Extractor):
         self.close()
         return False
 
+    def _rows_kwargs(self, kw: dict, rows: torch.Tensor) -> dict:
+        """The U-Net conditioning of ``rows`` only (text, and SDXL's extra conditioning)."""
+        out = dict(encoder_hidden_states=kw["encoder_hidden_states"][rows])
+        if self.is_xl:
+            out["added_cond_kwargs"] = {k: x[rows] for k, x in kw["added_cond_kwargs"].items()}
+        return out
+
+    def _residuals(self, v: int, x: torch.Tensor, t: torch.Tensor, rkw: dict, cond: torch.Tensor):
+        """ControlNet residuals ``(down, mid)`` of technique ``v`` for latents ``x`` at ``t``."""
+        extra = {"added_cond_kwargs": rkw["added_cond_kwargs"]} if "added_cond_kwargs" in rkw else {}
+        return self.controlnets[v](
+            x,
+            t,
+            encoder_hidden_states=rkw["encoder_hidden_states"],
+            controlnet_cond=cond,
+            conditioning_scale=self.techniques[v].conditioning_scale,
+            return_dict=False,
+            **extra,
+        )
+
+    def _model_fn(self, v: int, rkw: dict, cond: torch.Tensor | None):
+        """``(x, s) -> U-Net output`` of technique ``v`` for a batch of its rows: its LoRA
+        adapter, and its ControlNet when ``cond`` is given (the guided denoising steps)."""
+        names = [self.adapters.get(v, "__base__")] * len(rkw["encoder_hidden_states"]) if self.adapters else None
+
+        def run(x: torch.Tensor, s: int) -> torch.Tensor:
+            ts = torch.full((len(x),), int(s), device=self.device, dtype=torch.long)
+            extra = {"added_cond_kwargs": rkw["added_cond_kwargs"]} if "added_cond_kwargs" in rkw else {}
+            if cond is not None:
+                d, m = self._residuals(v, x, ts, rkw, cond)
+                extra.update(down_block_additional_residuals=d, mid_block_additional_residual=m)
+            with _adapter_rows(self.unet, names):
+                return self.unet(x, ts, encoder_hidden_states=rkw["encoder_hidden_states"], **extra).sample
+
+        return run
+
+    @torch.no_grad()
+    def _path_latents(self, v: int, t: int, z0, images, rkw: dict, cond: torch.Tensor | None) -> torch.Tensor:
+        """Latents at ``t`` of technique ``v``'s rows at ``t`` (one per image), by its official
+        path (:mod:`difstudy.gate.noising`): DDPM noising or DDIM inversion to the start, then
+        ControlNet-guided scheduler steps down to ``t`` when it has a denoising span."""
+        tq = self.techniques[v]
+        sched, steps = denoising_steps(self.pipe.scheduler, t, tq.span) if tq.span else (None, [])
+        start = steps[0] if steps else t
+        if tq.noising == "ddim-inversion":
+            pred_type = self.pipe.scheduler.config.get("prediction_type", "epsilon")
+            x = ddim_invert(self._model_fn(v, rkw, None), z0, start, self.alphas_cumprod, pred_type)
+        else:
+            keys = [image_digest(im) for im in images]
+            noise = torch.stack([noise_for(k, start, self.seed, z0.shape[1:]) for k in keys])
+            x = ddpm_noise(z0, noise, start, self.alphas_cumprod)
+        if steps:
+            x = denoise(self._model_fn(v, rkw, cond), sched, x, steps)
+        return x.to(z0.dtype)
+
     @torch.no_grad()
     def unet_inputs(self, images, captions, z0=None):
-        """``(sample, t, kwargs, adapter_names)`` of the one forward of B images x T timesteps x
-        V techniques, rows in (b, t, v) order: :meth:`Extractor.unet_kwargs` plus the techniques'
-        ControlNet residuals (zeros on other rows) and per-row LoRA adapter names."""
+        """``(sample, t, kwargs, adapter_names)`` of the one feature forward of B images x T
+        timesteps x V techniques, rows in (b, t, v) order: :meth:`Extractor.unet_kwargs` with
+        each technique's latents brought to t by its path (:meth:`_path_latents`: DDPM noising
+        by default), the techniques' ControlNet residuals (zeros on other rows) and per-row
+        LoRA adapter names."""
         B, T, V = len(images), len(self.timesteps), len(self.techniques)
         N = B * T * V
         z0 = self.encode_images(images) if z0 is None else z0
         sample, tt, kw = self.unet_kwargs(captions, self.noisy_latents(z0, images))
-        ehs = kw["encoder_hidden_states"]
+        conds = {
+            v: control_images(images, self.image_size, self.techniques[v].canny_sigma, self.canny[v]).to(
+                self.device, self.dtype
+            )
+            for v in self.controlnets
+        }
+        if any(tq.span or tq.noising != "ddpm" for tq in self.techniques):
+            sample = sample.clone()  # may be an expanded view shared by the techniques' rows
+        for v, tq in enumerate(self.techniques):
+            if tq.span or tq.noising != "ddpm":
+                for j, t in enumerate(self.timesteps):
+                    rows = torch.arange(B, device=self.device) * T * V + j * V + v
+                    rkw = self._rows_kwargs(kw, rows)
+                    sample[rows] = self._path_latents(v, t, z0, images, rkw, conds.get(v))
         tech = torch.arange(V, device=self.device).repeat(B * T)
         if self.controlnets:
             down, mid = None, None
-            for v, cn in self.controlnets.items():
-                tq = self.techniques[v]
+            for v in self.controlnets:
                 rows = (tech == v).nonzero().flatten()
-                cond = control_images(images, self.image_size, tq.canny_sigma).to(self.device, self.dtype)
-                extra = {}
-                if self.is_xl:
-                    extra["added_cond_kwargs"] = {k: x[rows] for k, x in kw["added_cond_kwargs"].items()}
-                d, m = cn(
-                    sample[rows],
-                    tt[rows],
-                    encoder_hidden_states=ehs[rows],
-                    controlnet_cond=cond[rows // (T * V)],
-                    conditioning_scale=tq.conditioning_scale,
-                    return_dict=False,
-                    **extra,
+                d, m = self._residuals(
+                    v, sample[rows], tt[rows], self._rows_kwargs(kw, rows), conds[v][rows // (T * V)]
                 )
                 if down is None:  # rows without a ControlNet add zeros, which is exact
                     down = [x.new_zeros((N, *x.shape[1:])) for x in d]

@@ -39,10 +39,50 @@ CONTROLNET_ALIASES = {
 }
 
 
-def control_images(images: Sequence[np.ndarray], size: int, sigma: float = 1.0) -> torch.Tensor:
-    """ControlNet conditions: Canny edges of each image at ``size`` px as (B, 3, size, size) in {0, 1}."""
-    e = np.stack([edge_map(resize_uint8(im, size), sigma) for im in images]).astype(np.float32)
+CANNY = ("opencv", "skimage")
+
+
+def canny_edges(image: np.ndarray, detector: str = "opencv", sigma: float = 1.0) -> np.ndarray:
+    """Canny edges of an RGB uint8 image as (H, W) bool.
+
+    ``opencv``: the official GATE condition, ``cv2.Canny(image, 100, 200)`` on the RGB array
+    (``feature/components/controlnet.py``, ``ControlNetCanny``); ``skimage``:
+    ``skimage.feature.canny`` of the grey image with Gaussian ``sigma`` (the detector the
+    committed mini ControlNet was trained with, :func:`edge_map`)."""
+    if detector == "opencv":
+        import cv2
+
+        return cv2.Canny(np.ascontiguousarray(np.asarray(image, dtype=np.uint8)), 100, 200) > 0
+    if detector == "skimage":
+        return edge_map(image, sigma)
+    raise DifstudyError(f"unknown Canny detector {detector!r}; use one of {list(CANNY)}")
+
+
+def control_images(
+    images: Sequence[np.ndarray], size: int, sigma: float = 1.0, detector: str = "skimage"
+) -> torch.Tensor:
+    """ControlNet conditions: Canny edges (:func:`canny_edges`) of each image at ``size`` px as
+    (B, 3, size, size) in {0, 1}."""
+    e = np.stack([canny_edges(resize_uint8(im, size), detector, sigma) for im in images]).astype(np.float32)
     return torch.from_numpy(e)[:, None].expand(-1, 3, -1, -1).contiguous()
+
+
+def trained_canny(controlnet) -> str:
+    """The Canny detector a ControlNet was trained with: ``canny`` of its folder's
+    ``difstudy_training.json`` (``skimage`` for records that predate the field: they name only
+    ``canny_sigma``); ``opencv`` for every other ControlNet (the public canny ControlNets were
+    trained on OpenCV Canny edges, which the official GATE code feeds them)."""
+    import json
+
+    if controlnet is None or hasattr(controlnet, "config"):
+        folder = getattr(getattr(controlnet, "config", None), "_name_or_path", None) if controlnet is not None else None
+    else:
+        folder = MINI_CONTROLNET_PATH if str(controlnet) == "mini" else Path(str(controlnet)).expanduser()
+    record = Path(folder) / "difstudy_training.json" if folder else None
+    if record is not None and record.is_file():
+        meta = json.loads(record.read_text())
+        return str(meta.get("canny", "skimage" if "canny_sigma" in meta else "opencv"))
+    return "opencv"
 
 
 # -- techniques, ControlNets and LoRAs -----------------------------------------------
@@ -58,7 +98,17 @@ class Technique:
     lora: ``None``, ``"mini"`` (the committed mini LoRA), or a diffusers/peft LoRA
         folder, file or hub id (its U-Net part is used).
     conditioning_scale: ControlNet residual scale (1 as in the official code).
-    canny_sigma: Gaussian sigma of the Canny edge detector for the ControlNet condition.
+    canny: Canny detector of the ControlNet condition (:func:`canny_edges`): ``opencv``
+        (official, thresholds 100/200) or ``skimage``; None: the detector the ControlNet was
+        trained with (:func:`trained_canny`).
+    canny_sigma: Gaussian sigma of the ``skimage`` detector.
+    denoise_span: the ControlNet denoising path (:mod:`difstudy.gate.noising`): the latent is
+        noised to ``t + denoise_span`` and denoised to ``t`` by ControlNet-guided scheduler
+        steps before the feature forward; None: 10 for a ControlNet technique (the official
+        ``--denoising_from 60`` for features at t = 50), else 0; 0: one forward at ``t`` (the
+        ControlNet's residuals added; a named alternative, labelled ``one forward``).
+    noising: ``ddpm`` (forward noising, official default) or ``ddim-inversion``
+        (:func:`difstudy.gate.noising.ddim_invert`; labelled in every row that uses it).
     """
 
     name: str
@@ -66,12 +116,44 @@ class Technique:
     controlnet: Any = None
     lora: str | os.PathLike | None = None
     conditioning_scale: float = 1.0
+    canny: str | None = None
     canny_sigma: float = 1.0
+    denoise_span: int | None = None
+    noising: str = "ddpm"
 
     def __post_init__(self):
+        from .noising import NOISINGS
+
         if not self.name or "|" in self.name or "/" in self.name:
             raise DifstudyError(f"technique name {self.name!r} must be non-empty without '|' or '/'")
         prompt_for(self.prompt, {"generic": "x", "fine": "x"})  # validates the rule
+        if self.canny is not None and self.canny not in CANNY:
+            raise DifstudyError(
+                f"technique {self.name!r}: canny must be one of {list(CANNY)} or None, got {self.canny!r}"
+            )
+        if self.noising not in NOISINGS:
+            raise DifstudyError(
+                f"technique {self.name!r}: noising must be one of {list(NOISINGS)}, got {self.noising!r}"
+            )
+        if self.denoise_span is not None and int(self.denoise_span) < 0:
+            raise DifstudyError(f"technique {self.name!r}: denoise_span must be >= 0, got {self.denoise_span}")
+
+    @property
+    def span(self) -> int:
+        """Timesteps of guided denoising before the feature forward (see ``denoise_span``)."""
+        if self.denoise_span is not None:
+            return int(self.denoise_span)
+        return 10 if self.controlnet is not None else 0
+
+    @property
+    def path_label(self) -> str:
+        """How this technique's latent reaches t, for labels: empty for the official default."""
+        parts = []
+        if self.noising != "ddpm":
+            parts.append(self.noising)
+        if self.controlnet is not None and self.span == 0:
+            parts.append("one forward")
+        return ", ".join(parts)
 
 
 BASIC = Technique("basic")
@@ -85,8 +167,12 @@ def _weights_digest(tensors) -> str:
     return h.hexdigest()[:8]
 
 
-def load_controlnet(name_or_path, dtype=None, device=None):
-    """A diffusers ``ControlNetModel`` from a built-in name, alias, hub id or folder (see :class:`Technique`)."""
+def load_controlnet(name_or_path, dtype=None, device=None, unet=None, unet_fingerprint: str | None = None):
+    """A diffusers ``ControlNetModel`` from a built-in name, alias, hub id or folder (see :class:`Technique`).
+
+    ``unet``: the U-Net the ControlNet will feed; a folder whose ``difstudy_training.json`` records
+    another base U-Net is refused (:func:`check_adapter_base`; ``unet_fingerprint``: ``unet``'s
+    fingerprint when already known). Hub ControlNets and folders without a record load unchecked."""
     from diffusers import ControlNetModel
 
     if isinstance(name_or_path, ControlNetModel):
@@ -106,6 +192,8 @@ def load_controlnet(name_or_path, dtype=None, device=None):
                     "Expected config.json and diffusion_pytorch_model.safetensors, as written by "
                     "`controlnet.save_pretrained(folder)` or `huggingface-cli download ID --local-dir folder`."
                 )
+            if unet is not None:
+                check_adapter_base("controlnet", path, unet, unet_fingerprint)
             try:
                 cn = ControlNetModel.from_pretrained(str(path), local_files_only=True, **kw)
             except (OSError, ValueError) as e:
@@ -170,10 +258,15 @@ def _lora_source(lora) -> str:
     return str(lora)
 
 
-def load_lora(pipe, lora, adapter_name: str) -> str:
+def load_lora(pipe, lora, adapter_name: str, unet_fingerprint: str | None = None) -> str:
     """Load the U-Net part of a diffusers/peft LoRA into ``pipe.unet`` as ``adapter_name``;
-    returns a digest of its weights. Remove it with ``pipe.unet.delete_adapters(adapter_name)``."""
+    returns a digest of its weights. Remove it with ``pipe.unet.delete_adapters(adapter_name)``.
+
+    A LoRA whose ``difstudy_training.json`` records another base U-Net than ``pipe.unet`` is
+    refused (:func:`check_adapter_base`); ``unet_fingerprint``: the fingerprint of ``pipe.unet``
+    without adapters when already known (pass it when other LoRAs are loaded already)."""
     src = _lora_source(lora)
+    check_adapter_base("lora", src, pipe.unet, unet_fingerprint)
     kw = {}
     if Path(src).is_file():
         kw = {"weight_name": Path(src).name}
@@ -304,3 +397,121 @@ def technique_status(techniques: Sequence[Technique]) -> pd.DataFrame:
                 how = "pass an existing ControlNet/LoRA (folder or hub id) as the technique's parameter"
         rows.append(dict(technique=tq.name, available=not reason, reason=reason, how_to_get=how))
     return pd.DataFrame(rows, columns=["technique", "available", "reason", "how_to_get"])
+
+
+# -- adapters know their base U-Net --------------------------------------------------
+TRAINING_RECORD = "difstudy_training.json"
+_RECORD_NOT_OPTIONS = ("wall_seconds_this_invocation", "final_loss_mean_last_100", "target_modules")
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+class _CastView:
+    """``module`` as ``module.to(dtype)`` would hold it, for :func:`difstudy.extract.module_fingerprint`
+    (which reads ``config``, ``named_parameters`` and ``named_buffers``), without copying the module."""
+
+    def __init__(self, module, dtype: torch.dtype):
+        self.module, self.dtype, self.config = module, dtype, module.config
+
+    def _cast(self, named):
+        return ((n, p.to(self.dtype) if p.is_floating_point() else p) for n, p in named)
+
+    def named_parameters(self):
+        return self._cast(self.module.named_parameters())
+
+    def named_buffers(self):
+        return self._cast(self.module.named_buffers())
+
+
+def base_record(unet) -> dict:
+    """What an adapter's training record says about the U-Net it was trained on.
+
+    ``base_fingerprint``: :func:`difstudy.extract.module_fingerprint` of ``unet``; ``base_dtype``:
+    its dtype; ``base_fingerprint_by_dtype``: the fingerprints of ``unet`` as
+    ``difstudy.models.load(..., dtype=...)`` loads it in float32, float16 and bfloat16 (a float32
+    base cast down; the weights' bytes, hence the fingerprint, depend on the dtype), so an adapter
+    is checked in every dtype. Call it before a LoRA is added to ``unet`` (peft layers change
+    the fingerprint). Costs one cast copy of the U-Net's weights per lower dtype."""
+    from ..extract import module_fingerprint
+
+    own = _dtype_name(unet.dtype)
+    by_dtype = {own: module_fingerprint(unet)}
+    if unet.dtype == torch.float32:  # a lower-precision base cannot be cast up to its float32 original
+        for dt in (torch.float16, torch.bfloat16):
+            by_dtype[_dtype_name(dt)] = module_fingerprint(_CastView(unet, dt))
+    return dict(base_fingerprint=by_dtype[own], base_dtype=own, base_fingerprint_by_dtype=by_dtype)
+
+
+def training_record(path) -> dict | None:
+    """The ``difstudy_training.json`` beside an adapter (``path``: its folder, or a weights file in
+    it) as a dict; None when there is none (public hub adapters, users' own)."""
+    import json
+
+    p = Path(str(path)).expanduser()
+    if not p.exists():
+        return None
+    f = (p if p.is_dir() else p.parent) / TRAINING_RECORD
+    if not f.is_file():
+        return None
+    try:
+        record = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DifstudyError(f"training record {str(f)!r} is not readable JSON ({e}); restore or delete it") from None
+    if not isinstance(record, dict):
+        raise DifstudyError(f"training record {str(f)!r} holds {type(record).__name__}, expected a JSON object")
+    return record
+
+
+def recorded_command(kind: str, record: dict) -> str:
+    """The training command of an adapter rebuilt from its record's options (``kind``:
+    ``controlnet`` or ``lora``); ``TRAIN_COMMANDS[kind]`` when the record holds none."""
+    import shlex
+
+    opts = []
+    for k, v in record.items():
+        if k in _RECORD_NOT_OPTIONS or k.startswith("base_") or v is None or isinstance(v, (list, dict)):
+            continue
+        opts += [f"--{k.replace('_', '-')}", shlex.quote(str(v))]
+    return f"python -m difstudy.train.{kind} {' '.join(opts)}" if opts else TRAIN_COMMANDS[kind]
+
+
+def check_adapter_base(kind: str, path, unet, unet_fingerprint: str | None = None) -> None:
+    """Refuse an adapter trained by difstudy on another U-Net than ``unet``.
+
+    ``kind``: ``controlnet`` or ``lora``; ``path``: the adapter's folder or weights file;
+    ``unet``: the U-Net it is loaded into, without the adapter; ``unet_fingerprint``: that
+    U-Net's :func:`difstudy.extract.module_fingerprint` when already known (computed otherwise).
+    The record's fingerprint for ``unet``'s dtype is compared (:func:`base_record`); adapters
+    without a record holding ``base_fingerprint`` pass unchecked, and so (with a warning) does a
+    U-Net in a dtype the record holds no fingerprint for. Raises :class:`DifstudyError` naming
+    both fingerprints, the adapter and the fixes."""
+    record = training_record(path)
+    if record is None or "base_fingerprint" not in record:
+        return
+    from ..extract import module_fingerprint
+
+    dtype = _dtype_name(unet.dtype)
+    expected = {record.get("base_dtype", "float32"): record["base_fingerprint"]}
+    expected.update(record.get("base_fingerprint_by_dtype") or {})
+    if dtype not in expected:
+        import warnings
+
+        warnings.warn(
+            f"the {kind} {str(path)!r} records its base U-Net's fingerprint for {sorted(expected)} only; "
+            f"it is loaded into a {dtype} U-Net without the check",
+            stacklevel=3,
+        )
+        return
+    got = unet_fingerprint or module_fingerprint(unet)
+    if got == expected[dtype]:
+        return
+    peft = " (it carries LoRA layers: unload them first, `pipe.unet.unload_lora()`)" if _has_peft_layers(unet) else ""
+    raise DifstudyError(
+        f"the {kind} {str(path)!r} was trained on the U-Net with fingerprint {expected[dtype]} ({dtype}; "
+        f"{TRAINING_RECORD} records base_fingerprint {record['base_fingerprint']}, model "
+        f"{record.get('model', '?')!r}), but the U-Net it is loaded into has fingerprint {got}{peft}: "
+        f"its weights fit another network. Load the base it was trained for, or retrain it on this U-Net "
+        f"with the recorded command (its --model naming this pipeline): `{recorded_command(kind, record)}`"
+    )

@@ -127,6 +127,19 @@ def official_hidden(num_classes: int) -> tuple[int, int]:
     return (128, 32) if num_classes < 30 else (256, 128)
 
 
+def _official_init(net: nn.Module) -> nn.Module:
+    """DDPM-seg's ``init_weights("normal", 0.02)``: every Linear weight from N(0, 0.02), biases 0."""
+    for m in net.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return net
+
+
+PixelFront = Callable[[], tuple[nn.Module, int]]
+
+
 def pixel_mlp(in_dim: int, num_classes: int, hidden: Sequence[int] | None = None) -> nn.Sequential:
     """DDPM-seg ``pixel_classifier``: ``[Linear, ReLU, BatchNorm1d] * len(hidden)``, then Linear,
     Linear weights drawn from N(0, 0.02) and zero biases (``init_weights("normal", 0.02)``).
@@ -137,12 +150,7 @@ def pixel_mlp(in_dim: int, num_classes: int, hidden: Sequence[int] | None = None
         layers += [nn.Linear(d, h), nn.ReLU(), nn.BatchNorm1d(h)]
         d = h
     layers.append(nn.Linear(d, num_classes))
-    net = nn.Sequential(*layers)
-    for m in net.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0.0, 0.02)
-            nn.init.zeros_(m.bias)
-    return net
+    return _official_init(nn.Sequential(*layers))
 
 
 class _EarlyStop:
@@ -182,6 +190,12 @@ class PixelMLPEnsemble:
     block and each model sees an exact uniform permutation, as the official DataLoader;
     beyond that the shuffle is local to the buffer.
 
+    ``front`` (optional): a function returning ``(module, out_dim)``, a per-pixel module put in
+    front of every model's MLP and trained jointly with it, with the same optimizer, epochs and
+    early stop (GATE's per-pixel weight assigners, ``scarce_segmentation_gate``'s
+    ``pixel_classifier``: each of the ensemble's models has its own); its Linear layers get the
+    official initialisation too (the official ``init_weights`` applies to the whole classifier).
+
     Model ``m`` is initialised with seed ``(seed, m)`` and shuffles with its own seeded
     generator. Attributes after :meth:`fit`: ``max_buffer_rows_``, ``n_steps_`` (optimizer
     steps per model), ``epochs_`` (epochs each model trained, its last one included),
@@ -197,6 +211,7 @@ class PixelMLPEnsemble:
         seed: int = 0,
         ignore_index: int | None = 255,
         device: str | torch.device = "cpu",
+        front: PixelFront | None = None,
     ):
         if in_dim < 1 or num_classes < 2 or n_models < 1:
             got = f"{in_dim}, {num_classes}, {n_models}"
@@ -208,7 +223,12 @@ class PixelMLPEnsemble:
         for m in range(n_models):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(_seed_of(seed, m))
-                self.models.append(pixel_mlp(in_dim, num_classes, self.hidden).to(self.device))
+                if front is None:
+                    net = pixel_mlp(in_dim, num_classes, self.hidden)
+                else:
+                    f, d = front()
+                    net = nn.Sequential(_official_init(f), pixel_mlp(d, num_classes, self.hidden))
+                self.models.append(net.to(self.device))
         self.max_buffer_rows_ = 0
         self.n_steps_ = [0] * n_models
         self.epochs_ = [0] * n_models

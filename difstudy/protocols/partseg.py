@@ -99,7 +99,12 @@ def part_segmentation(
             yield f.flatten(1).T.contiguous(), y.flatten()
 
     in_dim = concat_maps(source.maps(tr[0]), cfg.resolution, cfg.norm).shape[0]
-    ens = PixelMLPEnsemble(in_dim, k, n_models=cfg.n_models, hidden=cfg.hidden, seed=seed, ignore_index=ignore)
+    # a source may put a per-pixel module in front of every MLP, trained jointly with it (GATE's
+    # per-pixel weight assigners); it names itself in the source's label
+    front = getattr(source, "pixel_front", None)
+    ens = PixelMLPEnsemble(
+        in_dim, k, n_models=cfg.n_models, hidden=cfg.hidden, seed=seed, ignore_index=ignore, front=front
+    )
     ens.fit(
         lambda: pixels(tr, True),
         max_epochs=cfg.max_epochs,

