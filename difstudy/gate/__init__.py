@@ -20,14 +20,17 @@ The modules follow the study's steps; each imports only the ones above it:
 Every public name is re-exported here: ``from difstudy import gate; gate.content_shift(...)``.
 """
 
-from . import noising  # noqa: E402  (the module: gate.noising.ddim_invert, ...)
+from . import noising  # the module: gate.noising.ddim_invert, ...
 from .amalgamation import (
     AMALGAMATED_LABEL,
+    FIT_LABELS,
     FIT_TASKS,
+    FITS,
     AmalgamatedFeatures,
     AmalgamatedHead,
     Amalgamation,
     AmalgamationConfig,
+    PixelAssigners,
     WeightAssigner,
     fit_amalgamation,
     stack_buckets,
@@ -117,6 +120,8 @@ from .techniques import (
 
 __all__ = [
     "AMALGAMATED_LABEL",
+    "FITS",
+    "FIT_LABELS",
     "BASIC",
     "CANNY",
     "CONTROLNET_ALIASES",
@@ -148,6 +153,7 @@ __all__ = [
     "AmalgamatedHead",
     "Amalgamation",
     "AmalgamationConfig",
+    "PixelAssigners",
     "GateExtractor",
     "JudgeDistance",
     "ShiftConfig",

@@ -229,12 +229,46 @@ class AmalgamationConfig:
     weight_decay: float = 1e-4
     sparsity: float = 0.0
     temperature: float = 0.07
+    fit: str = "joint"
+
+    def __post_init__(self):
+        if self.fit not in FITS:
+            raise DifstudyError(f"AmalgamationConfig.fit must be one of {list(FITS)}, got {self.fit!r}")
 
 
 FIT_TASKS = ("correspondence", "label-scarce-seg", "classification")
-# settings of learned amalgamation name the deviation in their label (the official code trains the
-# weight assigners jointly with the task head; difstudy fits them first, then the protocol's head)
-AMALGAMATED_LABEL = "amalgamated (2-stage fit): "
+# how the assigners are trained: "joint" (official for label-scarce segmentation: per-pixel
+# assigners inside each of the ensemble's MLPs, trained with it) or "two-stage" (fitted first with a
+# light head, then frozen under the protocol's own head; what correspondence and classification use)
+FITS = ("joint", "two-stage")
+# the setting names of gate_sources; each source's label names its fit (FIT_LABELS)
+AMALGAMATED_LABEL = "amalgamated: "
+FIT_LABELS = {
+    "joint": "amalgamated (per-pixel assigners trained jointly, official): ",
+    "two-stage": "amalgamated (2-stage fit): ",
+}
+
+
+class PixelAssigners(nn.Module):
+    """GATE's per-pixel weight assigners as the front of a pixel classifier
+    (``scarce_segmentation_gate/segmentation/pixel_classifier.py``, ``weight_assigner``): pixel
+    vectors (N, V*C), bucket ``v`` in columns ``v*C:(v+1)*C``, -> the ``k`` weighted sums of the
+    buckets (N, k*C), weights from :class:`Amalgamation` with ``spatial=False`` (a weight per
+    pixel, bucket and channel, softmax over buckets). Put in front of every MLP of
+    :class:`difstudy.probes.PixelMLPEnsemble` (its ``front``) it is trained jointly with it."""
+
+    def __init__(self, channels: int, n_buckets: int, k: int = 1, hidden: int = 128, dropout: float = 0.5):
+        super().__init__()
+        self.amalgamation = Amalgamation(channels, n_buckets, k, hidden, dropout, spatial=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.amalgamation(x)[0]
+
+    @torch.no_grad()
+    def weights(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, k, V, C) bucket weights of pixel vectors ``x`` (eval mode)."""
+        self.eval()
+        return self.amalgamation(x)[1]
 
 
 class AmalgamatedFeatures:
@@ -247,7 +281,14 @@ class AmalgamatedFeatures:
     ((k*C_i, h_i, w_i)). A per-channel weight commutes with the protocols' bilinear resizing, so
     with one-hot ``weights`` and ``k = 1`` the maps are exactly the chosen bucket's.
 
-    **Fitting** (difstudy's two-stage deviation from the official joint training): on
+    **Joint fit** (``config.fit="joint"``, the default, for ``label-scarce-seg``; official):
+    nothing is fitted here. :meth:`maps` returns every bucket's maps, bucket after bucket, and
+    :attr:`pixel_front` gives the protocol per-pixel assigners (:class:`PixelAssigners`) that it
+    puts in front of each MLP of its ensemble and trains jointly with it, with the same epochs and
+    early stop (:func:`difstudy.protocols.part_segmentation`).
+
+    **Two-stage fit** (difstudy's deviation from the official joint training; what correspondence
+    and classification use, and label-scarce segmentation with ``fit="two-stage"``): on
     :meth:`prepare` for a run seed, the assigners are trained on ``train`` (records, or pairs for
     correspondence, or a function ``seed -> records``) together with a light task head
     (``task``: ``label-scarce-seg``: a per-pixel linear layer on the label maps resized to
@@ -276,7 +317,13 @@ class AmalgamatedFeatures:
             raise DifstudyError("learned weights need training records (train=)")
         self.task, self.train, self.config = task, train, config
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float32)
-        self.label = label or AMALGAMATED_LABEL + " + ".join(bucket_label(*b) for b in self.buckets)
+        self.joint = weights is None and task == "label-scarce-seg" and config.fit == "joint"
+        fit = FIT_LABELS["joint" if self.joint else "two-stage"]
+        if label is None or label.startswith(AMALGAMATED_LABEL):
+            desc = label[len(AMALGAMATED_LABEL) :] if label else " + ".join(bucket_label(*b) for b in self.buckets)
+            label = fit + desc
+        self.label = label
+        self._channels: int | None = None  # channels of one bucket (all activations), joint fit
         self.amalgamation: Amalgamation | None = None
         self.fit_seconds = 0.0
 
@@ -313,6 +360,9 @@ class AmalgamatedFeatures:
         """Extract the buckets of ``records`` (and of the training data); fit the assigners
         once per run seed unless the weights are fixed."""
         self.base.prepare(records)
+        if self.joint:  # the protocol trains the assigners with its own classifier
+            self._channels = sum(m.shape[0] for m in self.base.bucket_maps(records[0], self.buckets[0]))
+            return
         if self.weights is not None or self.amalgamation is not None:
             if self.amalgamation is None:
                 x, _ = self._stacked(records[0])
@@ -349,8 +399,21 @@ class AmalgamatedFeatures:
             start += c
         return out
 
+    @property
+    def pixel_front(self):
+        """For the joint fit: a function returning ``(PixelAssigners, out_dim)`` for the protocol's
+        pixel classifiers (see the class docstring); None otherwise."""
+        if not self.joint:
+            return None
+        if self._channels is None:
+            raise DifstudyError(f"{self.label!r} is not prepared; call prepare(records) first")
+        c, cfg, n = self._channels, self.config, len(self.buckets)
+        return lambda: (PixelAssigners(c, n, cfg.k, cfg.hidden, cfg.dropout), cfg.k * c)
+
     def maps(self, record) -> list[torch.Tensor]:
         per = [self.base.bucket_maps(record, b) for b in self.buckets]
+        if self.joint:  # every bucket, bucket after bucket: the pixel front mixes them
+            return [m for maps in per for m in maps]
         return self.mix(per, self.bucket_weights(record))
 
 
