@@ -5,8 +5,9 @@ for the settings of the papers' tables.
 source per setting, and calls the four protocol functions for every seed; it
 returns a tidy DataFrame (one row per setting, task, protocol, metric and
 seed) and the single-activation ranking. ``render(df)`` gives the mean +- std
-table (``n/a`` for one seed). :data:`REFERENCE` holds the papers' numbers,
-only ever shown as separate, labelled reference rows.
+table (``n/a`` for one seed). :data:`REFERENCE` holds the papers' numbers
+(:func:`difstudy.reference.reference_frame`: each row with its ``source`` and what it
+``includes``), only ever shown as separate, labelled reference rows.
 
 Records and the protocol calls are the protocol layer's
 (:mod:`difstudy.protocols.tasks`: :func:`~difstudy.protocols.task_records`,
@@ -34,44 +35,12 @@ from .catalog import NAMED_SETS
 from .protocols.tasks import TASKS as TASKS  # re-exported, as seg_world_size: their home is the protocol layer
 from .protocols.tasks import run_task, task_records
 from .protocols.tasks import seg_world_size as seg_world_size
+from .reference import reference_frame
 
 SETTINGS = ("raw pixels", "random-weight U-Net", "legacy-v1.5", "ours-v1.5", "best single activation")
 
-# Papers' numbers (../shared/STUDY.md): real models on real datasets. Reference only.
-REFERENCE = pd.DataFrame(
-    [
-        ("Legacy-v1.5", "SPair-71k PCK@0.1 img", 75.14),
-        ("Legacy-v1.5", "SPair-71k PCK@0.1 bbox", 66.73),
-        ("Legacy-XL", "SPair-71k PCK@0.1 img", 66.00),
-        ("Legacy-XL", "SPair-71k PCK@0.1 bbox", 59.16),
-        ("Ours-v1.5", "SPair-71k PCK@0.1 img", 77.78),
-        ("Ours-v1.5", "SPair-71k PCK@0.1 bbox", 69.83),
-        ("Ours-v1.5", "ADE20K mIoU", 41.07),
-        ("Ours-v1.5", "Cityscapes mIoU", 64.10),
-        ("Ours-XL", "SPair-71k PCK@0.1 img", 81.72),
-        ("Ours-XL", "SPair-71k PCK@0.1 bbox", 75.18),
-        ("Ours-XL", "ADE20K mIoU", 43.45),
-        ("Ours-XL", "Cityscapes mIoU", 74.47),
-        ("Ours-XL", "Horse-21 mIoU", 62.7),
-        ("Ours-XL-t", "SPair-71k PCK@0.1 img", 83.90),
-        ("Ours-XL-t", "SPair-71k PCK@0.1 bbox", 76.86),
-        ("Ours-XL-t", "ADE20K mIoU", 45.71),
-        ("Ours-XL-t", "Cityscapes mIoU", 75.89),
-        ("Ours-XL-t", "Horse-21 mIoU", 66.3),
-        ("DDPM-seg", "Horse-21 mIoU", 65.0),
-        ("GATE (SD1.5)", "SPair-71k PCK@0.1 img", 76.60),
-        ("GATE (SD1.5)", "SPair-71k PCK@0.1 bbox", 69.10),
-        ("GATE baseline (SD1.5)", "SPair-71k PCK@0.1 img", 73.96),
-        ("GATE baseline (SD1.5)", "SPair-71k PCK@0.1 bbox", 65.74),
-        ("GATE (SD1.5)", "ADE20K mIoU", 40.51),
-        ("GATE (SD1.5)", "Cityscapes mIoU", 64.20),
-        ("GATE (SD1.5)", "Horse-21 mIoU", 67.2),
-        ("ResNet-50", "CIFAR-10 accuracy", 93.62),
-        ("diffusion-feature baseline", "CIFAR-10 accuracy", 94.55),
-        ("GATE (SD1.5)", "CIFAR-10 accuracy", 95.21),
-    ],
-    columns=["setting", "metric", "value"],
-).assign(source="paper (reference; real models, real data)")
+# Papers' numbers, each row with its source and what it includes (difstudy.reference). Reference only.
+REFERENCE = reference_frame()
 
 
 @dataclass(frozen=True)

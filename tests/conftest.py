@@ -33,3 +33,18 @@ def unet_inputs(pipe, batch=2, seed=0):
             text_embeds=torch.randn(batch, 1280, generator=g), time_ids=torch.rand(batch, 6, generator=g)
         )
     return x, torch.tensor([10] * batch), kw
+
+
+def lora_folder(tmp_path, seed=0):
+    """A random (non-zero) LoRA on the attention projections of tiny-sd15, saved in diffusers format."""
+    from peft import LoraConfig
+
+    from difstudy.models import load
+    from difstudy.train.lora import TARGET_MODULES, save_lora
+
+    pipe = load("tiny-sd15")
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=list(TARGET_MODULES))
+    pipe.unet.add_adapter(cfg, adapter_name="default")
+    save_lora(pipe, tmp_path / "lora")
+    return tmp_path / "lora"

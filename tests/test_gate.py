@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import lora_folder
 
 from difstudy import gate, verdicts
 from difstudy.cache import Key
@@ -47,20 +48,6 @@ def _live_controlnet(pipe, seed=0):
         for block in [*cn.controlnet_down_blocks, cn.controlnet_mid_block]:
             block.weight.copy_(torch.randn(block.weight.shape, generator=g) * 0.05)
     return cn.eval()
-
-
-def _lora_folder(tmp_path, seed=0):
-    """A random (non-zero) LoRA on the attention projections of tiny-sd15, saved in diffusers format."""
-    from peft import LoraConfig
-
-    from difstudy.train.lora import TARGET_MODULES, save_lora
-
-    pipe = load("tiny-sd15")
-    torch.manual_seed(seed)
-    cfg = LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=list(TARGET_MODULES))
-    pipe.unet.add_adapter(cfg, adapter_name="default")
-    save_lora(pipe, tmp_path / "lora")
-    return tmp_path / "lora"
 
 
 # ----------------------------------------------------------------------------
@@ -182,7 +169,7 @@ def test_controlnet_for_another_model_is_rejected(tiny_sd15, tiny_sdxl):
 
 
 def test_lora_loads_changes_output_and_is_removed(tmp_path):
-    folder = _lora_folder(tmp_path)
+    folder = lora_folder(tmp_path)
     pipe = load("tiny-sd15")
     fingerprint = module_fingerprint(pipe.unet)
     ids, images, caps = _batch(2)
@@ -665,7 +652,7 @@ def test_technique_status_names_the_training_command(monkeypatch, tmp_path):
     assert "pass an existing" in st.loc["mylora", "how_to_get"]
     guide = gate.guideline_rows(pd.DataFrame(), st.reset_index())
     assert list(guide.columns) == list(verdicts.CLAIM_COLUMNS)
-    assert guide["verdict"].tolist() == ["inconclusive"] * 6  # 3 techniques x 2 scores
+    assert guide["verdict"].tolist() == ["inconclusive"] * 3 * len(gate.MEASURES)  # 3 techniques x every score
     assert guide["note"].str.startswith("not measured: weights missing").all()
     assert "difstudy.train.lora" in guide.set_index("claim").loc["lora lowers content shift (img2img)", "note"].iloc[0]
 
@@ -701,7 +688,7 @@ def test_technique_features_read_the_extracted_buckets(tiny_sd15, tmp_path):
 def test_img2img_basic_rows_carry_no_lora_and_lora_rows_do(tmp_path):
     """Inside content_shift_table a GateExtractor holds the technique's LoRA loaded: the basic Img2Img
     must equal a pipeline with no LoRA at all, and the LoRA technique's must differ from it."""
-    folder = _lora_folder(tmp_path)
+    folder = lora_folder(tmp_path)
     pipe = load("tiny-sd15")
     _, images, caps = _batch(2)
     plain = gate.img2img(pipe, images, 400, gate.BASIC, caps, steps=10)

@@ -217,3 +217,59 @@ def test_joint_amalgamated_source_gives_buckets_in_order_and_a_pixel_front():
     assert not two.joint and two.pixel_front is None and two.label.startswith(gate.FIT_LABELS["two-stage"])
     with pytest.raises(DifstudyError, match="fit must be one of"):
         gate.AmalgamationConfig(fit="both")
+
+
+def test_official_bucket_set_seeds_and_lora_weights(tmp_path):
+    from conftest import lora_folder
+
+    from difstudy.models import load
+
+    techs = gate.official_techniques(controlnet="mini", lora="mini")
+    assert [t.name for t in techs] == ["fine", "fine-seed2", "lora", "lora-x0.5", "controlnet", "controlnet-seed2"]
+    assert [t.noise_seed for t in techs] == [0, 1, 0, 0, 0, 1] and techs[3].lora_scale == 0.5
+    assert "basic" not in [t.name for t in techs]  # the official set has no basic bucket
+    assert [t.name for t in gate.official_techniques()] == ["fine", "fine-seed2"]
+    pipe, folder = load("tiny-sd15"), lora_folder(tmp_path)
+    ids, images, caps = _images()
+    run = [
+        gate.BASIC,
+        gate.Technique("seed2", noise_seed=1),
+        gate.Technique("l1", lora=str(folder)),
+        gate.Technique("l0", lora=str(folder), lora_scale=0.0),
+        gate.Technique("lh", lora=str(folder), lora_scale=0.5),
+    ]
+    with gate.GateExtractor(pipe, ["unet-out"], run, timesteps=[50]) as ex:
+        f = ex.features(ids, images, caps)
+        keys = ex.variant_keys
+    assert len(set(keys)) == 5
+
+    def at(k):
+        return f[Key("unet-out", 50, keys[k], 0, "img0")]
+
+    assert (at(1) - at(0)).abs().max() > 1e-3  # another noise draw
+    assert torch.allclose(at(3), at(0), atol=1e-5)  # a LoRA at weight 0 is the base model
+    assert (at(2) - at(0)).abs().max() > 1e-3 and (at(4) - at(0)).abs().max() > 1e-4
+    # weight 0.5 lies between: its change is about half of weight 1's (LoRA is linear in its scale per layer)
+    r = float((at(4) - at(0)).norm() / (at(2) - at(0)).norm())
+    assert 0.3 < r < 0.7, r
+
+
+def test_size_mean_averages_maps_of_one_size_and_is_appended_unweighted():
+    class Src:
+        seed, label = 0, "attn"
+
+        def for_seed(self, seed):
+            return self
+
+        def prepare(self, records):
+            self.prepared = True
+
+        def maps(self, record):
+            return [torch.full((2, 4, 4), 1.0), torch.full((2, 8, 8), 5.0), torch.full((2, 4, 4), 3.0)]
+
+    out = gate.SizeMean(Src()).maps(None)
+    assert [tuple(m.shape) for m in out] == [(2, 8, 8), (2, 4, 4)] and float(out[1][0, 0, 0]) == 2.0
+    front = gate.PixelAssigners(3, 2, passthrough=4)
+    x = torch.randn(5, 2 * 3 + 4)
+    y = front.eval()(x)
+    assert y.shape == (5, 3 + 4) and torch.equal(y[:, 3:], x[:, 6:])  # the extra columns pass unweighted

@@ -75,7 +75,8 @@ def test_render_is_mean_and_std_per_setting(small_run):
 
 
 def test_reference_rows_are_labelled():
-    assert (REFERENCE["source"].str.startswith("paper (reference")).all()
+    assert (REFERENCE["source"].str.startswith(("Meng et al. 2024", "Baranchuk et al. 2022"))).all()
+    assert (REFERENCE["includes"].str.len() > 0).all()
     assert REFERENCE.query("setting == 'Ours-v1.5' and metric == 'SPair-71k PCK@0.1 img'")["value"].item() == 77.78
 
 

@@ -22,17 +22,10 @@ Every public name is re-exported here: ``from difstudy import gate; gate.content
 
 from . import noising  # the module: gate.noising.ddim_invert, ...
 from .amalgamation import (
-    AMALGAMATED_LABEL,
-    FIT_LABELS,
-    FIT_TASKS,
-    FITS,
-    AmalgamatedFeatures,
     AmalgamatedHead,
     Amalgamation,
-    AmalgamationConfig,
     PixelAssigners,
     WeightAssigner,
-    fit_amalgamation,
     stack_buckets,
     train_amalgamated_head,
 )
@@ -73,8 +66,13 @@ from .features import (
     extract_techniques,
 )
 from .runs import (
+    OFFICIAL_LORA_SCALES,
+    SizeMean,
+    attention_technique,
     gate_sources,
+    official_techniques,
     run_gate_probes,
+    up_cross_maps,
 )
 from .scores import (
     JUDGE_SIZE,
@@ -97,6 +95,15 @@ from .shift import (
     img2img_start,
     predicted_x0,
     vae_reconstruction,
+)
+from .sources import (
+    AMALGAMATED_LABEL,
+    FIT_LABELS,
+    FIT_TASKS,
+    FITS,
+    AmalgamatedFeatures,
+    AmalgamationConfig,
+    fit_amalgamation,
 )
 from .techniques import (
     BASIC,
@@ -153,6 +160,11 @@ __all__ = [
     "AmalgamatedHead",
     "Amalgamation",
     "AmalgamationConfig",
+    "OFFICIAL_LORA_SCALES",
+    "SizeMean",
+    "attention_technique",
+    "official_techniques",
+    "up_cross_maps",
     "PixelAssigners",
     "GateExtractor",
     "JudgeDistance",

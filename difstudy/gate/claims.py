@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from .. import verdicts
+from ..reference import GATE_PAPER, reference_frame
 from .scores import MEASURES
 
 # -- claims: every verdict comes from difstudy.verdicts ---------------------------------
@@ -294,13 +295,8 @@ def guideline_summary(guide: pd.DataFrame, status: pd.DataFrame) -> pd.DataFrame
 
 
 def reference_table() -> pd.DataFrame:
-    """The paper's GATE (SD1.5) numbers from ../shared/STUDY.md (reference only, not measured here)."""
-    rows = [
-        ("SPair-71k PCK@0.1 img", 73.96, 76.60, ""),
-        ("SPair-71k PCK@0.1 bbox", 65.74, 69.10, ""),
-        ("ADE20K mIoU", np.nan, 40.51, ""),
-        ("Cityscapes mIoU", np.nan, 64.20, ""),
-        ("Horse-21 mIoU", np.nan, 67.2, "± 1.1"),
-        ("CIFAR-10 accuracy", 94.55, 95.21, "ResNet-50: 93.62"),
-    ]
-    return pd.DataFrame(rows, columns=["metric", "baseline (SD1.5)", "GATE (SD1.5)", "note"]).set_index("metric")
+    """The GATE paper's numbers (reference only, not measured here), one row per setting and
+    metric with its ``source`` (paper, task, row) and what it ``includes`` (models, techniques,
+    head): :func:`difstudy.reference.reference_frame` of :data:`difstudy.reference.GATE_PAPER`.
+    Its Horse-21 row is ``GATE (SD1.5 + LSUN-horse DDPM)``: the official code adds DDPM features."""
+    return reference_frame(GATE_PAPER)

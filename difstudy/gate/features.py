@@ -35,7 +35,6 @@ from ..extract import (
     cache_group,
     ddpm_noise,
     image_digest,
-    module_fingerprint,
     noise_for,
     variant_key,
 )
@@ -48,6 +47,7 @@ from .techniques import (
     _has_peft_layers,
     _remove_adapters,
     _weights_digest,
+    base_fingerprint,
     control_images,
     load_controlnet,
     load_lora,
@@ -82,10 +82,10 @@ class GateExtractor(Extractor):
         self.canny: dict[int, str] = {}  # technique index -> Canny detector of its condition
         self.adapters: dict[int, str] = {}
         self.variant_keys: list[str] = []
-        # the bare U-Net's fingerprint, taken once before any LoRA is added: adapters trained by
-        # difstudy record the U-Net they were trained on and are refused on another one
+        # the U-Net's own fingerprint, taken once: adapters trained by difstudy record the U-Net
+        # they were trained on and are refused on another one
         adapters = any(tq.controlnet is not None or tq.lora is not None for tq in techniques)
-        base = module_fingerprint(self.unet) if adapters else None
+        base = base_fingerprint(self.unet) if adapters else None
         try:
             for v, tq in enumerate(techniques):
                 parts = []
@@ -102,14 +102,21 @@ class GateExtractor(Extractor):
                     parts.append(f"span{tq.span}")
                 if tq.noising != "ddpm":
                     parts.append(tq.noising)
+                if tq.noise_seed:
+                    parts.append(f"seed+{tq.noise_seed}")
                 if tq.lora is not None:
                     adapter = f"difstudy-{tq.name}"
                     parts.append(load_lora(pipe, tq.lora, adapter, unet_fingerprint=base))
+                    if tq.lora_scale != 1.0:
+                        parts.append(f"x{tq.lora_scale:g}")
                     self.adapters[v] = adapter
                 key = variant_key(tq.prompt)
                 if parts:
                     key += f"+{tq.name}-" + hashlib.sha1("|".join(parts).encode()).hexdigest()[:10]
                 self.variant_keys.append(key)
+            if self.adapters:  # each adapter's weight (peft scaling), used by its rows
+                vs = sorted(self.adapters)
+                self.unet.set_adapters([self.adapters[v] for v in vs], [techniques[v].lora_scale for v in vs])
         except BaseException:
             self.close()
             raise
@@ -177,7 +184,7 @@ class GateExtractor(Extractor):
             x = ddim_invert(self._model_fn(v, rkw, None), z0, start, self.alphas_cumprod, pred_type)
         else:
             keys = [image_digest(im) for im in images]
-            noise = torch.stack([noise_for(k, start, self.seed, z0.shape[1:]) for k in keys])
+            noise = torch.stack([noise_for(k, start, self.seed + tq.noise_seed, z0.shape[1:]) for k in keys])
             x = ddpm_noise(z0, noise, start, self.alphas_cumprod)
         if steps:
             x = denoise(self._model_fn(v, rkw, cond), sched, x, steps)
@@ -200,10 +207,10 @@ class GateExtractor(Extractor):
             )
             for v in self.controlnets
         }
-        if any(tq.span or tq.noising != "ddpm" for tq in self.techniques):
+        if any(tq.own_path for tq in self.techniques):
             sample = sample.clone()  # may be an expanded view shared by the techniques' rows
         for v, tq in enumerate(self.techniques):
-            if tq.span or tq.noising != "ddpm":
+            if tq.own_path:
                 for j, t in enumerate(self.timesteps):
                     rows = torch.arange(B, device=self.device) * T * V + j * V + v
                     rkw = self._rows_kwargs(kw, rows)

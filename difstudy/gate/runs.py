@@ -10,10 +10,80 @@ from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
-from .amalgamation import AMALGAMATED_LABEL, FIT_TASKS, AmalgamatedFeatures, AmalgamationConfig
 from .features import TechniqueFeatures
+from .sources import AMALGAMATED_LABEL, FIT_TASKS, AmalgamatedFeatures, AmalgamationConfig
+from .techniques import Technique
+
+# The official SPair-71k bucket set (diffusion-content-shift, correspondence_gate/README.md): no
+# basic bucket; the fine prompt with two noise seeds, a LoRA with a simple prompt at two weights,
+# the canny ControlNet (denoising from t + 10) with the simple prompt and two noise seeds; then the
+# up-block cross-attention maps (ControlNet, LoRA, a prompt listing the classes) concatenated
+# last, unweighted. The README says "different LoRA weights" without values: difstudy reads it as
+# two adapter scales, 1 and 0.5 (a labelled reading).
+OFFICIAL_LORA_SCALES = (1.0, 0.5)
+ATTENTION_LABEL = "attention maps (unweighted)"
+
+
+def official_techniques(
+    controlnet=None, lora=None, lora_scales: Sequence[float] = OFFICIAL_LORA_SCALES, simple_prompt: str = "generic"
+) -> list[Technique]:
+    """The official bucket set's techniques (see :data:`OFFICIAL_LORA_SCALES`); a ControlNet or
+    LoRA of None leaves its pair out. ``simple_prompt``: the prompt rule of the LoRA and ControlNet
+    buckets (official: "a photo"; the toy world's generic caption)."""
+    out = [Technique("fine", prompt="fine"), Technique("fine-seed2", prompt="fine", noise_seed=1)]
+    if lora is not None:
+        a, b = lora_scales
+        out += [
+            Technique("lora", prompt=simple_prompt, lora=lora, lora_scale=a),
+            Technique(f"lora-x{b:g}", prompt=simple_prompt, lora=lora, lora_scale=b),
+        ]
+    if controlnet is not None:
+        out += [
+            Technique("controlnet", prompt=simple_prompt, controlnet=controlnet),
+            Technique("controlnet-seed2", prompt=simple_prompt, controlnet=controlnet, noise_seed=1),
+        ]
+    return out
+
+
+def attention_technique(class_names: Sequence[str], controlnet=None, lora=None) -> Technique:
+    """The official attention bucket's conditioning: ControlNet, LoRA and a prompt listing the
+    dataset's classes ("a photo of aeroplane, bicycle, ..." for SPair)."""
+    return Technique("attention", prompt="text:a photo of " + ", ".join(class_names), controlnet=controlnet, lora=lora)
+
+
+def up_cross_maps(unet) -> list[str]:
+    """Names of the up blocks' cross-attention maps (the official ``--attention up_cross``)."""
+    from ..catalog import Catalog
+
+    return [a.name for a in Catalog(unet) if a.name.startswith("up-") and a.name.endswith("-cross-map")]
+
+
+class SizeMean:
+    """A feature source averaging its source's maps of equal spatial size, one map per size, largest
+    first (the official ``aggregate_attention`` averages the attention maps of one resolution)."""
+
+    def __init__(self, source, label: str = ATTENTION_LABEL):
+        self.source, self.label = source, label
+
+    @property
+    def seed(self) -> int:
+        return self.source.seed
+
+    def for_seed(self, seed: int) -> SizeMean:
+        return SizeMean(self.source.for_seed(seed), self.label)
+
+    def prepare(self, records) -> None:
+        self.source.prepare(records)
+
+    def maps(self, record) -> list[torch.Tensor]:
+        groups: dict[tuple[int, int], list[torch.Tensor]] = {}
+        for m in self.source.maps(record):
+            groups.setdefault(tuple(m.shape[-2:]), []).append(m.float())
+        order = sorted(groups, key=lambda hw: -hw[0] * hw[1])
+        return [torch.stack(groups[hw]).mean(0) for hw in order]
 
 
 def gate_sources(
@@ -26,6 +96,8 @@ def gate_sources(
     config: AmalgamationConfig = AmalgamationConfig(),
     baseline: str = "basic",
     control_base: TechniqueFeatures | None = None,
+    amalgamate: Sequence[str] | None = None,
+    extra=None,
 ) -> dict[str, dict[str, Any]]:
     """``{setting: {task: source}}``: the baseline, each technique alone, all of them amalgamated
     (``baseline`` and ``techniques`` at ``t``) and, when ``control_timesteps`` has two or more
@@ -34,7 +106,11 @@ def gate_sources(
     ``records`` and ``bench`` are :func:`difstudy.protocols.task_records` and its
     :class:`~difstudy.protocols.TaskConfig` (or a config extending it); an amalgamation is fit
     per task on the training data its protocol trains on for the seed
-    (:func:`difstudy.protocols.train_records`)."""
+    (:func:`difstudy.protocols.train_records`).
+
+    ``amalgamate``: the techniques amalgamated (default: ``baseline`` and ``techniques``; the
+    official set passes its techniques, no baseline); ``extra``: a feature source appended
+    unweighted after the mix (the official attention maps, :class:`SizeMean`)."""
     from ..protocols import train_records
 
     train = {task: lambda seed, task=task: train_records(task, records[task], bench, seed) for task in FIT_TASKS}
@@ -43,11 +119,13 @@ def gate_sources(
     out[baseline] = {task: base.select((baseline, t), label=baseline) for task in tasks}
     for name in techniques:
         out[name] = {task: base.select((name, t), label=name) for task in tasks}
-    if techniques:
-        label = AMALGAMATED_LABEL + " + ".join([baseline, *techniques])
-        buckets = [(baseline, t)] + [(n, t) for n in techniques]
+    names = list(amalgamate) if amalgamate is not None else ([baseline, *techniques] if techniques else [])
+    if names:
+        label = AMALGAMATED_LABEL + " + ".join(names) + (f" + {ATTENTION_LABEL}" if extra is not None else "")
+        buckets = [(n, t) for n in names]
         out[label] = {
-            task: AmalgamatedFeatures(base, buckets, task, train[task], config, label=label) for task in tasks
+            task: AmalgamatedFeatures(base, buckets, task, train[task], config, label=label, extra=extra)
+            for task in tasks
         }
     if control_timesteps is not None and len(control_timesteps) >= 2:
         label = AMALGAMATED_LABEL + " + ".join(f"{baseline} t={s}" for s in control_timesteps)

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from ..errors import DifstudyError
 from ..extract import Extractor, prompt_for
 from .features import GateExtractor, _sample, decode_latents
-from .scores import content_shift, resize_uint8
+from .scores import JudgeDistance, content_shift, detail_shift, resize_uint8
 from .techniques import (
     BASIC,
     Technique,
@@ -43,6 +43,7 @@ from .techniques import (
     control_images,
     load_controlnet,
     load_lora,
+    trained_canny,
 )
 
 TIMESTEPS = (25, 50, 100, 200, 400)
@@ -126,7 +127,7 @@ def img2img(
         strength=t / pipe.scheduler.config.num_train_timesteps,
         num_inference_steps=steps,
         guidance_scale=1.0,
-        generator=torch.Generator(device=pipe.unet.device).manual_seed(seed),
+        generator=torch.Generator(device=pipe.unet.device).manual_seed(seed + technique.noise_seed),
         output_type="np",
     )
     extra = {}
@@ -134,7 +135,9 @@ def img2img(
         cn = load_controlnet(technique.controlnet, dtype=pipe.unet.dtype, device=pipe.unet.device)
         _check_controlnet(cn, pipe.unet, technique.name)
         extra["controlnet"] = cn
-        edges = control_images(images, size, technique.canny_sigma)
+        edges = control_images(
+            images, size, technique.canny_sigma, technique.canny or trained_canny(technique.controlnet)
+        )
         call["control_image"] = [Image.fromarray((e[0].numpy() * 255).astype(np.uint8)).convert("RGB") for e in edges]
         call["controlnet_conditioning_scale"] = technique.conditioning_scale
     i2i = AutoPipelineForImage2Image.from_pipe(pipe, scheduler=_img2img_scheduler(pipe), **extra)
@@ -147,7 +150,7 @@ def img2img(
             if adapter in (getattr(pipe.unet, "peft_config", None) or {}):  # a GateExtractor holds that name
                 adapter += "-img2img"
             load_lora(pipe, technique.lora, adapter)
-            pipe.unet.set_adapters([adapter])
+            pipe.unet.set_adapters([adapter], [technique.lora_scale])
         elif disabled:
             pipe.unet.disable_adapters()
         out = i2i(**call).images
@@ -169,7 +172,9 @@ class ShiftConfig:
     seed: int = 0
     steps: int = 50  # img2img DDIM steps
     batch_size: int = 8
-    sigma: float = 1.0  # Gaussian blur before the Laplacian of the contour score
+    sigma: float = 1.0  # Gaussian blur before the Laplacian of the contour, lost and invented scores
+    tolerance: int = 1  # px a detail may move and still count as kept (lost, invented)
+    judge: bool = True  # the toy-world judge's distance; off for real images (its column is then NaN)
     image_size: int | None = None
 
     def __post_init__(self):
@@ -182,14 +187,20 @@ def content_shift_table(
     pipe, dataset, techniques=(BASIC,), config: ShiftConfig = ShiftConfig(), progress: bool = True
 ) -> pd.DataFrame:
     """Content shift of every image, technique, method and t: a tidy frame with columns
-    ``image_id, complexity, technique, method, t, t_start, contour, structure``.
+    ``image_id, complexity, technique, method, t, t_start`` and one per score of
+    :data:`~difstudy.gate.scores.MEASURES` (``contour, structure, lost, invented, judge``; module
+    doc of :mod:`difstudy.gate.scores`).
 
     ``vae`` rows (technique ``basic``, t = 0) are the autoencoder floor; ``x0`` runs one U-Net
-    forward per batch for all t and techniques; ``img2img`` one pipeline call per (t, technique)."""
+    forward per batch for all t and techniques; ``img2img`` one pipeline call per (t, technique).
+    The judge (:class:`~difstudy.gate.scores.JudgeDistance`) is loaded once per call; with
+    ``config.judge`` False (real images, which the toy-world judge has never seen) the ``judge``
+    column is NaN."""
     from ..models import vae_scale_factor
 
     size = int(config.image_size or pipe.unet.config.sample_size * vae_scale_factor(pipe))
     starts = {t: img2img_start(pipe, t, config.steps) for t in config.timesteps} if "img2img" in config.methods else {}
+    judge = JudgeDistance() if config.judge else None
     rows = []
     n = len(dataset)
     batches = [range(i, min(i + config.batch_size, n)) for i in range(0, n, config.batch_size)]
@@ -214,8 +225,11 @@ def content_shift_table(
                             pipe, images, t, tq, caps, config.seed, config.steps, size
                         )
             for (name, method, t), rec in recs.items():
+                jd = judge(images, rec) if judge is not None else np.full(len(items), np.nan)
                 for b, it in enumerate(items):
                     cs = content_shift(images[b], rec[b], config.sigma)
+                    cs.update(detail_shift(images[b], rec[b], config.sigma, config.tolerance))
+                    cs["judge"] = float(jd[b])
                     t_start = starts[t] if method == "img2img" else t
                     rows.append(
                         dict(

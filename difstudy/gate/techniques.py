@@ -109,6 +109,9 @@ class Technique:
         ControlNet's residuals added; a named alternative, labelled ``one forward``).
     noising: ``ddpm`` (forward noising, official default) or ``ddim-inversion``
         (:func:`difstudy.gate.noising.ddim_invert`; labelled in every row that uses it).
+    noise_seed: added to the run seed for this technique's noise draw (the official bucket set
+        extracts each technique twice "with a different random seed").
+    lora_scale: the LoRA adapter's weight (peft scaling; the official set uses two weights).
     """
 
     name: str
@@ -120,6 +123,8 @@ class Technique:
     canny_sigma: float = 1.0
     denoise_span: int | None = None
     noising: str = "ddpm"
+    noise_seed: int = 0
+    lora_scale: float = 1.0
 
     def __post_init__(self):
         from .noising import NOISINGS
@@ -144,6 +149,12 @@ class Technique:
         if self.denoise_span is not None:
             return int(self.denoise_span)
         return 10 if self.controlnet is not None else 0
+
+    @property
+    def own_path(self) -> bool:
+        """Whether the latent at t is not the shared DDPM-noised one (a span, an inversion or
+        another noise draw)."""
+        return bool(self.span or self.noising != "ddpm" or self.noise_seed)
 
     @property
     def path_label(self) -> str:
@@ -263,8 +274,8 @@ def load_lora(pipe, lora, adapter_name: str, unet_fingerprint: str | None = None
     returns a digest of its weights. Remove it with ``pipe.unet.delete_adapters(adapter_name)``.
 
     A LoRA whose ``difstudy_training.json`` records another base U-Net than ``pipe.unet`` is
-    refused (:func:`check_adapter_base`); ``unet_fingerprint``: the fingerprint of ``pipe.unet``
-    without adapters when already known (pass it when other LoRAs are loaded already)."""
+    refused (:func:`check_adapter_base`; ``unet_fingerprint``: :func:`base_fingerprint` of
+    ``pipe.unet`` when already known)."""
     src = _lora_source(lora)
     check_adapter_base("lora", src, pipe.unet, unet_fingerprint)
     kw = {}
@@ -408,39 +419,54 @@ def _dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-class _CastView:
-    """``module`` as ``module.to(dtype)`` would hold it, for :func:`difstudy.extract.module_fingerprint`
-    (which reads ``config``, ``named_parameters`` and ``named_buffers``), without copying the module."""
+class _BaseWeights:
+    """What :func:`difstudy.extract.module_fingerprint` reads of ``module`` (``config``,
+    ``named_parameters``, ``named_buffers``) with unfused peft LoRA layers set aside (their
+    ``lora_*`` weights dropped, ``base_layer`` names restored) and, given ``dtype``, cast as
+    ``module.to(dtype)`` would; nothing is copied but the cast tensors."""
 
-    def __init__(self, module, dtype: torch.dtype):
+    def __init__(self, module, dtype: torch.dtype | None = None):
         self.module, self.dtype, self.config = module, dtype, module.config
 
-    def _cast(self, named):
-        return ((n, p.to(self.dtype) if p.is_floating_point() else p) for n, p in named)
+    def _view(self, named):
+        for name, p in named:
+            parts = name.split(".")
+            if any(part.startswith("lora_") for part in parts):
+                continue
+            if self.dtype is not None and p.is_floating_point() and p.dtype != self.dtype:
+                p = p.to(self.dtype)
+            yield ".".join(part for part in parts if part != "base_layer"), p
 
     def named_parameters(self):
-        return self._cast(self.module.named_parameters())
+        return self._view(self.module.named_parameters())
 
     def named_buffers(self):
-        return self._cast(self.module.named_buffers())
+        return self._view(self.module.named_buffers())
+
+
+def base_fingerprint(unet, dtype: torch.dtype | None = None) -> str:
+    """:func:`difstudy.extract.module_fingerprint` of ``unet``'s own weights: unfused LoRA adapters
+    (peft layers) do not count, so it is the same before and after ``load_lora``; a fused LoRA
+    changes the weights and the fingerprint. Without adapters and ``dtype`` it equals
+    ``module_fingerprint(unet)``. ``dtype``: of the weights cast to it."""
+    from ..extract import module_fingerprint
+
+    return module_fingerprint(_BaseWeights(unet, dtype))
 
 
 def base_record(unet) -> dict:
     """What an adapter's training record says about the U-Net it was trained on.
 
-    ``base_fingerprint``: :func:`difstudy.extract.module_fingerprint` of ``unet``; ``base_dtype``:
-    its dtype; ``base_fingerprint_by_dtype``: the fingerprints of ``unet`` as
+    ``base_fingerprint``: :func:`base_fingerprint` of ``unet`` (``module_fingerprint`` of the bare
+    U-Net); ``base_dtype``: its dtype; ``base_fingerprint_by_dtype``: its fingerprints as
     ``difstudy.models.load(..., dtype=...)`` loads it in float32, float16 and bfloat16 (a float32
     base cast down; the weights' bytes, hence the fingerprint, depend on the dtype), so an adapter
-    is checked in every dtype. Call it before a LoRA is added to ``unet`` (peft layers change
-    the fingerprint). Costs one cast copy of the U-Net's weights per lower dtype."""
-    from ..extract import module_fingerprint
-
+    is checked in every dtype. Costs one cast copy of the U-Net's weights per lower dtype."""
     own = _dtype_name(unet.dtype)
-    by_dtype = {own: module_fingerprint(unet)}
+    by_dtype = {own: base_fingerprint(unet)}
     if unet.dtype == torch.float32:  # a lower-precision base cannot be cast up to its float32 original
         for dt in (torch.float16, torch.bfloat16):
-            by_dtype[_dtype_name(dt)] = module_fingerprint(_CastView(unet, dt))
+            by_dtype[_dtype_name(dt)] = base_fingerprint(unet, dt)
     return dict(base_fingerprint=by_dtype[own], base_dtype=own, base_fingerprint_by_dtype=by_dtype)
 
 
@@ -481,8 +507,8 @@ def check_adapter_base(kind: str, path, unet, unet_fingerprint: str | None = Non
     """Refuse an adapter trained by difstudy on another U-Net than ``unet``.
 
     ``kind``: ``controlnet`` or ``lora``; ``path``: the adapter's folder or weights file;
-    ``unet``: the U-Net it is loaded into, without the adapter; ``unet_fingerprint``: that
-    U-Net's :func:`difstudy.extract.module_fingerprint` when already known (computed otherwise).
+    ``unet``: the U-Net it is loaded into (other LoRAs in it do not count); ``unet_fingerprint``:
+    its :func:`base_fingerprint` when already known (computed otherwise).
     The record's fingerprint for ``unet``'s dtype is compared (:func:`base_record`); adapters
     without a record holding ``base_fingerprint`` pass unchecked, and so (with a warning) does a
     U-Net in a dtype the record holds no fingerprint for. Raises :class:`DifstudyError` naming
@@ -490,8 +516,6 @@ def check_adapter_base(kind: str, path, unet, unet_fingerprint: str | None = Non
     record = training_record(path)
     if record is None or "base_fingerprint" not in record:
         return
-    from ..extract import module_fingerprint
-
     dtype = _dtype_name(unet.dtype)
     expected = {record.get("base_dtype", "float32"): record["base_fingerprint"]}
     expected.update(record.get("base_fingerprint_by_dtype") or {})
@@ -504,14 +528,13 @@ def check_adapter_base(kind: str, path, unet, unet_fingerprint: str | None = Non
             stacklevel=3,
         )
         return
-    got = unet_fingerprint or module_fingerprint(unet)
+    got = unet_fingerprint or base_fingerprint(unet)
     if got == expected[dtype]:
         return
-    peft = " (it carries LoRA layers: unload them first, `pipe.unet.unload_lora()`)" if _has_peft_layers(unet) else ""
     raise DifstudyError(
         f"the {kind} {str(path)!r} was trained on the U-Net with fingerprint {expected[dtype]} ({dtype}; "
         f"{TRAINING_RECORD} records base_fingerprint {record['base_fingerprint']}, model "
-        f"{record.get('model', '?')!r}), but the U-Net it is loaded into has fingerprint {got}{peft}: "
+        f"{record.get('model', '?')!r}), but the U-Net it is loaded into has fingerprint {got}: "
         f"its weights fit another network. Load the base it was trained for, or retrain it on this U-Net "
         f"with the recorded command (its --model naming this pipeline): `{recorded_command(kind, record)}`"
     )

@@ -16,7 +16,9 @@ have public canny ControlNets (``sd15-canny``, ``sdxl-canny``); the mini model g
    target (epsilon, v or sample, from its scheduler config); captions fine (60%), generic (30%)
    or empty (10%); warmup + cosine learning rate, gradient clipping.
 4. ``export``: ``controlnet.save_pretrained(--export)`` (safetensors) with ``training_log.csv``
-   and ``difstudy_training.json`` beside it; :func:`difstudy.gate.load_controlnet` reads it.
+   and ``difstudy_training.json`` beside it (the options, and ``base_fingerprint`` of the base
+   U-Net, :func:`difstudy.gate.techniques.base_record`); :func:`difstudy.gate.load_controlnet`
+   reads it and refuses to feed another U-Net.
 
 Every ``--ckpt-every`` steps the state (weights, optimiser, RNG, step) is written atomically to
 ``--out/controlnet.pt``, so a killed run resumes where it stopped. Losses go to
@@ -142,10 +144,12 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    from ..gate.techniques import base_record
     from ..models import load
 
     t_start = time.time()
     pipe = load(a.model)
+    base = base_record(pipe.unet)  # the U-Net the ControlNet is trained for, checked when it is loaded
     a.out.mkdir(parents=True, exist_ok=True)
     log = CsvLog(a.out / "log.csv")
     cn = train(
@@ -170,6 +174,7 @@ def main(argv=None) -> None:
         meta = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}
         meta["wall_seconds_this_invocation"] = round(time.time() - t_start, 1)
         meta["final_loss_mean_last_100"] = float(np.mean(_last_losses(a.out / "log.csv", 100)))
+        meta.update(base)
         (a.export / "difstudy_training.json").write_text(json.dumps(meta, indent=2) + "\n")
         print(f"exported ControlNet to {a.export}")
 

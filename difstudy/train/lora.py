@@ -17,7 +17,9 @@ LoRA learns exactly that sub-domain:
    (epsilon, v or sample); captions fine (60%), generic (30%) or empty (10%).
 4. ``export``: ``StableDiffusionPipeline.save_lora_weights`` (diffusers/peft format,
    ``pytorch_lora_weights.safetensors``), loadable with ``pipe.load_lora_weights(folder)`` and
-   :func:`difstudy.gate.load_lora`, with ``training_log.csv`` and ``difstudy_training.json``.
+   :func:`difstudy.gate.load_lora`, with ``training_log.csv`` and ``difstudy_training.json`` (the
+   options, and ``base_fingerprint`` of the base U-Net, :func:`difstudy.gate.techniques.base_record`:
+   :func:`difstudy.gate.load_lora` refuses the LoRA on another U-Net).
 
 Checkpoints (LoRA weights, optimiser, RNG, step) are written atomically to ``--out/lora.pt``
 every ``--ckpt-every`` steps, so a killed run resumes; losses go to ``--out/log.csv``.
@@ -158,10 +160,12 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    from ..gate.techniques import base_record
     from ..models import load
 
     t_start = time.time()
     pipe = load(a.model)
+    base = base_record(pipe.unet)  # before train() adds the adapter (peft layers change the fingerprint)
     a.out.mkdir(parents=True, exist_ok=True)
     log = CsvLog(a.out / "log.csv")
     train(pipe, a.out, a.steps, a.batch, a.lr, a.rank, a.n_train, a.background, a.seed, a.ckpt_every, log)
@@ -172,6 +176,7 @@ def main(argv=None) -> None:
         meta = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}
         meta["target_modules"] = list(TARGET_MODULES)
         meta["wall_seconds_this_invocation"] = round(time.time() - t_start, 1)
+        meta.update(base)
         (a.export / "difstudy_training.json").write_text(json.dumps(meta, indent=2) + "\n")
         print(f"exported LoRA to {a.export}")
 
