@@ -284,9 +284,22 @@ def plot_pca_grid(pictures: dict, frame: pd.DataFrame, image: np.ndarray | None 
     return ax
 
 
+# the axis label of each content-shift score (difstudy.gate.scores.MEASURES)
+SHIFT_LABELS = {
+    "contour": "mean |Laplacian difference|",
+    "structure": "1 - SSIM",
+    "lost": "detail lost: input detail missing nearby in the reconstruction",
+    "invented": "detail invented: reconstruction detail missing nearby in the input",
+    "judge": "1 - cos of the toy-world judge's features",
+}
+
+
 def plot_content_shift(df: pd.DataFrame, measure: str = "contour", method: str = "x0", ax=None):
     """Content shift against t (tidy frame of :func:`difstudy.gate.content_shift_table`): mean over
-    images per complexity level and overall (technique ``basic``), the VAE floor as a dashed line."""
+    images per complexity level and overall (technique ``basic``), the VAE floor as a dashed line.
+    ``measure``: any score column (:data:`SHIFT_LABELS`)."""
+    if measure not in df.columns:
+        raise ValueError(f"no column {measure!r}; scores in the frame: {[m for m in SHIFT_LABELS if m in df.columns]}")
     ax = _ax(ax, (6, 4))
     d = df[(df["technique"] == "basic") & (df["method"] == method)]
     if d.empty:
@@ -303,7 +316,7 @@ def plot_content_shift(df: pd.DataFrame, measure: str = "contour", method: str =
     ax.set_xticks(sorted(d["t"].unique()))
     ax.set_xticklabels([str(t) for t in sorted(d["t"].unique())])
     ax.set_xlabel("timestep t (noise level of the forward)")
-    ax.set_ylabel(f"{measure} shift ({'mean |Laplacian difference|' if measure == 'contour' else '1 - SSIM'})")
+    ax.set_ylabel("\n".join(textwrap.wrap(f"{measure} ({SHIFT_LABELS.get(measure, measure)})", 40)))
     ax.set_title(f"Content shift of the {method} reconstruction vs t")
     ax.legend(fontsize=7)
     return ax

@@ -6,7 +6,9 @@ direction against a minimum effect declared beside each claim (``MIN_*`` constan
 difference is its mean over the measured t); :func:`feature_claims` pairs over the run seeds
 (the protocols report one score per seed, so with fewer than 5 seeds a feature claim is
 inconclusive). The guideline's ``helps`` / ``hurts`` labels are display text derived from those
-verdicts (:func:`guideline_effect`); a claim whose weights are missing is an inconclusive row
+verdicts (:func:`guideline_effect`). "Content shift exists" compares each reconstruction with the
+VAE round trip of the same image (the control), for every score. A claim whose weights are
+missing, or whose score a run switched off (``judge`` on real images), is an inconclusive row
 noted ``not measured``.
 """
 
@@ -24,6 +26,8 @@ from .scores import MEASURES
 
 # -- claims: every verdict comes from difstudy.verdicts ---------------------------------
 HOLDS, FAILS, INCONCLUSIVE = verdicts.VERDICTS
+# the note of a claim that could not be measured (weights missing, a score switched off)
+NOT_MEASURED = "not measured"
 
 # The smallest change of a content-shift score that matters to a reader, per score. Fixed before
 # any claim was measured, from the scores' own scale, never from an effect:
@@ -35,7 +39,16 @@ HOLDS, FAILS, INCONCLUSIVE = verdicts.VERDICTS
 #   Cohen's "small" effect (d = 0.2); about a thirtieth of a full-contrast edge across a 64 px image
 #   moving by one pixel (4 / 64 without blur). The score is per pixel, so at another image size
 #   (SD1.5 at 512 px) its scale differs and the page says so.
-MIN_SHIFT = {"contour": 0.002, "structure": 0.01}
+# - lost, invented and judge, each a fifth (Cohen's d = 0.2) of its own between-image standard
+#   deviation, measured before any claim on them: the mini model, 16 toy-world validation images
+#   (ToyWorld("val", n=16, size=64, seed=0)), technique basic, VAE, x0 and img2img (50 DDIM steps)
+#   at t = 50 and 200, seed 0; the sd over images per (method, t), then its mean over the 5 groups:
+#   - lost (detail lost, blur sigma 1, tolerance 1 px): sd 0.0015-0.0063, mean 0.0035 -> 0.0007;
+#   - invented (detail invented, the same): sd 0.00058-0.0011, mean 0.00078 -> 0.00016;
+#   - judge (1 - cos of the toy-world judge's features): sd 0.054-0.081, mean 0.071 -> 0.014.
+#   (On 16 test images instead: contour sd mean 0.008, lost 0.0038, invented 0.00073, judge 0.044.)
+#   lost and invented are per pixel like contour, so their scale differs at other image sizes.
+MIN_SHIFT = {"contour": 0.002, "structure": 0.01, "lost": 0.0007, "invented": 0.00016, "judge": 0.014}
 # "content shift exists": the reconstruction's shift above the VAE floor, per image, reaches this
 MIN_SHIFT_EXISTS = MIN_SHIFT
 # "content shift grows with t": the per-image Spearman correlation of t and the shift, mean over
@@ -53,37 +66,74 @@ def spearman(x, y) -> float:
     return float(pd.Series(np.asarray(x, float)).rank().corr(pd.Series(np.asarray(y, float)).rank()))
 
 
+# the control of "content shift exists", named in the rows' notes; its mean shift is the ``control`` value
+VAE_CONTROL = "control: the VAE round trip (encode, decode, no U-Net), its mean shift in `control`"
+
+
+def measured(df: pd.DataFrame) -> list[str]:
+    """The scores of :data:`~difstudy.gate.scores.MEASURES` that ``df`` has a column for (frames
+    from before a score existed lack it; a column that is all NaN, e.g. ``judge`` switched off,
+    is kept: its claims are inconclusive rows noted ``not measured``)."""
+    return [m for m in MEASURES if m in df.columns]
+
+
+def _unmeasured_row(claim: str, measure: str, min_effect: float, why: str) -> dict:
+    """An inconclusive row (no units, so :func:`difstudy.verdicts.paired` decides it) noted ``not measured``."""
+    row = verdicts.paired([], min_effect).row(claim, measure)
+    row["note"] = f"{NOT_MEASURED}: {why}"
+    return row
+
+
 def content_shift_claims(
     df: pd.DataFrame, technique: str = "basic", t_ref: int = 50, confidence: float = 0.95
 ) -> pd.DataFrame:
-    """Claim rows (:data:`difstudy.verdicts.CLAIM_COLUMNS`), per reconstruction method and score,
+    """Claim rows (:data:`difstudy.verdicts.CLAIM_COLUMNS`), per reconstruction method and score
+    (every column of :data:`~difstudy.gate.scores.MEASURES` the frame has, :func:`measured`),
     decided by :func:`difstudy.verdicts.paired` over the images (the sampling units):
 
     - "content shift exists": per image, the reconstruction's shift at ``t_ref`` (the middle t
-      when ``t_ref`` was not measured) minus the image's VAE floor (the raw shift without ``vae``
-      rows); minimum effect :data:`MIN_SHIFT_EXISTS`;
+      when ``t_ref`` was not measured) minus the same image's shift through the VAE round trip
+      (the control: encode, decode, no U-Net, so no shift beyond the autoencoder's; the raw shift
+      when the frame has no ``vae`` rows); minimum effect :data:`MIN_SHIFT_EXISTS`. The row's
+      ``control`` is the control's mean shift over the images, and its note names the control;
     - "content shift grows with t" (two or more t): per image, Spearman's rho of t and the shift
-      over the measured t; minimum effect :data:`MIN_SHIFT_RHO`."""
+      over the measured t; minimum effect :data:`MIN_SHIFT_RHO`.
+
+    A score whose column is all NaN (``judge`` with ``ShiftConfig(judge=False)``, for real
+    images) gives the same claims as inconclusive rows noted ``not measured``."""
     rows = []
     d = df[df["technique"] == technique]
-    floor = df[df["method"] == "vae"].groupby("image_id")[list(MEASURES)].mean()
+    measures = measured(df)
+    floor = df[df["method"] == "vae"].groupby("image_id")[measures].mean()
     for method in [m for m in ("x0", "img2img") if m in set(d["method"])]:
         dm = d[d["method"] == method]
         ts = sorted(dm["t"].unique())
         t0 = t_ref if t_ref in ts else ts[len(ts) // 2]
         what = ", above the VAE floor" if len(floor) else ""
-        for measure in MEASURES:
+        exists = f"content shift exists ({method}, t={t0}{what})"
+        grows = f"content shift grows with t ({method}, t={ts[0]}..{ts[-1]})"
+        for measure in measures:
+            shift = f"{measure} shift{' - VAE floor' if what else ''}, mean over images"
+            rho_name = f"Spearman rho(t, {measure}) per image, mean over images"
+            if not dm[measure].notna().any():
+                why = f"no {measure} scores in the table (e.g. ShiftConfig(judge=False) for real images)"
+                rows.append(_unmeasured_row(exists, shift, MIN_SHIFT_EXISTS[measure], why))
+                if len(ts) > 1:
+                    rows.append(_unmeasured_row(grows, rho_name, MIN_SHIFT_RHO, why))
+                continue
             at = dm[dm["t"] == t0].groupby("image_id", sort=False)[measure].mean()
+            control = float("nan")
             if len(floor):
+                control = float(floor[measure].reindex(at.index).mean())
                 at = at - floor[measure].reindex(at.index)
             v = verdicts.paired(at.to_numpy(), MIN_SHIFT_EXISTS[measure], confidence=confidence)
-            claim = f"content shift exists ({method}, t={t0}{what})"
-            rows.append(v.row(claim, f"{measure} shift{' - VAE floor' if what else ''}, mean over images"))
+            if len(floor):
+                v = replace(v, note="; ".join(x for x in (VAE_CONTROL, v.note) if x))
+            rows.append(v.row(exists, shift, control=control))
             if len(ts) > 1:
                 rho = [spearman(g["t"], g[measure]) for _, g in dm.groupby("image_id", sort=False)]
                 v = verdicts.paired(rho, MIN_SHIFT_RHO, confidence=confidence)
-                claim = f"content shift grows with t ({method}, t={ts[0]}..{ts[-1]})"
-                rows.append(v.row(claim, f"Spearman rho(t, {measure}) per image, mean over images"))
+                rows.append(v.row(grows, rho_name))
     return _claim_frame(rows)
 
 
@@ -113,7 +163,9 @@ def guideline_effect(lowers: verdicts.Verdict, raises: verdicts.Verdict) -> str:
 
 def guideline_table(df: pd.DataFrame, baseline: str = "basic", confidence: float = 0.95) -> pd.DataFrame:
     """The GATE guideline per technique, method and measure, paired over images (the sampling
-    units; an image's difference is its mean over the measured t).
+    units; an image's difference is its mean over the measured t). Every score the frame has a
+    column for (:func:`measured`) except one that is all NaN (``judge`` switched off): it is
+    left out.
 
     Columns: ``without`` / ``with_technique`` (mean shift); ``estimate``, ``lo``, ``hi``,
     ``min_effect``, ``n_units``, ``claim_verdict`` and ``note``: :func:`difstudy.verdicts.paired`
@@ -124,9 +176,10 @@ def guideline_table(df: pd.DataFrame, baseline: str = "basic", confidence: float
     ``-estimate``, ``-hi``, ``-lo``)."""
     d = df[df["method"] != "vae"]
     base = d[d["technique"] == baseline].set_index(["image_id", "method", "t"])
+    measures = [m for m in measured(d) if d[m].notna().any()]  # a score switched off has no guideline
     rows = []
     for (name, method), g in d[d["technique"] != baseline].groupby(["technique", "method"], sort=False):
-        for measure in MEASURES:
+        for measure in measures:
             b = base.loc[[(i, method, t) for i, t in zip(g["image_id"], g["t"])], measure].to_numpy()
             per = g[["image_id"]].assign(r=b - g[measure].to_numpy()).groupby("image_id", sort=False)["r"].mean()
             m = MIN_SHIFT_REDUCTION[measure]
@@ -170,7 +223,6 @@ def guideline_claims(table: pd.DataFrame) -> pd.DataFrame:
 
 
 # -- the feature claims and the page's tables ------------------------------------
-NOT_MEASURED = "not measured"
 TASK_METRICS = {"correspondence": "PCK@0.1 img", "label-scarce-seg": "mIoU", "classification": "accuracy"}
 
 
@@ -207,9 +259,7 @@ def _not_measured(claim: str, measure: str, status: pd.DataFrame, names: Sequenc
     """The row of a claim whose techniques' weights are missing: no units, so
     :func:`difstudy.verdicts.paired` finds it inconclusive; the note says why and how to get them."""
     how = "; ".join(f"{r.technique}: {r.how_to_get}" for r in status.itertuples() if r.technique in names)
-    row = verdicts.paired([], min_effect).row(claim, measure)
-    row["note"] = f"{NOT_MEASURED}: weights missing ({how})"
-    return row
+    return _unmeasured_row(claim, measure, min_effect, f"weights missing ({how})")
 
 
 def guideline_rows(guide: pd.DataFrame, status: pd.DataFrame, method: str = "img2img") -> pd.DataFrame:
