@@ -48,3 +48,15 @@ def lora_folder(tmp_path, seed=0):
     pipe.unet.add_adapter(cfg, adapter_name="default")
     save_lora(pipe, tmp_path / "lora")
     return tmp_path / "lora"
+
+
+class SelectOnly:
+    """What gate_sources reads of a TechniqueFeatures: select and _check_bucket."""
+
+    seed = 0
+
+    def select(self, bucket, label=None):
+        return (bucket, label)
+
+    def _check_bucket(self, bucket):
+        return bucket[0], int(bucket[1])

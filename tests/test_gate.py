@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import lora_folder
+from conftest import SelectOnly, lora_folder
 
 from difstudy import gate, verdicts
 from difstudy.cache import Key
@@ -703,18 +703,6 @@ def test_img2img_basic_rows_carry_no_lora_and_lora_rows_do(tmp_path):
     assert (basic["contour"].to_numpy() != lora["contour"].to_numpy()).all()
 
 
-class _SelectOnly:
-    """What gate_sources reads of a TechniqueFeatures: select and _check_bucket."""
-
-    seed = 0
-
-    def select(self, bucket, label=None):
-        return (bucket, label)
-
-    def _check_bucket(self, bucket):
-        return bucket[0], int(bucket[1])
-
-
 def test_gate_page_runs_on_the_protocol_layer():
     from difstudy import protocols as P
 
@@ -723,7 +711,7 @@ def test_gate_page_runs_on_the_protocol_layer():
         tasks=("correspondence", "label-scarce-seg", "classification"), classification=dict(epochs=2),
     )  # fmt: skip
     records = P.task_records(cfg)
-    sources = gate.gate_sources(_SelectOnly(), ["fine"], 50, records, cfg, control_timesteps=(25, 50))
+    sources = gate.gate_sources(SelectOnly(), ["fine"], 50, records, cfg, control_timesteps=(25, 50))
     amal = gate.AMALGAMATED_LABEL + "basic + fine"
     assert list(sources) == ["basic", "fine", amal, gate.AMALGAMATED_LABEL + "basic t=25 + basic t=50"]
     assert sources["fine"]["classification"] == (("fine", 50), "fine")

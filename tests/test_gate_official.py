@@ -273,3 +273,40 @@ def test_size_mean_averages_maps_of_one_size_and_is_appended_unweighted():
     x = torch.randn(5, 2 * 3 + 4)
     y = front.eval()(x)
     assert y.shape == (5, 3 + 4) and torch.equal(y[:, 3:], x[:, 6:])  # the extra columns pass unweighted
+
+
+def test_study_techniques_official_and_per_technique():
+    off = gate.study_techniques("official", "mini", "mini", timestep=50, denoising_from=60)
+    assert [t.span for t in off] == [0, 0, 0, 0, 10, 10]
+    one = gate.study_techniques("official", "mini", None, timestep=50, denoising_from=50)
+    assert [t.name for t in one] == ["fine", "fine-seed2", "controlnet", "controlnet-seed2"]
+    assert one[2].span == 0 and one[2].path_label == "one forward"
+    inv = gate.study_techniques("per-technique", None, None, timestep=50, noising="ddim-inversion")
+    assert [t.name for t in inv] == ["generic", "fine"] and {t.noising for t in inv} == {"ddim-inversion"}
+    with pytest.raises(DifstudyError, match="bucket_set must be one of"):
+        gate.study_techniques("all")
+    with pytest.raises(DifstudyError, match="below the feature timestep"):
+        gate.study_techniques("official", "mini", None, timestep=50, denoising_from=40)
+    attn = gate.attention_technique(["bird", "fish"], "mini", "mini", 10)
+    assert attn.prompt == "text:a photo of bird, fish" and attn.span == 10
+
+
+def test_gate_sources_official_set_amalgamates_without_the_basic_bucket():
+    from conftest import SelectOnly
+
+    from difstudy import protocols as P
+
+    cfg = P.TaskConfig(model="none", n_train=6, n_test=6, n_pairs=3, seeds=(0,), n_seg_train=2, n_seg_test=2)
+    with pytest.raises(DifstudyError, match="remove \\['semantic-seg'\\]"):
+        gate.gate_sources(SelectOnly(), ["fine"], 50, {}, cfg)
+    cfg = P.TaskConfig(**{**cfg.__dict__, "tasks": gate.FIT_TASKS})
+    records = P.task_records(cfg)
+    names = ["fine", "fine-seed2"]
+    extra = object()
+    sources = gate.gate_sources(SelectOnly(), names, 50, records, cfg, amalgamate=names, extra=extra)
+    label = gate.AMALGAMATED_LABEL + "fine + fine-seed2 + " + gate.runs.ATTENTION_LABEL
+    assert list(sources) == ["basic", "fine", "fine-seed2", label]
+    for task, src in sources[label].items():
+        assert src.buckets == [("fine", 50), ("fine-seed2", 50)] and src.extra is extra
+        fit = "joint" if task == "label-scarce-seg" else "two-stage"
+        assert src.label.startswith(gate.FIT_LABELS[fit])

@@ -66,12 +66,14 @@ from .features import (
     extract_techniques,
 )
 from .runs import (
+    BUCKET_SETS,
     OFFICIAL_LORA_SCALES,
     SizeMean,
     attention_technique,
     gate_sources,
     official_techniques,
     run_gate_probes,
+    study_techniques,
     up_cross_maps,
 )
 from .scores import (
@@ -161,6 +163,8 @@ __all__ = [
     "Amalgamation",
     "AmalgamationConfig",
     "OFFICIAL_LORA_SCALES",
+    "BUCKET_SETS",
+    "study_techniques",
     "SizeMean",
     "attention_technique",
     "official_techniques",

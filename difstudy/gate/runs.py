@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import DifstudyError
 from .features import TechniqueFeatures
 from .sources import AMALGAMATED_LABEL, FIT_TASKS, AmalgamatedFeatures, AmalgamationConfig
 from .techniques import Technique
@@ -48,10 +49,52 @@ def official_techniques(
     return out
 
 
-def attention_technique(class_names: Sequence[str], controlnet=None, lora=None) -> Technique:
-    """The official attention bucket's conditioning: ControlNet, LoRA and a prompt listing the
-    dataset's classes ("a photo of aeroplane, bicycle, ..." for SPair)."""
-    return Technique("attention", prompt="text:a photo of " + ", ".join(class_names), controlnet=controlnet, lora=lora)
+BUCKET_SETS = ("official", "per-technique")
+
+
+def study_techniques(
+    bucket_set: str = "official",
+    controlnet=None,
+    lora=None,
+    timestep: int = 50,
+    denoising_from: int | None = None,
+    noising: str = "ddpm",
+) -> list[Technique]:
+    """The GATE page's candidate techniques.
+
+    ``official``: :func:`official_techniques`; ``per-technique``: difstudy's earlier set, one
+    bucket per technique (``generic``, ``fine``, ``controlnet``, ``lora``), amalgamated with the
+    basic bucket. ``denoising_from``: where the ControlNet techniques' denoising path starts
+    (official 60 for t = 50; equal to ``timestep``: the one-forward variant; None: the
+    default span of 10); ``noising``: ``ddpm`` or ``ddim-inversion`` for every technique."""
+    from dataclasses import replace
+
+    if bucket_set not in BUCKET_SETS:
+        raise DifstudyError(f"bucket_set must be one of {list(BUCKET_SETS)}, got {bucket_set!r}")
+    if bucket_set == "official":
+        techs = official_techniques(controlnet, lora)
+    else:
+        techs = [Technique("generic", prompt="generic"), Technique("fine", prompt="fine")]
+        techs += [Technique("controlnet", controlnet=controlnet)] if controlnet is not None else []
+        techs += [Technique("lora", lora=lora)] if lora is not None else []
+    span = None
+    if denoising_from is not None:
+        span = int(denoising_from) - int(timestep)
+        if span < 0:
+            raise DifstudyError(
+                f"denoising_from={denoising_from} is below the feature timestep {timestep}: "
+                "the ControlNet path denoises from denoising_from down to the timestep (official 60 for 50)"
+            )
+    return [replace(tq, denoise_span=span if tq.controlnet is not None else None, noising=noising) for tq in techs]
+
+
+def attention_technique(
+    class_names: Sequence[str], controlnet=None, lora=None, denoise_span: int | None = None
+) -> Technique:
+    """The official attention bucket's conditioning: ControlNet (its denoising path), LoRA and a
+    prompt listing the dataset's classes ("a photo of aeroplane, bicycle, ..." for SPair)."""
+    prompt = "text:a photo of " + ", ".join(class_names)
+    return Technique("attention", prompt=prompt, controlnet=controlnet, lora=lora, denoise_span=denoise_span)
 
 
 def up_cross_maps(unet) -> list[str]:
@@ -115,6 +158,9 @@ def gate_sources(
 
     train = {task: lambda seed, task=task: train_records(task, records[task], bench, seed) for task in FIT_TASKS}
     tasks = list(bench.tasks)
+    other = [task for task in tasks if task not in FIT_TASKS]
+    if other:
+        raise DifstudyError(f"the GATE page runs the tasks {list(FIT_TASKS)}; remove {other} from the config's tasks")
     out: dict[str, dict[str, Any]] = {}
     out[baseline] = {task: base.select((baseline, t), label=baseline) for task in tasks}
     for name in techniques:

@@ -132,7 +132,7 @@ def img2img(
     )
     extra = {}
     if technique.controlnet is not None:
-        cn = load_controlnet(technique.controlnet, dtype=pipe.unet.dtype, device=pipe.unet.device)
+        cn = load_controlnet(technique.controlnet, dtype=pipe.unet.dtype, device=pipe.unet.device, unet=pipe.unet)
         _check_controlnet(cn, pipe.unet, technique.name)
         extra["controlnet"] = cn
         edges = control_images(
