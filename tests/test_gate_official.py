@@ -224,6 +224,7 @@ def test_official_bucket_set_seeds_and_lora_weights(tmp_path):
 
     from difstudy.models import load
 
+    assert gate.techniques.adapter_name("lora-x0.5") == "difstudy-lora-x0_5"
     techs = gate.official_techniques(controlnet="mini", lora="mini")
     assert [t.name for t in techs] == ["fine", "fine-seed2", "lora", "lora-x0.5", "controlnet", "controlnet-seed2"]
     assert [t.noise_seed for t in techs] == [0, 1, 0, 0, 0, 1] and techs[3].lora_scale == 0.5
@@ -236,7 +237,7 @@ def test_official_bucket_set_seeds_and_lora_weights(tmp_path):
         gate.Technique("seed2", noise_seed=1),
         gate.Technique("l1", lora=str(folder)),
         gate.Technique("l0", lora=str(folder), lora_scale=0.0),
-        gate.Technique("lh", lora=str(folder), lora_scale=0.5),
+        gate.Technique("l.5", lora=str(folder), lora_scale=0.5),
     ]
     with gate.GateExtractor(pipe, ["unet-out"], run, timesteps=[50]) as ex:
         f = ex.features(ids, images, caps)

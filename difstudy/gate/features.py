@@ -47,6 +47,7 @@ from .techniques import (
     _has_peft_layers,
     _remove_adapters,
     _weights_digest,
+    adapter_name,
     base_fingerprint,
     control_images,
     load_controlnet,
@@ -105,7 +106,7 @@ class GateExtractor(Extractor):
                 if tq.noise_seed:
                     parts.append(f"seed+{tq.noise_seed}")
                 if tq.lora is not None:
-                    adapter = f"difstudy-{tq.name}"
+                    adapter = adapter_name(tq.name)
                     parts.append(load_lora(pipe, tq.lora, adapter, unet_fingerprint=base))
                     if tq.lora_scale != 1.0:
                         parts.append(f"x{tq.lora_scale:g}")

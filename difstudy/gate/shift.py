@@ -40,6 +40,7 @@ from .techniques import (
     _check_controlnet,
     _has_peft_layers,
     _remove_adapters,
+    adapter_name,
     control_images,
     load_controlnet,
     load_lora,
@@ -146,7 +147,7 @@ def img2img(
     disabled = technique.lora is None and had_peft  # e.g. a GateExtractor's LoRAs: not part of this technique
     try:
         if technique.lora is not None:
-            adapter = f"difstudy-{technique.name}"
+            adapter = adapter_name(technique.name)
             if adapter in (getattr(pipe.unet, "peft_config", None) or {}):  # a GateExtractor holds that name
                 adapter += "-img2img"
             load_lora(pipe, technique.lora, adapter)

@@ -296,6 +296,15 @@ def load_lora(pipe, lora, adapter_name: str, unet_fingerprint: str | None = None
     return digest
 
 
+def adapter_name(technique: str) -> str:
+    """The peft adapter name of a technique's LoRA: ``difstudy-<name>`` with every character peft
+    does not take in a module name (``.``, spaces ...) replaced by ``_`` (``lora-x0.5`` ->
+    ``difstudy-lora-x0_5``)."""
+    import re
+
+    return "difstudy-" + re.sub(r"[^A-Za-z0-9_-]", "_", technique)
+
+
 @contextmanager
 def _adapter_rows(unet, names: list[str] | None):
     """Route each batch row through its own LoRA adapter (peft mixed-adapter batches)."""
