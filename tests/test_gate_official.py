@@ -311,3 +311,15 @@ def test_gate_sources_official_set_amalgamates_without_the_basic_bucket():
         assert src.buckets == [("fine", 50), ("fine-seed2", 50)] and src.extra is extra
         fit = "joint" if task == "label-scarce-seg" else "two-stage"
         assert src.label.startswith(gate.FIT_LABELS[fit])
+
+
+def test_rows_name_a_path_that_is_not_the_official_default():
+    class Base:
+        techniques = (
+            gate.Technique("cn", controlnet="mini", denoise_span=0),
+            gate.Technique("inv", noising="ddim-inversion"),
+        )
+
+    assert gate.runs.technique_label(Base(), "cn") == "cn [one forward]"
+    assert gate.runs.technique_label(Base(), "inv") == "inv [ddim-inversion]"
+    assert gate.runs.technique_label(Base(), "other") == "other"

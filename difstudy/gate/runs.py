@@ -129,6 +129,13 @@ class SizeMean:
         return [torch.stack(groups[hw]).mean(0) for hw in order]
 
 
+def technique_label(base, name: str) -> str:
+    """A technique's row label: its name, and how its latent reaches t when that is not the
+    official default (``controlnet [one forward]``, ``fine [ddim-inversion]``)."""
+    tq = next((tq for tq in getattr(base, "techniques", ()) if tq.name == name), None)
+    return f"{name} [{tq.path_label}]" if tq is not None and tq.path_label else name
+
+
 def gate_sources(
     base: TechniqueFeatures,
     techniques: Sequence[str],
@@ -164,10 +171,11 @@ def gate_sources(
     out: dict[str, dict[str, Any]] = {}
     out[baseline] = {task: base.select((baseline, t), label=baseline) for task in tasks}
     for name in techniques:
-        out[name] = {task: base.select((name, t), label=name) for task in tasks}
+        out[name] = {task: base.select((name, t), label=technique_label(base, name)) for task in tasks}
     names = list(amalgamate) if amalgamate is not None else ([baseline, *techniques] if techniques else [])
     if names:
-        label = AMALGAMATED_LABEL + " + ".join(names) + (f" + {ATTENTION_LABEL}" if extra is not None else "")
+        label = " + ".join(technique_label(base, n) for n in names)
+        label = AMALGAMATED_LABEL + label + (f" + {ATTENTION_LABEL}" if extra is not None else "")
         buckets = [(n, t) for n in names]
         out[label] = {
             task: AmalgamatedFeatures(base, buckets, task, train[task], config, label=label, extra=extra)
