@@ -315,6 +315,7 @@ def plot_content_shift(df: pd.DataFrame, measure: str = "contour", method: str =
     ax.set_xscale("log")
     ax.set_xticks(sorted(d["t"].unique()))
     ax.set_xticklabels([str(t) for t in sorted(d["t"].unique())])
+    ax.minorticks_off()  # the log axis's minor labels would overprint the t labels
     ax.set_xlabel("timestep t (noise level of the forward)")
     ax.set_ylabel("\n".join(textwrap.wrap(f"{measure} ({SHIFT_LABELS.get(measure, measure)})", 40)))
     ax.set_title(f"Content shift of the {method} reconstruction vs t")
@@ -332,6 +333,7 @@ def plot_guideline(table: pd.DataFrame, measure: str = "contour", ax=None):
     colors = ["tab:green" if v == "helps" else ("tab:red" if v == "hurts" else "tab:gray") for v in d["verdict"]]
     ax.barh(range(len(d)), d["difference"], xerr=err, color=colors, capsize=3)
     ax.axvline(0, color="k", lw=1)
+    ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 3))  # small scores: a shared exponent
     ax.set_yticks(range(len(d)))
     ax.set_yticklabels(labels)
     ax.set_xlabel(f"{measure} shift with technique - without (mean over images and t)")
