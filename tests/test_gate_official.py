@@ -307,6 +307,8 @@ def test_gate_sources_official_set_amalgamates_without_the_basic_bucket():
     sources = gate.gate_sources(SelectOnly(), names, 50, records, cfg, amalgamate=names, extra=extra)
     label = gate.AMALGAMATED_LABEL + "fine + fine-seed2 + " + gate.runs.ATTENTION_LABEL
     assert list(sources) == ["basic", "fine", "fine-seed2", label]
+    alone = gate.gate_sources(SelectOnly(), names, 50, records, cfg, amalgamate=names, singles=["fine"])
+    assert list(alone) == ["basic", "fine", gate.AMALGAMATED_LABEL + "fine + fine-seed2"]
     for task, src in sources[label].items():
         assert src.buckets == [("fine", 50), ("fine-seed2", 50)] and src.extra is extra
         fit = "joint" if task == "label-scarce-seg" else "two-stage"

@@ -148,6 +148,7 @@ def gate_sources(
     control_base: TechniqueFeatures | None = None,
     amalgamate: Sequence[str] | None = None,
     extra=None,
+    singles: Sequence[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """``{setting: {task: source}}``: the baseline, each technique alone, all of them amalgamated
     (``baseline`` and ``techniques`` at ``t``) and, when ``control_timesteps`` has two or more
@@ -160,7 +161,9 @@ def gate_sources(
 
     ``amalgamate``: the techniques amalgamated (default: ``baseline`` and ``techniques``; the
     official set passes its techniques, no baseline); ``extra``: a feature source appended
-    unweighted after the mix (the official attention maps, :class:`SizeMean`)."""
+    unweighted after the mix (the official attention maps, :class:`SizeMean`); ``singles``: the
+    techniques measured alone (default: all of ``techniques``; the official set's second seeds and
+    weights are amalgamation material, never reported alone by the official code)."""
     from ..protocols import train_records
 
     train = {task: lambda seed, task=task: train_records(task, records[task], bench, seed) for task in FIT_TASKS}
@@ -170,7 +173,7 @@ def gate_sources(
         raise DifstudyError(f"the GATE page runs the tasks {list(FIT_TASKS)}; remove {other} from the config's tasks")
     out: dict[str, dict[str, Any]] = {}
     out[baseline] = {task: base.select((baseline, t), label=baseline) for task in tasks}
-    for name in techniques:
+    for name in techniques if singles is None else singles:
         out[name] = {task: base.select((name, t), label=technique_label(base, name)) for task in tasks}
     names = list(amalgamate) if amalgamate is not None else ([baseline, *techniques] if techniques else [])
     if names:
