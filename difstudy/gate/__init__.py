@@ -29,6 +29,7 @@ from .amalgamation import (
     stack_buckets,
     train_amalgamated_head,
 )
+from .captions import read_captions, with_captions
 from .claims import (
     EFFECTS,
     FAILS,
@@ -121,10 +122,8 @@ from .techniques import (
     control_images,
     load_controlnet,
     load_lora,
-    read_captions,
     technique_status,
     trained_canny,
-    with_captions,
 )
 
 __all__ = [
