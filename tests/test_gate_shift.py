@@ -194,3 +194,17 @@ def test_a_judge_switched_off_gives_not_measured_rows_and_no_guideline():
     better = df[df["method"] == "x0"].assign(technique="better")
     guide = gate.guideline_table(pd.concat([df, better], ignore_index=True))
     assert set(guide["measure"]) == set(gate.MEASURES) - {"judge"}
+
+
+def test_shift_summary_keeps_each_subset_with_its_own_baseline():
+    general, domain = _frame(n=6, seed=0), _frame(n=6, seed=1)
+    domain = domain.assign(image_id="d" + domain["image_id"], subset="checkered")
+    summary = gate.shift_summary(pd.concat([general, domain], ignore_index=True))
+    assert list(summary.columns) == list(gate.MEASURES)
+    assert summary.index.names == ["subset", "technique", "method"]
+    got = summary.loc[("checkered", "basic", "x0"), "invented"]
+    assert got == pytest.approx(domain.loc[domain["method"] == "x0", "invented"].mean())  # domain rows only
+    assert summary.loc[("all backgrounds", "basic", "vae"), "lost"] == pytest.approx(
+        general.loc[general["method"] == "vae", "lost"].mean()
+    )
+    assert gate.shift_summary(general).index.names == ["technique", "method"]  # no subset column: no level

@@ -344,6 +344,18 @@ def guideline_summary(guide: pd.DataFrame, status: pd.DataFrame) -> pd.DataFrame
     return pd.concat([guide, pd.DataFrame(rows)], ignore_index=True)
 
 
+def shift_summary(df: pd.DataFrame, default_subset: str = "all backgrounds") -> pd.DataFrame:
+    """Mean of every content-shift score (:func:`measured`) over images and t, per technique and
+    reconstruction method of :func:`difstudy.gate.content_shift_table` rows, and per ``subset``
+    where the frame has that column (the images a technique was measured on, e.g. the LoRA's
+    domain with its own ``basic`` rows; rows without one are ``default_subset``), so that a
+    technique is only compared with the baseline on the same images."""
+    keys = ["technique", "method"]
+    if "subset" in df.columns:
+        df, keys = df.assign(subset=df["subset"].fillna(default_subset)), ["subset", *keys]
+    return df.groupby(keys, sort=False)[measured(df)].mean()
+
+
 def reference_table() -> pd.DataFrame:
     """The GATE paper's numbers (reference only, not measured here), one row per setting and
     metric with its ``source`` (paper, task, row) and what it ``includes`` (models, techniques,
