@@ -593,6 +593,10 @@ def test_feature_claims_values_and_not_measured_rows():
     div = c.loc["the gain is not just diversity (classification) (lora not measured)"]
     assert div["estimate"] == pytest.approx(0.035) and div["min_effect"] == gate.MIN_DIVERSITY_GAIN
     assert set(c["verdict"]) == {"inconclusive"}
+    # a technique measured only inside the amalgamation (the official set's second seed) has no row
+    extra = pd.DataFrame([dict(technique="fine-seed2", available=True, reason="", how_to_get="")])
+    c2 = gate.feature_claims(res, pd.concat([STATUS, extra]), control="amalgamated: basic t=25 + basic t=50")
+    assert not c2["claim"].str.startswith("fine-seed2").any() and len(c2) == len(c)
 
 
 def test_a_null_feature_effect_over_two_seeds_never_holds():

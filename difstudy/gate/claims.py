@@ -287,7 +287,8 @@ def feature_claims(
     with fewer than 5 seeds a claim is inconclusive):
 
     - "<technique> improves features": technique - baseline, for every technique of ``status``
-      (inconclusive, noted ``not measured``, when its weights are missing); :data:`MIN_FEATURE_GAIN`;
+      measured alone (a setting of ``results``; inconclusive, noted ``not measured``, when its
+      weights are missing); :data:`MIN_FEATURE_GAIN`;
     - "amalgamation beats the best single technique": amalgamated - the best single setting
       (baseline or technique, by mean); :data:`MIN_AMALGAMATION_GAIN`;
     - "the gain is not just diversity": amalgamated techniques - amalgamated timesteps
@@ -302,6 +303,8 @@ def feature_claims(
         if metric is None:
             continue
         for r in status.itertuples():
+            if r.available and r.technique not in settings:
+                continue  # measured only inside the amalgamation (the official set's second seeds and weights)
             claim = f"{r.technique} improves features ({task})"
             measure = f"{metric}: {r.technique} - {baseline}, mean over seeds"
             if not r.available:
