@@ -89,28 +89,29 @@ def trained_canny(controlnet) -> str:
 class Technique:
     """A generation technique as an extraction variant.
 
-    name: unique label (``basic``, ``fine``, ``controlnet``, ``lora`` ...).
-    prompt: prompt rule of :func:`difstudy.extract.prompt_for` (``empty``, ``generic``,
-        ``fine``, ``text:<prompt>``).
-    controlnet: ``None``, a ``ControlNetModel``, ``"mini"`` (the committed mini canny
-        ControlNet), an alias (``sd15-canny``, ``sdxl-canny``), a hub id or a folder.
-    lora: ``None``, ``"mini"`` (the committed mini LoRA), or a diffusers/peft LoRA
-        folder, file or hub id (its U-Net part is used).
-    conditioning_scale: ControlNet residual scale (1 as in the official code).
-    canny: Canny detector of the ControlNet condition (:func:`canny_edges`): ``opencv``
-        (official, thresholds 100/200) or ``skimage``; None: the detector the ControlNet was
-        trained with (:func:`trained_canny`).
-    canny_sigma: Gaussian sigma of the ``skimage`` detector.
-    denoise_span: the ControlNet denoising path (:mod:`difstudy.gate.noising`): the latent is
-        noised to ``t + denoise_span`` and denoised to ``t`` by ControlNet-guided scheduler
-        steps before the feature forward; None: 10 for a ControlNet technique (the official
-        ``--denoising_from 60`` for features at t = 50), else 0; 0: one forward at ``t`` (the
-        ControlNet's residuals added; a named alternative, labelled ``one forward``).
-    noising: ``ddpm`` (forward noising, official default) or ``ddim-inversion``
-        (:func:`difstudy.gate.noising.ddim_invert`; labelled in every row that uses it).
-    noise_seed: added to the run seed for this technique's noise draw (the official bucket set
-        extracts each technique twice "with a different random seed").
-    lora_scale: the LoRA adapter's weight (peft scaling; the official set uses two weights).
+    Attributes:
+        name: unique label (``basic``, ``fine``, ``controlnet``, ``lora`` ...).
+        prompt: prompt rule of :func:`difstudy.extract.prompt_for` (``empty``, ``generic``,
+            ``fine``, ``text:<prompt>``).
+        controlnet: ``None``, a ``ControlNetModel``, ``"mini"`` (the committed mini canny
+            ControlNet), an alias (``sd15-canny``, ``sdxl-canny``), a hub id or a folder.
+        lora: ``None``, ``"mini"`` (the committed mini LoRA), or a diffusers/peft LoRA
+            folder, file or hub id (its U-Net part is used).
+        conditioning_scale: ControlNet residual scale (1 as in the official code).
+        canny: Canny detector of the ControlNet condition (:func:`canny_edges`): ``opencv``
+            (official, thresholds 100/200) or ``skimage``; None: the detector the ControlNet was
+            trained with (:func:`trained_canny`).
+        canny_sigma: Gaussian sigma of the ``skimage`` detector.
+        denoise_span: the ControlNet denoising path (:mod:`difstudy.gate.noising`): the latent is
+            noised to ``t + denoise_span`` and denoised to ``t`` by ControlNet-guided scheduler
+            steps before the feature forward; None: 10 for a ControlNet technique (the official
+            ``--denoising_from 60`` for features at t = 50), else 0; 0: one forward at ``t`` (the
+            ControlNet's residuals added; a named alternative, labelled ``one forward``).
+        noising: ``ddpm`` (forward noising, official default) or ``ddim-inversion``
+            (:func:`difstudy.gate.noising.ddim_invert`; labelled in every row that uses it).
+        noise_seed: added to the run seed for this technique's noise draw (the official bucket set
+            extracts each technique twice "with a different random seed").
+        lora_scale: the LoRA adapter's weight (peft scaling; the official set uses two weights).
     """
 
     name: str
