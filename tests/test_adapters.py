@@ -6,6 +6,7 @@ import json
 import shutil
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -199,6 +200,10 @@ def test_training_scripts_record_their_base_unet(kind, tiny_sd15, tmp_path):
     record = json.loads((tmp_path / "exp" / TRAINING_RECORD).read_text())
     assert record["base_fingerprint"] == module_fingerprint(load("tiny-sd15").unet)  # the bare U-Net
     assert record["base_fingerprint_by_dtype"] == base_record(tiny_sd15.unet)["base_fingerprint_by_dtype"]
+    if kind == "controlnet":  # trained on the official OpenCV Canny edges, and fed them again
+        assert record["canny"] == "opencv" and gate.trained_canny(str(tmp_path / "exp")) == "opencv"
+        data = np.load(tmp_path / "run" / "data.npz")
+        assert np.array_equal(data["edges"][0], gate.canny_edges(data["images"][0], "opencv"))
     tq = gate.Technique("t", **{kind: str(tmp_path / "exp")})
     with gate.GateExtractor(tiny_sd15, ["unet-out"], [tq]):
         pass

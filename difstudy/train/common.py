@@ -90,15 +90,25 @@ def toy_data(
     background: str | None = None,
     exclude_background: str | None = None,
     canny_sigma: float | None = None,
+    canny: str = "skimage",
 ) -> dict:
     """Render ``n`` toy-world training images once into ``out/data.npz`` (reused when it matches):
     images, backgrounds, tokenised fine/generic/empty captions and, with ``canny_sigma``, Canny
-    edge maps. ``background`` keeps only images with that background (rendering more as
-    needed); ``exclude_background`` drops them."""
+    edge maps (``canny``: the detector, :func:`difstudy.gate.canny_edges`). ``background`` keeps
+    only images with that background (rendering more as needed); ``exclude_background`` drops them."""
     from ..data.toyworld import ToyWorld
 
     path = out / "data.npz"
-    spec = np.array([n, seed, size, zlib.crc32(repr((background, exclude_background, canny_sigma)).encode())])
+    spec = np.array(
+        [
+            n,
+            seed,
+            size,
+            zlib.crc32(
+                repr((background, exclude_background, canny_sigma) + ((canny,) if canny != "skimage" else ())).encode()
+            ),
+        ]
+    )
     if path.exists():
         d = dict(np.load(path))
         if np.array_equal(d.get("spec"), spec):
@@ -133,9 +143,9 @@ def toy_data(
         ids_empty=tok([""]),
     )
     if canny_sigma is not None:
-        from ..gate import edge_map
+        from ..gate import canny_edges
 
-        d["edges"] = np.stack([edge_map(im, canny_sigma) for im in d["images"]])
+        d["edges"] = np.stack([canny_edges(im, canny, canny_sigma) for im in d["images"]])
     tmp = out / "data.tmp.npz"
     np.savez(tmp, **d)
     os.replace(tmp, path)

@@ -8,8 +8,10 @@ have public canny ControlNets (``sd15-canny``, ``sdxl-canny``); the mini model g
 
 1. ``data``: render ``--n-train`` toy-world training images (without the held-out background,
    ``checkered`` by default, which the mini U-Net never saw either) and their Canny edge maps
-   (``skimage.feature.canny``, sigma ``--canny-sigma``, the same detector as
-   :func:`difstudy.gate.control_images`), and tokenise their captions.
+   (``--canny opencv``, the official ``cv2.Canny(image, 100, 200)``, by default; ``--canny skimage``:
+   ``skimage.feature.canny`` with sigma ``--canny-sigma``, what the committed mini ControlNet was
+   trained with; the detector is recorded as ``canny`` and :func:`difstudy.gate.trained_canny` feeds
+   it again at extraction), and tokenise their captions.
 2. ``latents``: VAE posterior means and stds of all images, computed once.
 3. ``controlnet``: ``ControlNetModel.from_unet`` (:func:`difstudy.gate.build_controlnet`) trained
    with the base U-Net, VAE and text encoder frozen; loss: MSE to the base model's prediction
@@ -62,6 +64,7 @@ def train(
     holdout_background: str | None = "checkered",
     canny_sigma: float = 1.0,
     log: CsvLog | None = None,
+    canny: str = "opencv",
 ):
     """Train (or resume) the ControlNet in ``out``; returns it in eval mode."""
     from diffusers import DDPMScheduler
@@ -75,7 +78,14 @@ def train(
     log = log or CsvLog(out / "log.csv")
     size = pipe.unet.config.sample_size * vae_scale_factor(pipe)
     data = toy_data(
-        out, n_train, seed, size, pipe.tokenizer, exclude_background=holdout_background, canny_sigma=canny_sigma
+        out,
+        n_train,
+        seed,
+        size,
+        pipe.tokenizer,
+        exclude_background=holdout_background,
+        canny_sigma=canny_sigma,
+        canny=canny,
     )
     for m in (pipe.unet, pipe.vae, pipe.text_encoder):
         m.requires_grad_(False).eval()
@@ -137,7 +147,14 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--n-train", type=int, default=4000)
     ap.add_argument("--holdout-background", default="checkered", help="background left out ('' none)")
-    ap.add_argument("--canny-sigma", type=float, default=1.0)
+    ap.add_argument(
+        "--canny",
+        default="opencv",
+        choices=("opencv", "skimage"),
+        help="edge detector of the condition: opencv = the official cv2.Canny(100, 200) (default); skimage = "
+        "skimage.feature.canny with --canny-sigma (what the committed mini ControlNet was trained with)",
+    )
+    ap.add_argument("--canny-sigma", type=float, default=1.0, help="Gaussian sigma of the skimage detector")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ckpt-every", type=int, default=200)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -164,6 +181,7 @@ def main(argv=None) -> None:
         a.holdout_background or None,
         a.canny_sigma,
         log,
+        a.canny,
     )
     log.close()
     if a.export:
