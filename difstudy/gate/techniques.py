@@ -71,17 +71,14 @@ def trained_canny(controlnet) -> str:
     ``difstudy_training.json`` (``skimage`` for records that predate the field: they name only
     ``canny_sigma``); ``opencv`` for every other ControlNet (the public canny ControlNets were
     trained on OpenCV Canny edges, which the official GATE code feeds them)."""
-    import json
-
     if controlnet is None or hasattr(controlnet, "config"):
         folder = getattr(getattr(controlnet, "config", None), "_name_or_path", None) if controlnet is not None else None
     else:
-        folder = MINI_CONTROLNET_PATH if str(controlnet) == "mini" else Path(str(controlnet)).expanduser()
-    record = Path(folder) / "difstudy_training.json" if folder else None
-    if record is not None and record.is_file():
-        meta = json.loads(record.read_text())
-        return str(meta.get("canny", "skimage" if "canny_sigma" in meta else "opencv"))
-    return "opencv"
+        folder = MINI_CONTROLNET_PATH if str(controlnet) == "mini" else str(controlnet)
+    record = training_record(folder) if folder else None
+    if record is None:
+        return "opencv"
+    return str(record.get("canny", "skimage" if "canny_sigma" in record else "opencv"))
 
 
 # -- techniques, ControlNets and LoRAs -----------------------------------------------
