@@ -259,9 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_extract(sub)
     _add_cache(sub)
 
-    from . import bookcheck, study, sweep
+    from . import bookcheck, report, study, sweep
 
-    for module in (study, sweep):
+    for module in (study, sweep, report):
         module.add_cli(sub)
     _add_bench(sub)
     bookcheck.add_cli(sub)

@@ -238,6 +238,7 @@ def start_run(params: str, names: list[str], root: Path = ROOT) -> dict:
         commit=git_commit(root),
         started=time.strftime("%Y-%m-%dT%H:%M:%S"),
         notebooks=list(names),
+        cpus=os.cpu_count(),
     )
     write_text_atomic(path, json.dumps(record, indent=2) + "\n")
     return record
@@ -513,7 +514,11 @@ def run(params: str = "ci", only: list[str] | None = None, book: bool = True, ro
             return result
         finally:
             row = dict(
-                notebook=name, params=params, seconds=round(time.time() - t0, 1), status="ok" if ok else "failed"
+                notebook=name,
+                params=params,
+                seconds=round(time.time() - t0, 1),
+                status="ok" if ok else "failed",
+                run_id=run_id,
             )
             row["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
             times.append(row)

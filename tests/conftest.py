@@ -60,3 +60,60 @@ class SelectOnly:
 
     def _check_bucket(self, bucket):
         return bucket[0], int(bucket[1])
+
+
+# -- the test session's record for `difstudy report` (README command B's numbers) ------------
+_SESSION: dict = {}
+
+
+def pytest_sessionstart(session):
+    import time
+
+    _SESSION["t0"] = time.time()
+
+
+def pytest_collection_modifyitems(config, items):
+    _SESSION["slow"] = sum(1 for item in items if item.get_closest_marker("slow") is not None)
+
+
+def _selection(config) -> str:
+    """What narrows this session below the whole suite ('' for the whole suite)."""
+    from pathlib import Path
+
+    root = Path(config.rootpath)
+    parts = []
+    args = [a for a in config.args if Path(root, a).resolve() != (root / "tests").resolve()]
+    if args:
+        parts.append(f"paths {args}")
+    for opt in ("keyword", "markexpr"):
+        if getattr(config.option, opt, ""):
+            parts.append(f"-{opt[0]} {getattr(config.option, opt)!r}")
+    if getattr(config.option, "lf", False) or getattr(config.option, "deselect", None):
+        parts.append("--lf/--deselect")
+    return "; ".join(parts)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Write ``results/tests.json`` (counts, wall time, commit) after a session over the whole suite."""
+    import json
+    import time
+    from pathlib import Path
+
+    from difstudy.fileio import write_text_atomic
+    from difstudy.study import git_commit
+
+    selection = _selection(config)
+    if selection or "t0" not in _SESSION:
+        return
+    stats = terminalreporter.stats
+    rec = {k: len(stats.get(k, [])) for k in ("passed", "failed", "error", "skipped", "xfailed", "xpassed")}
+    root = Path(config.rootpath)
+    rec.update(
+        seconds=round(time.time() - _SESSION["t0"], 1),
+        slow=_SESSION.get("slow", 0),
+        commit=git_commit(root),
+        cpus=os.cpu_count(),
+        selection=selection,
+        finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
+    )
+    write_text_atomic(root / "results" / "tests.json", json.dumps(rec, indent=2) + "\n")

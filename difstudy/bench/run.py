@@ -133,6 +133,10 @@ def run_bench(
     for k, v in asdict(cfg).items():
         if k != "notes":
             df[f"cfg_{k}"] = str(v)
+    from ..study import git_commit  # the run's provenance, for `difstudy report`
+
+    df["commit"], df["cpus"], df["load_at_start"] = git_commit(), ncpu, round(load, 2)
+    df["total_s"] = round(time.perf_counter() - t_start, 1)
     if out is not None:
         write_csv_atomic(df, out)  # creates the folder: a finished run is never lost to a missing one
         log(f"wrote {len(df)} rows to {out}")
