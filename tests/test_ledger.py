@@ -161,7 +161,7 @@ def test_execute_gives_the_kernel_its_notebook_params_and_run_id(project, fake_p
 def test_a_run_has_one_run_id_recorded_before_the_first_notebook(project, fake_papermill):
     study.run("ci", book=False, root=project)
     record = json.loads((project / "results" / "run.json").read_text())
-    assert set(record) == {"run_id", "params", "commit", "started", "notebooks"}
+    assert set(record) == {"run_id", "params", "commit", "started", "notebooks", "cpus"}
     assert record["params"] == "ci" and record["notebooks"] == list(PAGES)
     assert re.fullmatch(r"\d{8}-\d{6}-[0-9a-f]{6}", record["run_id"])
     assert {e["DIFSTUDY_RUN_ID"] for e in fake_papermill} == {record["run_id"]}

@@ -122,6 +122,13 @@ class GateExtractor(Extractor):
             self.close()
             raise
 
+    def adapter_of(self, technique) -> str | None:
+        """The name of the adapter this extractor loaded for ``technique`` (None: it loaded none)."""
+        for v, tq in enumerate(self.techniques):
+            if tq == technique and v in self.adapters:
+                return self.adapters[v]
+        return None
+
     def close(self) -> None:
         """Remove the LoRA adapters loaded for the techniques (all peft layers when the U-Net had
         none before, so its module tree, and with it its cache group, is as it was)."""

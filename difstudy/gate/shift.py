@@ -40,10 +40,12 @@ from .techniques import (
     _check_controlnet,
     _has_peft_layers,
     _remove_adapters,
+    active_adapters,
     adapter_name,
     control_images,
     load_controlnet,
     load_lora,
+    only_adapter,
     trained_canny,
 )
 
@@ -110,9 +112,14 @@ def img2img(
     seed: int = 0,
     steps: int = 50,
     image_size: int | None = None,
+    held: GateExtractor | None = None,
 ) -> np.ndarray:
     """diffusers Img2Img (ControlNet Img2Img for a ControlNet technique) at strength ``t / 1000``,
-    DDIM with ``steps`` steps, no guidance: (B, S, S, 3) uint8."""
+    DDIM with ``steps`` steps, no guidance: (B, S, S, 3) uint8.
+
+    A LoRA technique's adapter is loaded for the call and removed after it, unless ``held`` (an
+    open :class:`GateExtractor` over the same technique) already holds it: then that adapter is
+    used, alone, and the extractor's adapters are active again afterwards."""
     from diffusers import AutoPipelineForImage2Image
 
     from ..models import vae_scale_factor
@@ -143,24 +150,31 @@ def img2img(
         call["controlnet_conditioning_scale"] = technique.conditioning_scale
     i2i = AutoPipelineForImage2Image.from_pipe(pipe, scheduler=_img2img_scheduler(pipe), **extra)
     i2i.set_progress_bar_config(disable=True)
-    adapter, had_peft = None, _has_peft_layers(pipe.unet)
-    disabled = technique.lora is None and had_peft  # e.g. a GateExtractor's LoRAs: not part of this technique
-    try:
-        if technique.lora is not None:
-            adapter = adapter_name(technique.name)
-            if adapter in (getattr(pipe.unet, "peft_config", None) or {}):  # a GateExtractor holds that name
-                adapter += "-img2img"
-            load_lora(pipe, technique.lora, adapter)
-            pipe.unet.set_adapters([adapter], [technique.lora_scale])
-        elif disabled:
-            pipe.unet.disable_adapters()
-        out = i2i(**call).images
-    finally:
-        if adapter is not None:
-            _remove_adapters(pipe.unet, [adapter], had_peft)
-        if disabled:
+    had_peft = _has_peft_layers(pipe.unet)
+    if technique.lora is None:
+        if not had_peft:
+            return _uint8(i2i(**call).images)
+        pipe.unet.disable_adapters()  # e.g. a GateExtractor's LoRAs: not part of this technique
+        try:
+            return _uint8(i2i(**call).images)
+        finally:
             pipe.unet.enable_adapters()
-    return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
+    owned = held is not None and held.adapter_of(technique)
+    adapter, before = owned or adapter_name(technique.name), active_adapters(pipe.unet)
+    if not owned:
+        if adapter in (getattr(pipe.unet, "peft_config", None) or {}):  # held by someone else: another name
+            adapter += "-img2img"
+        load_lora(pipe, technique.lora, adapter)
+    try:
+        with only_adapter(pipe.unet, adapter, technique.lora_scale, restore=before):
+            return _uint8(i2i(**call).images)
+    finally:
+        if not owned:  # inactive again by now, so peft deletes it without a warning
+            _remove_adapters(pipe.unet, [adapter], had_peft)
+
+
+def _uint8(images: np.ndarray) -> np.ndarray:
+    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
 
 
 # -- content shift over t, complexity and techniques --------------------------------
@@ -223,7 +237,7 @@ def content_shift_table(
                 for tq in techniques:
                     for t in config.timesteps:
                         recs[(tq.name, "img2img", t)] = img2img(
-                            pipe, images, t, tq, caps, config.seed, config.steps, size
+                            pipe, images, t, tq, caps, config.seed, config.steps, size, held=ex
                         )
             for (name, method, t), rec in recs.items():
                 jd = judge(images, rec) if judge is not None else np.full(len(items), np.nan)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -288,9 +289,41 @@ def load_lora(pipe, lora, adapter_name: str, unet_fingerprint: str | None = None
     if not unet_keys:
         raise DifstudyError(f"LoRA {str(lora)!r} holds no U-Net weights (keys start with {sorted(state)[:3]})")
     digest = _weights_digest(sorted((k, state[k]) for k in unet_keys))
-    pipe.load_lora_into_unet(state, alphas, pipe.unet, adapter_name=adapter_name, _pipeline=pipe)
+    with warnings.catch_warnings():
+        # difstudy holds several adapters on purpose (one per technique variant, each batch row routed
+        # through its own: _adapter_rows); peft warns at every adapter after the first that several
+        # adapters will be held, which is exactly what is meant here, so that one message is not shown
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+        pipe.load_lora_into_unet(state, alphas, pipe.unet, adapter_name=adapter_name, _pipeline=pipe)
     pipe.unet.enable_lora()
     return digest
+
+
+def active_adapters(unet) -> list[str]:
+    """The adapters active in ``unet``'s peft layers (empty without any)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layer = next((m for m in unet.modules() if isinstance(m, BaseTunerLayer)), None)
+    return list(layer.active_adapters) if layer is not None else []
+
+
+@contextmanager
+def only_adapter(unet, name: str, scale: float, restore: list[str] | None = None):
+    """Only adapter ``name``, at ``scale``, is active inside the block; after it ``restore`` is
+    active again (default: the adapters active before the block; pass them when ``name`` was just
+    loaded, since peft activates a new adapter), their scales untouched (diffusers' ``set_adapters``
+    sets the scale of the adapters it names only). A later ``delete_adapters(name)`` then deletes
+    an inactive adapter, which peft does without a warning."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+    before = active_adapters(unet) if restore is None else list(restore)
+    unet.set_adapters([name], [scale])
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.set_adapter([a for a in before if a in m.lora_A] if hasattr(m, "lora_A") else before)
 
 
 def adapter_name(technique: str) -> str:
@@ -483,8 +516,6 @@ def check_adapter_base(kind: str, path, unet, unet_fingerprint: str | None = Non
     expected = {record.get("base_dtype", "float32"): record["base_fingerprint"]}
     expected.update(record.get("base_fingerprint_by_dtype") or {})
     if dtype not in expected:
-        import warnings
-
         warnings.warn(
             f"the {kind} {str(path)!r} records its base U-Net's fingerprint for {sorted(expected)} only; "
             f"it is loaded into a {dtype} U-Net without the check",
