@@ -9,6 +9,10 @@
 - it shows no error: no Python traceback and no papermill error message in
   any cell output (the :data:`ERROR_TEXTS`), no error output (myst-nb's
   ``traceback`` class), no papermill error marker;
+- it shows no warning: no stderr stream (myst-nb's ``stderr`` class) and no
+  ``UserWarning:``-style line in any cell output (fix the cause: a page prints none);
+- it loads no script from outside the book (the widget scripts ship with it:
+  :mod:`difstudy.bookassets`), so it reads the same offline;
 - its internal links work: every local ``href``/``src`` names a file that
   exists, and a ``#anchor`` on an HTML page names an ``id`` on that page.
 
@@ -42,6 +46,7 @@ ERROR_TEXTS = ("Traceback (most recent call last)", "An Exception was encountere
 VOID_TAGS = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 ERROR_CLASSES = ("traceback", "output error")
 ERROR_IDS = ("papermill-error-cell",)
+WARNING_TEXT = re.compile(r"\b[A-Z]\w*Warning: ")  # e.g. "UserWarning: ", as Python prints a warning
 
 
 @dataclass(frozen=True)
@@ -65,13 +70,17 @@ class _Page(HTMLParser):
         self.tables = 0
         self.classes: list[str] = []
         self.text: list[str] = []  # text inside cell outputs (div.cell_output), where errors show
-        self._stack: list[bool] = []  # per open element: inside a cell output?
+        self.stderr: list[str] = []  # text of stderr streams (class "stderr") in cell outputs
+        self.scripts: list[str] = []  # every <script src>
+        self._stack: list[tuple[bool, bool]] = []  # per open element: inside a cell output? inside stderr?
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
         if tag not in VOID_TAGS:
-            inside = bool(self._stack and self._stack[-1]) or "cell_output" in (a.get("class") or "").split()
-            self._stack.append(inside)
+            outer, err = self._stack[-1] if self._stack else (False, False)
+            classes = (a.get("class") or "").split()
+            inside = outer or "cell_output" in classes
+            self._stack.append((inside, err or (inside and "stderr" in classes)))
         for key in ("id", "name") if tag == "a" else ("id",):
             if a.get(key):
                 self.ids.add(a[key])
@@ -81,6 +90,8 @@ class _Page(HTMLParser):
             self.links.append(a["href"])
         if tag in ("script", "source") and a.get("src"):  # <img> is checked as a figure
             self.links.append(a["src"])
+        if tag == "script" and a.get("src"):
+            self.scripts.append(a["src"])
         if tag == "img":
             self.images.append(a.get("src") or "")
         if tag == "table":
@@ -91,8 +102,10 @@ class _Page(HTMLParser):
             self._stack.pop()
 
     def handle_data(self, data):
-        if self._stack and self._stack[-1]:
+        if self._stack and self._stack[-1][0]:
             self.text.append(data)
+            if self._stack[-1][1]:
+                self.stderr.append(data)
 
 
 def parse(path: Path) -> _Page:
@@ -157,6 +170,14 @@ def check_static(html_dir: str | Path, toc: str | Path, generated: str | Path | 
         for i in ERROR_IDS:
             if i in page.ids:
                 problems.append(Problem(entry, "error output", f"papermill's error marker #{i}"))
+        warned = WARNING_TEXT.search(text)
+        stderr = " ".join(" ".join(page.stderr).split())
+        if stderr or warned:
+            shown = stderr or text[max(0, warned.start() - 80) : warned.start() + 160]
+            problems.append(Problem(entry, "warning output", f"a warning or stderr stream in an output: {shown[:240]}"))
+        for src in page.scripts:
+            if _is_external(src):
+                problems.append(Problem(entry, "external script", f"<script src={src!r}>: ship it with the book"))
         for src in page.images:
             if not src or (not _is_external(src) and not src.startswith("data:") and not _target(html, src).exists()):
                 problems.append(Problem(entry, "missing figure", f"<img src={src!r}> has no file"))

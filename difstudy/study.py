@@ -453,7 +453,11 @@ def present(nb, values: dict, label: str = ""):
 
 # -- the whole study ------------------------------------------------------------------
 def build_book(root: Path = ROOT) -> Path:
-    """``jupyter-book build`` (warnings are errors); returns ``_build/html``."""
+    """``jupyter-book build`` (warnings are errors); returns ``_build/html``. The widget scripts
+    the pages load are fetched first (:func:`difstudy.bookassets.ensure_widget_js`)."""
+    from .bookassets import ensure_widget_js
+
+    ensure_widget_js(root)
     exe = shutil.which("jupyter-book") or str(Path(sys.executable).parent / "jupyter-book")
     cmd = [
         exe,
