@@ -259,9 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_extract(sub)
     _add_cache(sub)
 
-    from . import bookcheck, report, study, sweep
+    from . import bookcheck, lab, report, study, sweep
 
-    for module in (study, sweep, report):
+    for module in (study, sweep, report, lab):
         module.add_cli(sub)
     _add_bench(sub)
     bookcheck.add_cli(sub)
