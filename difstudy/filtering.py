@@ -225,34 +225,49 @@ def check_property_split(df: pd.DataFrame, path) -> None:
         )
 
 
-def read_properties(path: str | os.PathLike, frame: pd.DataFrame, t: int, measures=MEASURES):
-    """The property table at ``path`` if it fits this model, else None; returns ``(table, why)``.
+def read_properties(paths, frame: pd.DataFrame, t: int, measures=MEASURES):
+    """The property table in ``paths`` if it fits this model, else None; returns ``(table, why)``.
 
-    It fits when it holds every measure in ``measures`` at timestep ``t`` for exactly the
-    activations of the catalogue ``frame`` (:meth:`difstudy.catalog.Catalog.to_frame`, built at
-    the image size used here), with the map sizes of that catalogue: the property notebooks'
-    CSV does not name its model, and SD1.5 and the mini model share their 197 names."""
-    path = Path(path)
-    if not path.exists():
-        return None, f"{path} does not exist"
-    df = pd.read_csv(path)
-    check_property_split(df, path)
+    ``paths``: one CSV, or several whose rows are put together (the property notebooks write one
+    each: ``results.csv`` in their own ``out_dir``); a missing file means no table. It fits when it
+    holds every measure in ``measures`` at timestep ``t`` for exactly the activations of the
+    catalogue ``frame`` (:meth:`difstudy.catalog.Catalog.to_frame`, built at the image size used
+    here), with the map sizes of that catalogue: the property notebooks' CSVs do not name their
+    model, and SD1.5 and the mini model share their 197 names. A measure found in two of the files
+    is refused (which one would the filter use?)."""
+    paths = [Path(paths)] if isinstance(paths, (str, os.PathLike)) else [Path(p) for p in paths]
+    if not paths:
+        return None, "no property table given"
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        return None, f"{missing[0]} does not exist"
+    where = str(paths[0]) if len(paths) == 1 else ", ".join(map(str, paths))
+    frames, owner = [], {}
+    for path in paths:
+        df = pd.read_csv(path)
+        check_property_split(df, path)
+        for m in df["measure"].unique():
+            if m in owner:
+                raise ValueError(f"the measure {m!r} is in both {owner[m]} and {path}; give each property table once")
+            owner[m] = path
+        frames.append(df)
+    df = pd.concat(frames, ignore_index=True)
     df = df[df["t"] == int(t)]
     names = set(frame["name"])
     for m in measures:
         got = set(df.loc[df["measure"] == m, "activation"])
         if got != names:
-            return None, f"{path} lacks {m} at t={t} for {len(names - got)} of the {len(names)} activations"
+            return None, f"{where} lacks {m} at t={t} for {len(names - got)} of the {len(names)} activations"
     sizes = df.drop_duplicates("activation").set_index("activation")["size"]
     wrong = [n for n, s in _expected_sizes(frame).items() if int(sizes[n]) != s]
     if wrong:
-        return None, f"{path} was measured on another model or image size (map sizes differ, e.g. {wrong[0]})"
-    return df[df["measure"].isin(list(measures))].reset_index(drop=True), f"read from {path}"
+        return None, f"{where} was measured on another model or image size (map sizes differ, e.g. {wrong[0]})"
+    return df[df["measure"].isin(list(measures))].reset_index(drop=True), f"read from {where}"
 
 
 def properties_for(
     pipe,
-    path: str | os.PathLike,
+    paths,
     dataset,
     t: int = 50,
     seeds: Sequence[int] = (0, 1, 2, 3),
@@ -260,8 +275,9 @@ def properties_for(
     cache_dir: str | os.PathLike = "cache/features",
     model_name: str | None = None,
 ):
-    """The property table the filter needs: :func:`read_properties` of ``path`` when it fits
-    this model, else :func:`difstudy.properties.measure_properties` on ``dataset`` at ``t``.
+    """The property table the filter needs: :func:`read_properties` of ``paths`` (one CSV, or one
+    per property notebook) when it fits this model, else
+    :func:`difstudy.properties.measure_properties` on ``dataset`` at ``t``.
 
     Returns ``(table, origin, cpu_seconds)``: ``origin`` says where the numbers came from,
     ``cpu_seconds`` is the ``time.process_time`` of measuring them (NaN when read)."""
@@ -278,7 +294,7 @@ def properties_for(
     factor = vae_scale_factor(pipe)
     size = int(image_size or pipe.unet.config.sample_size * factor)
     frame = Catalog(pipe.unet, latent_size=size // factor, text_len=pipe.tokenizer.model_max_length).to_frame()
-    table, why = read_properties(path, frame, t)
+    table, why = read_properties(paths, frame, t)
     if table is not None:
         return table, why, float("nan")
     c0 = time.process_time()

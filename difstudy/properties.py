@@ -486,11 +486,13 @@ def measure_with_control(
     seeded by ``control_seed``), on the same images, timesteps and noise draws.
 
     ``dataset`` must not be the test split (:data:`CHOICE_SPLITS`): these tables choose the
-    filter's activations. Writes, each keyed by measure (:func:`write_part`, so the three
-    property notebooks share the files): ``{out_dir}/properties.csv`` (means over images of the
-    trained model, with ``split``) and ``{out_dir}/properties_images.csv`` (per image, both
-    models, with ``weights`` = ``trained`` / ``random`` and ``split``). Returns
-    ``(means, images, control)``: the means and the two per-image tables for :func:`claims`."""
+    filter's activations. Writes ``{out_dir}/properties_images.csv`` (per image, both models,
+    with ``weights`` = ``trained`` / ``random`` and ``split``; keyed by measure, :func:`write_part`,
+    so pages that share a folder keep each other's rows). Returns ``(means, images, control)``:
+    the means over images of the trained model, with ``split`` (what a property notebook writes
+    as its ``results.csv`` with :func:`difstudy.study.write_results`, and what
+    :func:`difstudy.filtering.read_properties` reads), and the two per-image tables for
+    :func:`claims`."""
     from .models.tiny import with_random_unet
 
     split = dataset_split(dataset)
@@ -508,9 +510,7 @@ def measure_with_control(
     )
     means = summarise(images).assign(split=split)
     both = pd.concat([images.assign(weights="trained"), control.assign(weights=f"random{control_seed}")])
-    out = Path(out_dir)
-    write_part(means, out / "properties.csv")
-    write_part(both.assign(split=split), out / "properties_images.csv")
+    write_part(both.assign(split=split), Path(out_dir) / "properties_images.csv")
     return means, images, control
 
 

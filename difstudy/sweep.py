@@ -13,7 +13,14 @@ the notebook, or a YAML file), else the notebook's defaults.
 
 **The convention.** The notebook declares an ``out_dir`` parameter and writes
 its tidy results to ``{out_dir}/results.csv`` (:func:`difstudy.study.write_results`).
-The sweep sets ``out_dir`` to the grid point's own folder.
+The sweep sets ``out_dir`` to the grid point's own folder. Before any point runs,
+a notebook that cannot be swept is refused with the reason and the fix
+(:func:`why_not_sweepable`, read from its source, nothing executed): one whose
+metadata declares it not sweepable (``"difstudy": {"not_sweepable": "<why>"}``,
+for pages that measure nothing), one without an ``out_dir`` parameter, or one in
+which no cell calls ``write_results`` with the default file name into a folder made
+from ``out_dir`` (:func:`results_writes`). A malformed grid
+file is refused with its file, line and what was expected (:func:`read_grid_file`).
 
 **Layout of DIR** (one folder per grid point, named from its values plus a
 hash of them, so the same point keeps its folder when the grid grows)::
@@ -54,6 +61,7 @@ still run never runs a point twice at once.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import itertools
 import json
@@ -104,22 +112,72 @@ class SweepReport:
 JOB_SECTION = "slurm"  # the grid file's section of job resources (not a parameter)
 
 
+GRID_EXAMPLE = "t: [25, 50]"  # shown in every message about a malformed grid file
+
+
+def read_grid_file(path: str | Path) -> tuple[dict, dict[str, int]]:
+    """A grid file's top-level mapping and the line (from 1) of each key; every malformed file is
+    refused with a :class:`DifstudyError` naming the file, the line and what was expected."""
+    path = Path(path)
+    expected = f"a grid file is a YAML mapping of parameter names to lists of values, e.g. `{GRID_EXAMPLE}`"
+    if not path.is_file():
+        raise DifstudyError(f"grid file {path} not found; {expected}")
+    text = path.read_text()
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise DifstudyError(_yaml_error(path, text, e, expected)) from None
+    if node is None or data is None:
+        raise DifstudyError(f"grid file {path} is empty (or only comments); {expected}")
+    if not isinstance(node, yaml.MappingNode) or not isinstance(data, dict):
+        kind = {list: "a list", str: "a single value"}.get(type(data), f"a single {type(data).__name__}")
+        raise DifstudyError(f"grid file {path}, line {node.start_mark.line + 1}: got {kind}; {expected}")
+    lines: dict[str, int] = {}
+    for key, _ in node.value:
+        name, line = str(key.value), key.start_mark.line + 1
+        if name in lines:
+            raise DifstudyError(
+                f"grid file {path}, line {line}: parameter {name!r} appears twice (lines {lines[name]} and {line}); "
+                f"YAML would keep only the last: give all its values in one list, `{name}: [..., ...]`"
+            )
+        lines[name] = line
+    return data, lines
+
+
+def _yaml_error(path: Path, text: str, e: yaml.YAMLError, expected: str) -> str:
+    """PyYAML's error as one message: file, line and column, the problem, the line itself."""
+    mark, ctx = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
+    mark = mark or ctx
+    if mark is None:
+        return f"grid file {path} is not valid YAML ({e}); {expected}"
+    msg = f"grid file {path}, line {mark.line + 1}, column {mark.column + 1}: {getattr(e, 'problem', None) or e}"
+    context = getattr(e, "context", None)
+    if context and ctx is not None and ctx is not mark:
+        msg += f" ({context} that starts at line {ctx.line + 1}, column {ctx.column + 1})"
+    lines = text.splitlines()
+    for m in sorted({x.line for x in (mark, ctx) if x is not None and x.line < len(lines)}):
+        msg += f"\n  {m + 1} | {lines[m]}"
+    return f"{msg}\n{expected}"
+
+
 def load_grid(grid: str | Path | dict) -> dict[str, list]:
     """The grid as ``{parameter: [values]}`` (a YAML file or a dict); scalars become one-value lists."""
+    where = {}
     if not isinstance(grid, dict):
         path = Path(grid)
-        if not path.exists():
-            raise DifstudyError(f"grid file {path} not found; write a YAML mapping such as `t: [25, 50]`")
-        grid = yaml.safe_load(path.read_text())
-        if not isinstance(grid, dict) or not grid:
-            raise DifstudyError(f"grid file {path} must map parameter names to lists of values, e.g. `t: [25, 50]`")
+        grid, lines = read_grid_file(path)
+        where = {k: f"grid file {path}, line {n}: " for k, n in lines.items()}
     out = {}
     for k, v in grid.items():
         if k == JOB_SECTION:  # job resources, not a parameter: see load_job_config
             continue
         values = v if isinstance(v, list) else [v]
         if not values:
-            raise DifstudyError(f"grid parameter {k!r} has an empty list of values; give at least one")
+            raise DifstudyError(
+                f"{where.get(str(k), '')}grid parameter {k!r} has an empty list of values; give at least one, "
+                f"`{k}: [...]`"
+            )
         out[str(k)] = values
     return out
 
@@ -127,8 +185,7 @@ def load_grid(grid: str | Path | dict) -> dict[str, list]:
 def load_job_config(grid: str | Path | dict) -> JobConfig:
     """The job resources of the grid file's ``slurm:`` section (defaults without one)."""
     if not isinstance(grid, dict):
-        path = Path(grid)
-        grid = yaml.safe_load(path.read_text()) if path.exists() else {}
+        grid = read_grid_file(grid)[0]
     section = (grid or {}).get(JOB_SECTION) or {}
     if not isinstance(section, dict):
         raise DifstudyError(f"the grid's {JOB_SECTION}: section must be a mapping, e.g. `slurm: {{partition: gpu}}`")
@@ -168,17 +225,140 @@ def resolve_notebook(notebook: str | Path, root: Path = ROOT) -> Path:
     raise DifstudyError(f"notebook {notebook!r} not found: give a .ipynb path or one of {available}")
 
 
-def check_parameters(nb_path: Path, grid: dict, base: dict) -> None:
-    """The grid and base parameters must be parameters the notebook declares, ``out_dir`` included."""
+NOT_SWEEPABLE = "not_sweepable"  # notebook metadata difstudy.not_sweepable: why a page cannot be swept
+
+
+def _code_trees(nb) -> list[ast.Module]:
+    """The parsed code cells of ``nb`` (IPython magics and shell lines left out; a cell that still
+    does not parse is skipped)."""
+    trees = []
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        source = "\n".join(ln for ln in cell.source.splitlines() if not ln.lstrip().startswith(("%", "!")))
+        try:
+            trees.append(ast.parse(source))
+        except SyntaxError:
+            continue
+    return trees
+
+
+def _names(node) -> set[str]:
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+
+
+def results_writes(nb) -> tuple[int, int]:
+    """``(calls, into_out_dir)``: how many calls in ``nb``'s code write ``results.csv`` with
+    :func:`difstudy.study.write_results` (imported from ``difstudy.study`` under any name, or
+    called as ``<module>.write_results``; no ``name`` or ``name="results.csv"``), and how many
+    of them write into a folder made from the ``out_dir`` parameter (``out_dir`` itself or a
+    variable assigned from it, e.g. ``out = Path(out_dir)``).
+
+    Decided from the source alone, nothing runs: a call in a branch that never runs still counts,
+    which the sweep's check after each point catches."""
+    trees = _code_trees(nb)
+    imported: set[str] = set()
+    assigns: list[tuple[set[str], set[str]]] = []  # (targets, names the value reads)
+    calls: list[ast.Call] = []
+    for tree in trees:
+        for n in ast.walk(tree):
+            if isinstance(n, ast.ImportFrom) and n.module == "difstudy.study":
+                imported |= {a.asname or a.name for a in n.names if a.name == "write_results"}
+            elif isinstance(n, (ast.Assign, ast.AnnAssign, ast.AugAssign, ast.NamedExpr)):
+                targets = n.targets if isinstance(n, ast.Assign) else [n.target]
+                assigns.append((set().union(*(_names(t) for t in targets)), _names(n.value) if n.value else set()))
+            elif isinstance(n, ast.Call):
+                calls.append(n)
+    derived, grown = {"out_dir"}, True
+    while grown:  # every variable computed from out_dir, however indirectly
+        grown = False
+        for targets, reads in assigns:
+            if reads & derived and not targets <= derived:
+                derived |= targets
+                grown = True
+    writes = 0
+    into = 0
+    for c in calls:
+        f = c.func
+        if not (
+            (isinstance(f, ast.Name) and f.id in imported)
+            or (isinstance(f, ast.Attribute) and f.attr == "write_results")
+        ):
+            continue
+        name = c.args[2] if len(c.args) > 2 else next((k.value for k in c.keywords if k.arg == "name"), None)
+        if isinstance(name, ast.Constant) and name.value != "results.csv":
+            continue  # another table beside results.csv
+        writes += 1
+        folder = c.args[1] if len(c.args) > 1 else next((k.value for k in c.keywords if k.arg == "out_dir"), None)
+        into += folder is not None and bool(_names(folder) & derived)
+    return writes, into
+
+
+def why_not_sweepable(nb_path: Path) -> str | None:
+    """Why ``nb_path`` cannot be swept, or None: a page declared not sweepable (notebook metadata
+    ``difstudy.not_sweepable``: the reason; the notebooks beside it that can be swept are named),
+    no ``out_dir`` parameter, or no call of :func:`difstudy.study.write_results` into a folder made
+    from it (:func:`results_writes`). Each reason ends with the fix."""
+    nb_path = Path(nb_path)
+    nb = _read(nb_path)
+    declared = _declared(nb)
+    if declared:
+        others = [p for p in sorted(nb_path.parent.glob("*.ipynb")) if p != nb_path]
+        sweepable = [p.stem for p in others if not _declared(_read(p)) and _source_problem(_read(p), p) is None]
+        return (
+            f"it is declared not sweepable (its metadata difstudy.{NOT_SWEEPABLE}): {declared}; "
+            f"notebooks beside it that can be swept: {', '.join(sweepable) or 'none'}"
+        )
+    return _source_problem(nb, nb_path)
+
+
+def _read(nb_path: Path):
     import nbformat
 
-    declared = declared_parameters(nbformat.read(nb_path, as_version=4))
-    if "out_dir" not in declared:
-        raise DifstudyError(
-            f"{nb_path} declares no out_dir parameter; the sweep gives each grid point its own folder through "
+    return nbformat.read(nb_path, as_version=4)
+
+
+def _declared(nb) -> str | None:
+    return (nb.metadata.get("difstudy") or {}).get(NOT_SWEEPABLE)
+
+
+def _source_problem(nb, nb_path: Path) -> str | None:
+    """What in the notebook's source keeps a sweep from collecting its results (None: nothing)."""
+    if "out_dir" not in declared_parameters(nb):
+        return (
+            "it declares no out_dir parameter; the sweep gives each grid point its own folder through "
             f'it: add `out_dir = "results/{nb_path.stem}"` to the parameters cell and write '
             "{out_dir}/results.csv with difstudy.study.write_results"
         )
+    writes, into_out_dir = results_writes(nb)
+    if not writes:
+        return (
+            "no cell calls difstudy.study.write_results(df, out_dir), so no grid point would write the "
+            "results.csv the sweep collects. Fix: write the notebook's tidy results (one row per observation) "
+            "with `from difstudy.study import write_results` and `write_results(df, out_dir)` (default file "
+            "name results.csv)"
+        )
+    if not into_out_dir:
+        return (
+            "it calls difstudy.study.write_results, but never into a folder made from its out_dir parameter, "
+            "so the grid points would not write into their own folders. Fix: pass out_dir (or a path made "
+            "from it, e.g. `out = Path(out_dir)`) as write_results' folder"
+        )
+    return None
+
+
+def check_sweepable(nb_path: Path) -> None:
+    """Refuse, before any grid point runs, a notebook that cannot be swept (:func:`why_not_sweepable`)."""
+    why = why_not_sweepable(nb_path)
+    if why is not None:
+        raise DifstudyError(f"{nb_path} cannot be swept: {why}")
+
+
+def check_parameters(nb_path: Path, grid: dict, base: dict) -> None:
+    """The grid and base parameters must be parameters the notebook declares."""
+    import nbformat
+
+    declared = declared_parameters(nbformat.read(nb_path, as_version=4))
     for k in [*grid, *base]:
         if k not in declared:
             raise DifstudyError(
@@ -282,6 +462,7 @@ def sweep(
     if executor not in EXECUTORS:
         raise DifstudyError(f"unknown executor {executor!r}; use one of {list(EXECUTORS)}")
     nb_path = resolve_notebook(notebook, root)
+    check_sweepable(nb_path)
     job = job if job is not None else load_job_config(grid)
     grid = load_grid(grid)
     base = read_params(nb_path, params) if params else {}

@@ -264,6 +264,30 @@ def test_read_properties_refuses_another_models_table(tmp_path):
     assert F.read_properties(tmp_path / "none.csv", frame, t=50)[0] is None
 
 
+def test_read_properties_puts_one_table_per_property_page_together(tmp_path):
+    """The property pages write one results.csv each (own out_dir); the filter reads all three."""
+    frame = pd.DataFrame(dict(name=["a", "b"], kind=["res-out", "res-out"], shape=["4x8x8", "4x8x8"]))
+    df = props([("a", "up", 0, 0.1, 0.2, 0.3), ("b", "up", 1, 0.4, 0.5, 0.6)]).assign(split="val")
+    paths = []
+    for m in ("noise_share", "granularity", "locality"):
+        paths.append(tmp_path / m / "results.csv")
+        paths[-1].parent.mkdir()
+        df[df["measure"] == m].to_csv(paths[-1], index=False)
+    table, why = F.read_properties(paths, frame, t=50)
+    assert why == f"read from {', '.join(map(str, paths))}"
+    key = ["activation", "measure"]
+    assert table.sort_values(key)["value"].tolist() == df.sort_values(key)["value"].tolist()
+    table, why = F.read_properties(paths[:2], frame, t=50)  # a page not run yet: measure instead
+    assert table is None and why.endswith("lacks locality at t=50 for 2 of the 2 activations")
+    table, why = F.read_properties([*paths[:2], tmp_path / "locality" / "nosuch.csv"], frame, t=50)
+    assert table is None and why == f"{tmp_path / 'locality' / 'nosuch.csv'} does not exist"
+    df.to_csv(tmp_path / "all.csv", index=False)  # the noise table twice: which one?
+    with pytest.raises(
+        ValueError, match=r"the measure 'noise_share' is in both .*noise_share/results.csv and .*all.csv"
+    ):
+        F.read_properties([paths[0], tmp_path / "all.csv"], frame, t=50)
+
+
 # -- through the protocol layer on a tiny random model ----------------------------------------
 def test_scorer_reads_the_same_features_as_a_source_of_one_activation(tiny_sd15, tmp_path):
     from difstudy import protocols as P

@@ -134,7 +134,8 @@ def load(name_or_path: str | os.PathLike, dtype=None, device=None):
         hint = closest(name, list(BUILTINS) + list(ALIASES))
         raise ModelNotFoundError(
             f"unknown model {name!r}: not a built-in ({', '.join(BUILTINS)}), an alias ({', '.join(ALIASES)}), "
-            f"a hub id (org/name) or an existing folder. Did you mean: {', '.join(hint) or '-'}?"
+            "a hub id (org/name) or an existing folder"
+            + (f"; did you mean {', '.join(repr(h) for h in hint[:3])}?" if hint else "")
         )
     if device is not None:
         pipe = pipe.to(device)
