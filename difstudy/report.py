@@ -27,8 +27,8 @@ import pandas as pd
 
 from .errors import DifstudyError
 from .fileio import write_text_atomic
+from .study import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 MEASURED = Path("report") / "measured.json"
 README = Path("README.md")
 SECTIONS = ("study", "tests", "bench")
@@ -42,17 +42,14 @@ def study_section(results: str | os.PathLike) -> dict:
     Only that run's rows count (rows of other runs or other parameter sets are left out, and
     their number is kept as ``rows_left_out``). Raises when the run is incomplete: a notebook
     of the run failed or has no row, or the book build failed."""
-    from .study import read_run, read_times
+    from .study import read_run, read_times, run_times
 
     results = Path(results)
     run = read_run(results / "run.json")
     if run is None:
         raise DifstudyError(f"no study run recorded in {results / 'run.json'}; run `bash scripts/study.sh` first")
     times = read_times(results / "times.csv")
-    if "run_id" in times.columns and times["run_id"].notna().any():
-        mine = times[times["run_id"] == run["run_id"]]
-    else:  # times.csv of an older difstudy (no run_id column): the run's params and start decide
-        mine = times[(times["params"] == run["params"]) & (times["finished"] >= run["started"])]
+    mine = run_times(times, run)
     expected = [*run["notebooks"], "(book build)"]
     missing = [n for n in expected if n not in set(mine["notebook"])]
     failed = mine[mine["status"] != "ok"]["notebook"].tolist()

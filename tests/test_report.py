@@ -114,3 +114,17 @@ def test_a_corrupt_report_file_names_the_fix(tmp_path):
     (tmp_path / "m.json").write_text("{not json")
     with pytest.raises(DifstudyError, match="git checkout"):
         report.read_measured(tmp_path / "m.json")
+
+
+def test_run_times_keeps_the_carried_rows_of_the_previous_run():
+    from difstudy.study import run_times
+
+    times = pd.DataFrame(
+        [("a", "ci", 1.0, "ok", "t", "R2"), ("performance", "ci", 2.0, "ok", "t", "R1"),
+         ("(book build)", "full", 3.0, "ok", "t", "R0"), ("b", "ci", 4.0, "ok", "t", "R1")],
+        columns=["notebook", "params", "seconds", "status", "finished", "run_id"],
+    )  # fmt: skip
+    run = dict(run_id="R2", params="ci", started="s")
+    assert run_times(times, run)["notebook"].tolist() == ["a"]
+    carried = run_times(times, run, carried=("performance", "(book build)"))
+    assert carried["notebook"].tolist() == ["a", "performance"]  # the full-params build is not this study's
