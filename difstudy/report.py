@@ -36,13 +36,26 @@ BLOCK = re.compile(r"(<!-- report:(?P<name>[a-z]+) -->\n)(?P<body>.*?)(<!-- /rep
 
 
 # -- reading the runs' outputs -------------------------------------------------------------
+def run_times(times: pd.DataFrame, run: dict, carried: tuple[str, ...] = ()) -> pd.DataFrame:
+    """The rows of ``times`` that ``run`` (a :func:`read_run` record) wrote: by ``run_id``, or, in a
+    ``times.csv`` of an older difstudy without that column, by the run's params and start. Rows of
+    the ``carried`` notebooks at the run's params are kept whatever their run (the performance
+    page runs before its own row and the book build's are written, so it shows the previous ones)."""
+    if "run_id" in times.columns and times["run_id"].notna().any():
+        mine = times["run_id"] == run["run_id"]
+    else:
+        mine = (times["params"] == run["params"]) & (times["finished"] >= run["started"])
+    carried_rows = times["notebook"].isin(list(carried)) & (times["params"] == run["params"])
+    return times[mine | carried_rows]
+
+
 def study_section(results: str | os.PathLike) -> dict:
     """The latest study run in ``results`` (``times.csv`` rows of the run recorded in ``run.json``).
 
     Only that run's rows count (rows of other runs or other parameter sets are left out, and
     their number is kept as ``rows_left_out``). Raises when the run is incomplete: a notebook
     of the run failed or has no row, or the book build failed."""
-    from .study import read_run, read_times, run_times
+    from .study import read_run, read_times
 
     results = Path(results)
     run = read_run(results / "run.json")

@@ -495,19 +495,6 @@ def read_times(path: str | os.PathLike = TIMES) -> pd.DataFrame:
     return pd.DataFrame(columns=["notebook", "params", "seconds", "status", "finished"])
 
 
-def run_times(times: pd.DataFrame, run: dict, carried: tuple[str, ...] = ()) -> pd.DataFrame:
-    """The rows of ``times`` that ``run`` (a :func:`read_run` record) wrote: by ``run_id``, or, in a
-    ``times.csv`` of an older difstudy without that column, by the run's params and start. Rows of
-    the ``carried`` notebooks at the run's params are kept whatever their run (the performance
-    page runs before its own row and the book build's are written, so it shows the previous ones)."""
-    if "run_id" in times.columns and times["run_id"].notna().any():
-        mine = times["run_id"] == run["run_id"]
-    else:
-        mine = (times["params"] == run["params"]) & (times["finished"] >= run["started"])
-    carried_rows = times["notebook"].isin(list(carried)) & (times["params"] == run["params"])
-    return times[mine | carried_rows]
-
-
 def run(params: str = "ci", only: list[str] | None = None, book: bool = True, root: Path = ROOT) -> list[dict]:
     """Execute the notebooks (all, in toc order, or ``only``), then build the book; returns the times.
 

@@ -117,7 +117,7 @@ def test_a_corrupt_report_file_names_the_fix(tmp_path):
 
 
 def test_run_times_keeps_the_carried_rows_of_the_previous_run():
-    from difstudy.study import run_times
+    from difstudy.report import run_times
 
     times = pd.DataFrame(
         [("a", "ci", 1.0, "ok", "t", "R2"), ("performance", "ci", 2.0, "ok", "t", "R1"),
