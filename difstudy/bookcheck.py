@@ -47,6 +47,8 @@ VOID_TAGS = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link",
 ERROR_CLASSES = ("traceback", "output error")
 ERROR_IDS = ("papermill-error-cell",)
 WARNING_TEXT = re.compile(r"\b[A-Z]\w*Warning: ")  # e.g. "UserWarning: ", as Python prints a warning
+# a number printed as a negative zero ("-0.000"): an effect shown with fewer digits than it needs
+NEGATIVE_ZERO = re.compile(r"(?<![\w.])[-\u2212]0\.0+(?![\d])")
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,14 @@ def check_static(html_dir: str | Path, toc: str | Path, generated: str | Path | 
         if stderr or warned:
             shown = stderr or text[max(0, warned.start() - 80) : warned.start() + 160]
             problems.append(Problem(entry, "warning output", f"a warning or stderr stream in an output: {shown[:240]}"))
+        zero = NEGATIVE_ZERO.search(text)
+        if zero:
+            shown = text[max(0, zero.start() - 80) : zero.end() + 80]
+            problems.append(
+                Problem(
+                    entry, "negative zero", f"...{shown}...: show it with difstudy.display (digits of its interval)"
+                )
+            )
         for src in page.scripts:
             if _is_external(src):
                 problems.append(Problem(entry, "external script", f"<script src={src!r}>: ship it with the book"))

@@ -142,7 +142,14 @@ def _add_extract(sub) -> None:
         default="toyworld:test",
         help="toyworld[:split] or KIND:ROOT (spair, horse21, ade20k, cityscapes, cifar10...)",
     )
-    p.add_argument("--n", type=int, default=None, help="number of images (default: all)")
+    p.add_argument(
+        "--n-images",
+        "--n",
+        dest="n",
+        type=int,
+        default=None,
+        help="number of images (default: all); under torchrun write --n-images (torchrun reads --n as its own option)",
+    )
     p.add_argument("--toy-size", type=int, default=64)
     p.add_argument(
         "--acts",

@@ -200,7 +200,8 @@ def plot_property_profile(df: pd.DataFrame, measure: str, t: int | None = None, 
 
 
 def plot_properties_grid(df: pd.DataFrame, measures=None, axes=None):
-    """Small multiples of :func:`plot_property_profile`: one row per measure, one column per timestep."""
+    """Small multiples of :func:`plot_property_profile`, one full-width panel per measure and
+    timestep, stacked (a U-Net has ~200 activations: side-by-side panels would squeeze them)."""
     present = list(dict.fromkeys(df["measure"]))
     measures = present if measures is None else ([measures] if isinstance(measures, str) else list(measures))
     bad = [m for m in measures if m not in present]
@@ -208,14 +209,12 @@ def plot_properties_grid(df: pd.DataFrame, measures=None, axes=None):
         raise ValueError(f"measures {bad} are not in the table; it holds {present}")
     ts = sorted(int(t) for t in df[df["measure"].isin(measures)]["t"].unique())
     if axes is None:
-        _, axes = plt.subplots(
-            len(measures), len(ts), figsize=(5.5 * len(ts), 2.8 * len(measures)), squeeze=False, sharey="row"
-        )
+        _, axes = plt.subplots(len(measures) * len(ts), 1, figsize=(16, 3.2 * len(measures) * len(ts)), squeeze=False)
+        axes = axes.reshape(len(measures), len(ts))
     for r, m in enumerate(measures):
         for c, t in enumerate(ts):
             plot_property_profile(df, m, t=t, ax=axes[r, c])
-            if c:
-                axes[r, c].set_ylabel("")
+            if r or c:
                 axes[r, c].get_legend().remove()
     axes[0, 0].figure.tight_layout()
     return axes
@@ -234,7 +233,9 @@ def _pca_row_col(a, name: str) -> tuple[str, str]:
     return f"{a.stage}-level{int(a.level)}-repeat{int(a.repeat)}", col
 
 
-def plot_pca_grid(pictures: dict, frame: pd.DataFrame, image: np.ndarray | None = None, ax=None, cell: int = 32):
+def plot_pca_grid(
+    pictures: dict, frame: pd.DataFrame, image: np.ndarray | None = None, ax=None, cell: int = 64, inches: float = 1.1
+):
     """PCA-to-RGB pictures of every activation of one image, laid out like the paper's figure.
 
     ``pictures``: ``{name: (h, w, 3) array in [0, 1]}`` (e.g.
@@ -243,8 +244,8 @@ def plot_pca_grid(pictures: dict, frame: pd.DataFrame, image: np.ndarray | None 
     ``activation, kind, stage, level, repeat`` columns), in forward order. Rows: stage x level x repeat
     in forward order (unet input/output and down/upsamplers on rows of their
     own, in the "block out" column); columns: the kinds side by side. Each
-    picture is scaled to ``cell`` pixels with nearest-neighbour; ``image``
-    (the input) goes on a first row."""
+    picture is scaled to ``cell`` pixels with nearest-neighbour and drawn ``inches`` wide (large
+    enough to see parts in a 16x16 map); ``image`` (the input) goes on a first row."""
     from PIL import Image
 
     rows: list[str] = []
@@ -278,12 +279,12 @@ def plot_pca_grid(pictures: dict, frame: pd.DataFrame, image: np.ndarray | None 
             np.asarray(im) / 255.0
         )
     made = ax is None
-    ax = _ax(ax, (2.2 + 0.5 * len(cols), 1.2 + 0.5 * len(rows)))
+    ax = _ax(ax, (2.5 + inches * len(cols), 1.5 + inches * len(rows)))
     ax.imshow(canvas, interpolation="nearest")
     ax.set_yticks([(cell + pad) * i + cell / 2 for i in range(len(rows))])
-    ax.set_yticklabels(rows, fontsize=6)
+    ax.set_yticklabels(rows, fontsize=9)
     ax.set_xticks([(cell + pad) * j + cell / 2 for j in range(len(cols))])
-    ax.set_xticklabels(cols, fontsize=6, rotation=60, ha="left", rotation_mode="anchor")
+    ax.set_xticklabels(cols, fontsize=9, rotation=45, ha="left", rotation_mode="anchor")
     ax.xaxis.tick_top()
     if made:
         ax.figure.tight_layout()

@@ -75,3 +75,13 @@ def test_widget_scripts_are_fetched_once_verified_and_refused_when_altered(tmp_p
 
     with pytest.raises(DifstudyError, match="allow registry.npmjs.org, or place package/require.js"):
         bookassets.ensure_widget_js(tmp_path, fetch=offline, log=lambda m: None)
+
+
+def test_a_negative_zero_in_an_output_is_caught(tmp_path):
+    cell = '<div class="cell_output docutils container"><table><tr><td>{}</td><td>holds</td></tr></table></div>'
+    bad = GOOD_NB.replace("</body>", cell.format("-0.000 [-0.001, 0.0004]") + "</body>")
+    problems = check_static(*site(tmp_path, nb=bad))
+    assert kinds(problems) == [("book/_generated/nb", "negative zero")] and "difstudy.display" in str(problems[0])
+    # the same effect with the digits its interval needs passes, and so do -0.0003 and 10.0
+    good = GOOD_NB.replace("</body>", cell.format("-0.00031 [-0.00100, 0.00040] 10.0 x-0.0") + "</body>")
+    assert check_static(*site(tmp_path / "b", nb=good)) == []

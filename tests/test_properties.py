@@ -393,6 +393,9 @@ def test_property_plots_need_one_timestep_or_a_grid():
     assert len(ax.get_xticklabels()) == 9  # one tick per resolution level
     axes = plots.plot_properties_grid(df)
     assert axes.shape == (1, 2)
+    upper, lower = (a.get_position() for a in axes[0])
+    assert upper.y0 > lower.y1 and upper.width == lower.width  # stacked, each the full width
+    assert axes[0, 0].get_legend() is not None and axes[0, 1].get_legend() is None
 
 
 def test_pca_grid_places_every_activation():

@@ -134,6 +134,41 @@ def test_concurrent_shards_write_exactly_the_cache_of_one_run(tiny_sd15, tmp_pat
     assert report.complete and report.corrupt.empty and report.duplicates == 0
 
 
+def _readme_launcher(name: str) -> list[str]:
+    """The launcher part of the README's multi-process command (``accelerate launch ...`` or
+    ``torchrun ...`` up to ``-m difstudy extract``), with 2 processes instead of the README's count."""
+    text = (ROOT / "README.md").read_text()
+    found = re.search(rf"`?({name} [^`\n]*?) -m difstudy extract[^`]*?--shard auto", text)
+    assert found, f"the README has no `{name} ... -m difstudy extract ... --shard auto` command"
+    words = re.sub(r"(--num_processes|--nproc_per_node) \d+", r"\1 2", found.group(1)).split()
+    assert "2" in words, words
+    exe = Path(sys.executable).parent / words[0]
+    return [str(exe) if exe.exists() else words[0], *words[1:]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["accelerate launch", "torchrun"])
+def test_the_readmes_multi_process_command_runs_two_ranks_that_write_one_runs_cache(launcher, tiny_sd15, tmp_path):
+    """Issue 23: the README's accelerate / torchrun command with two real processes (CPU): both
+    ranks run (each names its shard), and the cache equals a single run's bit for bit."""
+    cache = tmp_path / "launched"
+    args = ["--model", "tiny-sd15", "--dataset", "toyworld:test", "--n-images", str(N), "--batch", str(BATCH)]
+    args += ["--acts", *ACTS, "--t", "50", "--cache", str(cache), "--shard", "auto"]
+    cmd = [*_readme_launcher(launcher), "-m", "difstudy", "extract", *args]
+    port = str(29500 + os.getpid() % 1000)
+    at = 2 if launcher.startswith("accelerate") else 1  # after "accelerate launch" / "torchrun"
+    cmd[at:at] = ["--main_process_port", port] if at == 2 else ["--master_port", port]
+    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    log = p.stdout + p.stderr
+    assert p.returncode == 0, log[-3000:]
+    ranks = sorted(set(re.findall(r"extract \[shard (\d)/2\]: (\d+) feature maps computed", log)))
+    assert ranks == [("0", str(N // 2 * len(ACTS))), ("1", str(N // 2 * len(ACTS)))], log[-3000:]
+    _, summary = _extract(tiny_sd15, tmp_path / "single")
+    _assert_same(_features(cache), _features(tmp_path / "single"))
+    report = verify_cache(cache)
+    assert report.complete and report.corrupt.empty and report.duplicates == 0
+
+
 def test_a_missing_shard_shows_as_incomplete(tiny_sd15, tmp_path):
     _, summary = _extract(tiny_sd15, tmp_path, shard="1/2")
     assert summary.computed == N // 2 * len(ACTS) and summary.shard == "1/2"

@@ -22,6 +22,7 @@ Every public name is re-exported here: ``from difstudy import gate; gate.content
 
 from . import noising  # the module: gate.noising.ddim_invert, ...
 from .amalgamation import (
+    BUCKET_NORMS,
     AmalgamatedHead,
     Amalgamation,
     PixelAssigners,
@@ -75,6 +76,7 @@ from .runs import (
     gate_sources,
     official_techniques,
     run_gate_probes,
+    study_sources,
     study_techniques,
     up_cross_maps,
 )
@@ -160,10 +162,12 @@ __all__ = [
     "VAE_CONTROL",
     "AmalgamatedFeatures",
     "AmalgamatedHead",
+    "BUCKET_NORMS",
     "Amalgamation",
     "AmalgamationConfig",
     "OFFICIAL_LORA_SCALES",
     "BUCKET_SETS",
+    "study_sources",
     "study_techniques",
     "SizeMean",
     "attention_technique",

@@ -14,6 +14,15 @@ weight per image and channel). ``k = 1`` (both official task scripts build
 across buckets, rewarded) is available with a fixed coefficient, default 0
 (the official scripts random-walk it from 0 in steps of 1e-5).
 
+**Bucket normalisation** (``bucket_norm``): the official code calls the assigner once per bucket,
+so in training its BatchNorm normalises each bucket over that bucket's own batch
+(``"per-bucket"``, the default). That removes what tells the buckets apart: on a planted task
+(one bucket holds the label, two are noise) the official assigner's weights stay near uniform in
+training mode and move away from the informative bucket in eval mode
+(``tests/test_gate_official.py``). ``"shared"`` (a difstudy variant, labelled wherever it is
+used) runs the assigner once over all buckets stacked in one batch, so the BatchNorm statistics
+are shared across buckets; on the same task its weights go to the informative bucket.
+
 :class:`PixelAssigners` are the per-pixel assigners that the official label-scarce segmentation
 trains jointly inside each pixel classifier. The amalgamated buckets as a feature source of the
 protocol layer are :mod:`difstudy.gate.sources`.
@@ -60,6 +69,9 @@ class WeightAssigner(nn.Module):
         return self.net(x)
 
 
+BUCKET_NORMS = ("per-bucket", "shared")
+
+
 class Amalgamation(nn.Module):
     """``k`` learned weight assigners combining ``n_buckets`` feature buckets of ``channels`` each.
 
@@ -68,15 +80,26 @@ class Amalgamation(nn.Module):
     carry them unchanged). Output ``(features (B, k*C, ...), weights (B, k, V, C))``: per
     assigner, softmax over buckets of its per-channel logits, and the weighted sum of the buckets.
     ``weights=`` fixes the weights instead ((V,), (k, V) or (B, k, V, C); e.g. one-hot picks a bucket).
+    ``bucket_norm``: ``"per-bucket"`` (official) or ``"shared"`` (see the module docstring).
     """
 
     def __init__(
-        self, channels: int, n_buckets: int, k: int = 1, hidden: int = 128, dropout: float = 0.5, spatial: bool = True
+        self,
+        channels: int,
+        n_buckets: int,
+        k: int = 1,
+        hidden: int = 128,
+        dropout: float = 0.5,
+        spatial: bool = True,
+        bucket_norm: str = "per-bucket",
     ):
         super().__init__()
         if channels < 1 or n_buckets < 1 or k < 1:
             raise ValueError(f"channels, n_buckets and k must be >= 1, got {channels}, {n_buckets}, {k}")
+        if bucket_norm not in BUCKET_NORMS:
+            raise ValueError(f"bucket_norm must be one of {list(BUCKET_NORMS)}, got {bucket_norm!r}")
         self.channels, self.n_buckets, self.k, self.spatial = channels, n_buckets, k, spatial
+        self.bucket_norm = bucket_norm
         self.assigners = nn.ModuleList(WeightAssigner(channels, hidden, dropout, spatial) for _ in range(k))
 
     @property
@@ -96,7 +119,11 @@ class Amalgamation(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         xb = self.buckets(x)  # (B, V, C, ...)
         B, V, C = xb.shape[:3]
-        if weights is None:
+        if weights is None and self.bucket_norm == "shared":  # one batch of all buckets: shared statistics
+            flat = xb.transpose(0, 1).reshape(V * B, C, *xb.shape[3:])
+            logits = torch.stack([a(flat).reshape(V, B, C).transpose(0, 1) for a in self.assigners], 1)
+            w = F.softmax(logits, dim=2)  # (B, k, V, C)
+        elif weights is None:  # official: the assigner once per bucket
             logits = torch.stack([torch.stack([a(xb[:, v]) for v in range(V)], 1) for a in self.assigners], 1)
             w = F.softmax(logits, dim=2)  # (B, k, V, C)
         else:
@@ -213,10 +240,17 @@ class PixelAssigners(nn.Module):
     :class:`difstudy.probes.PixelMLPEnsemble` (its ``front``) it is trained jointly with it."""
 
     def __init__(
-        self, channels: int, n_buckets: int, k: int = 1, hidden: int = 128, dropout: float = 0.5, passthrough: int = 0
+        self,
+        channels: int,
+        n_buckets: int,
+        k: int = 1,
+        hidden: int = 128,
+        dropout: float = 0.5,
+        passthrough: int = 0,
+        bucket_norm: str = "per-bucket",
     ):
         super().__init__()
-        self.amalgamation = Amalgamation(channels, n_buckets, k, hidden, dropout, spatial=False)
+        self.amalgamation = Amalgamation(channels, n_buckets, k, hidden, dropout, False, bucket_norm)
         self.n_in = channels * n_buckets
         self.passthrough = int(passthrough)  # trailing columns passed on unweighted (attention maps)
 

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ..errors import DifstudyError
 from .features import TechniqueFeatures
 from .sources import AMALGAMATED_LABEL, FIT_TASKS, AmalgamatedFeatures, AmalgamationConfig
-from .techniques import Technique
+from .techniques import BASIC, Technique
 
 # The official SPair-71k bucket set (diffusion-content-shift, correspondence_gate/README.md): no
 # basic bucket; the fine prompt with two noise seeds, a LoRA with a simple prompt at two weights,
@@ -190,6 +190,52 @@ def gate_sources(
         cb = control_base or base
         out[label] = {task: AmalgamatedFeatures(cb, buckets, task, train[task], config, label=label) for task in tasks}
     return out
+
+
+def study_sources(
+    pipe,
+    model: str,
+    activations,
+    techniques: Sequence[Technique],
+    bench,
+    records: dict,
+    *,
+    bucket_set: str = "official",
+    control_timesteps: Sequence[int] = (25, 50),
+    amalgamation: AmalgamationConfig = AmalgamationConfig(),
+    class_names: Sequence[str] = (),
+    controlnet=None,
+    lora=None,
+    denoising_from: int = 60,
+) -> dict[str, dict[str, Any]]:
+    """The GATE page's feature settings (:func:`gate_sources`) for the ``techniques`` that are
+    available, at ``bench.timestep``:
+
+    - the baseline and each technique from one :class:`TechniqueFeatures` over ``activations``;
+    - the timestep control: the baseline at ``control_timesteps``, amalgamated;
+    - ``bucket_set="official"``: every technique amalgamated without the basic bucket, and, when
+      both a ControlNet and a LoRA are among them, the up blocks' cross-attention maps under the
+      official attention conditioning (:func:`attention_technique` with ``class_names``,
+      ControlNet denoising from ``denoising_from``) appended last, unweighted (:class:`SizeMean`);
+      each technique alone only for its first seed and weight (the rest is amalgamation material);
+    - ``per-technique``: the basic bucket and every technique amalgamated, each alone."""
+    from ..protocols import ExtractionConfig
+
+    t = int(bench.timestep)
+    ex = ExtractionConfig(image_size=bench.image_size, batch_size=bench.batch_size, cache_dir=bench.cache_dir)
+    names = [tq.name for tq in techniques]
+    base = TechniqueFeatures(pipe, [activations], [BASIC, *techniques], (t,), ex, 0, model)
+    control = TechniqueFeatures(pipe, [activations], [BASIC], tuple(control_timesteps), ex, 0, model)
+    official = bucket_set == "official"
+    extra = None
+    if official and {"controlnet", "lora"} <= set(names):
+        attn = attention_technique(class_names, controlnet, lora, int(denoising_from) - t)
+        extra = SizeMean(TechniqueFeatures(pipe, up_cross_maps(pipe.unet), [attn], (t,), ex, 0, model))
+    singles = [tq.name for tq in techniques if tq.noise_seed == 0 and tq.lora_scale == 1.0]
+    return gate_sources(
+        base, names, t, records, bench, control_timesteps, amalgamation,
+        control_base=control, amalgamate=names if official else None, extra=extra, singles=singles,
+    )  # fmt: skip
 
 
 def run_gate_probes(sources: dict[str, dict[str, Any]], records: dict, bench, progress: bool = True) -> pd.DataFrame:

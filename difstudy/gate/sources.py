@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import DifstudyError
-from .amalgamation import Amalgamation, PixelAssigners, stack_buckets
+from .amalgamation import BUCKET_NORMS, Amalgamation, PixelAssigners, stack_buckets
 from .features import TechniqueFeatures, bucket_label
 
 
@@ -30,7 +30,9 @@ class AmalgamationConfig:
     ``k`` assigners (official 1) of ``hidden`` units with ``dropout``; AdamW (``lr``,
     ``weight_decay``) for ``epochs`` passes over the task's training data in minibatches of
     ``batch_size`` images (pairs for correspondence); ``sparsity``: the official sparsity term's
-    fixed coefficient (0 = off); ``temperature``: of the correspondence contrastive loss."""
+    fixed coefficient (0 = off); ``temperature``: of the correspondence contrastive loss;
+    ``bucket_norm``: ``"per-bucket"`` (official) or ``"shared"`` BatchNorm statistics across the
+    buckets (a difstudy variant, named in the source's label; see :mod:`~difstudy.gate.amalgamation`)."""
 
     k: int = 1
     hidden: int = 128
@@ -42,10 +44,15 @@ class AmalgamationConfig:
     sparsity: float = 0.0
     temperature: float = 0.07
     fit: str = "joint"
+    bucket_norm: str = "per-bucket"
 
     def __post_init__(self):
         if self.fit not in FITS:
             raise DifstudyError(f"AmalgamationConfig.fit must be one of {list(FITS)}, got {self.fit!r}")
+        if self.bucket_norm not in BUCKET_NORMS:
+            raise DifstudyError(
+                f"AmalgamationConfig.bucket_norm must be one of {list(BUCKET_NORMS)}, got {self.bucket_norm!r}"
+            )
 
 
 FIT_TASKS = ("correspondence", "label-scarce-seg", "classification")
@@ -112,6 +119,8 @@ class AmalgamatedFeatures:
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float32)
         self.joint = weights is None and task == "label-scarce-seg" and config.fit == "joint"
         fit = FIT_LABELS["joint" if self.joint else "two-stage"]
+        if weights is None and config.bucket_norm != "per-bucket":  # a variant: named in every row
+            fit = fit.replace("amalgamated (", f"amalgamated ({config.bucket_norm} bucket norm, ", 1)
         if label is None or label.startswith(AMALGAMATED_LABEL):
             desc = label[len(AMALGAMATED_LABEL) :] if label else " + ".join(bucket_label(*b) for b in self.buckets)
             label = fit + desc
@@ -146,7 +155,7 @@ class AmalgamatedFeatures:
         c = self.config
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed + 1)
-            return Amalgamation(channels, len(self.buckets), c.k, c.hidden, c.dropout)
+            return Amalgamation(channels, len(self.buckets), c.k, c.hidden, c.dropout, bucket_norm=c.bucket_norm)
 
     def _train_items(self) -> Sequence:
         return self.train(self.seed) if callable(self.train) else self.train
@@ -206,7 +215,12 @@ class AmalgamatedFeatures:
         if self._channels is None:
             raise DifstudyError(f"{self.label!r} is not prepared; call prepare(records) first")
         c, cfg, n, e = self._channels, self.config, len(self.buckets), self._extra_channels
-        return lambda: (PixelAssigners(c, n, cfg.k, cfg.hidden, cfg.dropout, passthrough=e), cfg.k * c + e)
+
+        def front():
+            assigners = PixelAssigners(c, n, cfg.k, cfg.hidden, cfg.dropout, e, cfg.bucket_norm)
+            return assigners, cfg.k * c + e
+
+        return front
 
     def maps(self, record) -> list[torch.Tensor]:
         per = [self.base.bucket_maps(record, b) for b in self.buckets]
