@@ -267,8 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache(sub)
 
     from . import bookcheck, lab, report, study, sweep
+    from .data import prepare
 
-    for module in (study, sweep, report, lab):
+    for module in (study, sweep, report, lab, prepare):
         module.add_cli(sub)
     _add_bench(sub)
     bookcheck.add_cli(sub)
