@@ -157,6 +157,66 @@ def task_config(dataset: str, options: dict | None = None):
     return replace(kind(), **options)
 
 
+# the datasets of the benchmark tables' full parameters, one per task (the papers' choices)
+PAPER_DATASETS = {
+    "correspondence": "spair",
+    "label-scarce-seg": "horse21",
+    "semantic-seg": "ade20k",
+    "classification": "cifar10",
+}
+
+
+def dataset_root(name: str, data_root: str | Path) -> Path:
+    """Where dataset ``name`` lies under the data root (:func:`difstudy.data.prepare.target`; a
+    dataset that ``difstudy data prepare`` does not know: ``<data_root>/<name>``)."""
+    from .data import prepare
+
+    return prepare.target(name, data_root) if name in prepare.DATASETS else Path(data_root) / name
+
+
+def dataset_records(cfg, data_root: str | Path, datasets: dict[str, str]) -> dict[str, dict]:
+    """The records of each task of ``cfg`` (a :class:`~difstudy.protocols.TaskConfig`) from the
+    dataset ``datasets[task]`` (a key of :data:`TASK_KINDS` whose task it is) under ``data_root``,
+    in the shape of :func:`difstudy.protocols.task_records`: correspondence ``test_pairs`` (the
+    first ``n_pairs`` test pairs) and ``train_pairs`` (SPair-71k ``trn``, for the conv head);
+    label-scarce segmentation ``n_seg_train`` / ``n_seg_test`` images; semantic segmentation and
+    classification ``n_train`` / ``n_test``."""
+    missing = [t for t in cfg.tasks if t not in datasets]
+    if missing:
+        raise ValueError(f"no dataset for the tasks {missing}: give datasets {{task: name}}, e.g. {PAPER_DATASETS}")
+    out = {}
+    for task in cfg.tasks:
+        name = datasets[task]
+        if TASK_KINDS.get(name) != task:
+            raise ValueError(f"dataset {name!r} is not a {task} dataset; {task} datasets: "
+                             f"{[d for d, t in TASK_KINDS.items() if t == task]}")  # fmt: skip
+        root = dataset_root(name, data_root)
+        if task == "correspondence":
+            out[task] = dict(
+                test_pairs=P.spair_pairs(loaders.SPair71k(root, split="test"), cfg.n_pairs),
+                train_pairs=P.spair_pairs(loaders.SPair71k(root, split="trn"), cfg.n_pairs),  # read on access
+            )
+        elif task == "label-scarce-seg":
+            make = loaders.DDPMSeg.bedroom28 if name == "bedroom28" else loaders.DDPMSeg.horse21
+            out[task] = dict(
+                train=P.loader_records(make(root, "train"), cfg.n_seg_train),
+                test=P.loader_records(make(root, "test"), cfg.n_seg_test),
+            )
+        else:
+            tr, te = SEMSEG_SPLITS.get(name, ("train", "test"))
+            out[task] = dict(
+                train=P.loader_records(loaders.load_dataset(name, root, split=tr), cfg.n_train),
+                test=P.loader_records(loaders.load_dataset(name, root, split=te), cfg.n_test),
+            )
+    return out
+
+
+def validation_pairs(cfg, data_root: str | Path, datasets: dict[str, str], n: int):
+    """The first ``n`` validation pairs of the correspondence dataset (for ranking activations)."""
+    root = dataset_root(datasets.get("correspondence", "spair"), data_root)
+    return P.spair_pairs(loaders.SPair71k(root, split="val"), n)
+
+
 def probe_real(
     dataset: str,
     root: str | Path,

@@ -26,7 +26,7 @@ the ``protocol`` label of the rows it affects.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import pandas as pd
 
@@ -59,10 +59,17 @@ class BenchConfig(P.TaskConfig):
     rank_candidates: str = "all"  # catalogue entries ranked for the best single activation
     cache_dir: str = "cache/features"
     batch_size: int = 16
+    # real datasets (the full parameters): {task: dataset} under data_root (difstudy data prepare);
+    # None: the toy world
+    data_root: str | None = None
+    datasets: dict = field(default_factory=dict)
+    device: str | None = None
+    dtype: str | None = None
 
     def __post_init__(self):
         super().__post_init__()
         object.__setattr__(self, "settings", tuple(self.settings))
+        object.__setattr__(self, "datasets", dict(self.datasets or {}))
         bad = [s for s in self.settings if s not in SETTINGS and s not in NAMED_SETS]
         if bad:
             raise ValueError(
@@ -83,9 +90,14 @@ class BenchConfig(P.TaskConfig):
 # -- settings ----------------------------------------------------------------------
 def rank_single(pipe, cfg: BenchConfig, names) -> pd.DataFrame:
     """Validation correspondence PCK (seed 0, zero-shot protocol of ``cfg``) of every
-    activation alone, best first."""
-    val = P.toy_world("val", cfg.n_val, cfg)
-    pairs = P.toy_pairs(val, cfg.n_pairs, seed=0)
+    activation alone, best first (the toy world's val split, or the real correspondence
+    dataset's val pairs with ``cfg.data_root``)."""
+    if cfg.data_root:
+        from .real import validation_pairs
+
+        pairs = validation_pairs(cfg, cfg.data_root, cfg.datasets, cfg.n_pairs)
+    else:
+        pairs = P.toy_pairs(P.toy_world("val", cfg.n_val, cfg), cfg.n_pairs, seed=0)
     everyone = P.CachedFeatures(pipe, list(names), cfg.extraction(), 0, cfg.model)
     everyone.prepare(P.pair_images(pairs))  # one forward per batch for all candidates
     nn_cfg = replace(cfg.correspondence, method="nn")
@@ -128,9 +140,14 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> tuple[pd.DataFrame
 
     from .models import load
 
-    pipe = load(cfg.model)
+    pipe = load(cfg.model, dtype=cfg.dtype, device=cfg.device)
     sources, ranking = feature_sources(pipe, cfg)
-    records = task_records(cfg)
+    if cfg.data_root:
+        from .real import dataset_records
+
+        records = dataset_records(cfg, cfg.data_root, cfg.datasets)
+    else:
+        records = task_records(cfg)
     frames = []
     bar = tqdm(total=len(sources) * len(cfg.tasks) * len(cfg.seeds), desc="benchmark", disable=not progress)
     for setting, (source, acts) in sources.items():
@@ -140,6 +157,7 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> tuple[pd.DataFrame
                 df = run_task(task, source, records[task], cfg, seed)
                 frames.append(
                     df.assign(
+                        dataset=cfg.datasets.get(task, "toy world") if cfg.data_root else "toy world",
                         setting=setting,
                         activations=acts,
                         model=cfg.model,

@@ -94,7 +94,9 @@ def seg_world_size(cfg: TaskConfig, n: int) -> int:
 
 
 def task_records(cfg: TaskConfig) -> dict[str, dict]:
-    """The records of every task (pairs per seed are drawn in :func:`run_task`)."""
+    """The records of every task on the toy world (pairs per seed are drawn in :func:`run_task`);
+    a real dataset's records (:func:`difstudy.real.dataset_records`) hold ``test_pairs`` and
+    ``train_pairs`` instead of the two worlds."""
     train, test = toy_world("train", cfg.n_train, cfg), toy_world("test", cfg.n_test, cfg)
     seg_train = toy_world("train", seg_world_size(cfg, cfg.n_seg_train), cfg)
     seg_test = toy_world("test", seg_world_size(cfg, cfg.n_seg_test), cfg)
@@ -115,6 +117,8 @@ def train_records(task: str, records: dict, cfg: TaskConfig, seed: int) -> Recor
     label-scarce training split of the seed (:func:`~difstudy.protocols.partseg.split_for_seed`),
     else the training records."""
     if task == "correspondence":
+        if "train_pairs" in records:  # a dataset's fixed pairs (SPair-71k), the same for every seed
+            return records["train_pairs"]
         return toy_pairs(records["train_world"], cfg.n_pairs, seed)
     if task == "label-scarce-seg":
         return split_for_seed(records["train"], records["test"], seed, cfg.part_seg.shuffle_split)[0]
@@ -124,7 +128,9 @@ def train_records(task: str, records: dict, cfg: TaskConfig, seed: int) -> Recor
 def run_task(task: str, source: FeatureSource, records: dict, cfg: TaskConfig, seed: int) -> pd.DataFrame:
     """One protocol call for one setting and seed."""
     if task == "correspondence":
-        pairs = toy_pairs(records["test_world"], cfg.n_pairs, seed)
+        pairs = (
+            records["test_pairs"] if "test_pairs" in records else toy_pairs(records["test_world"], cfg.n_pairs, seed)
+        )
         train_pairs = train_records(task, records, cfg, seed)
         return correspondence(source, pairs, cfg.correspondence, seed, train_pairs=train_pairs)
     if task == "label-scarce-seg":
