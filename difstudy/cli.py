@@ -12,14 +12,21 @@ def _catalog(a) -> None:
     import pandas as pd
 
     from .catalog import Catalog
-    from .models import load, vae_scale_factor
+    from .models import load, resolve_name, standins, vae_scale_factor
 
-    pipe = load(a.model)
-    size = a.size or pipe.unet.config.sample_size * vae_scale_factor(pipe)
-    factor = vae_scale_factor(pipe)
+    embedded = standins.standin_name(resolve_name(a.model))
+    if embedded:  # the real architecture from the embedded configuration, on the meta device
+        unet = standins.meta_unet(embedded)
+        factor = 2 ** (len(standins.config(embedded, "vae")["block_out_channels"]) - 1)
+        text_len = standins.config(embedded, "text_encoder")["max_position_embeddings"]
+        print(f"# {a.model}: the real architecture (embedded configuration), no weights loaded")
+    else:
+        pipe = load(a.model)
+        unet, factor, text_len = pipe.unet, vae_scale_factor(pipe), pipe.tokenizer.model_max_length
+    size = a.size or unet.config.sample_size * factor
     if size % factor:
         raise DifstudyError(f"image size {size} is not a multiple of the VAE factor {factor}")
-    cat = Catalog(pipe.unet, latent_size=size // factor, text_len=pipe.tokenizer.model_max_length)
+    cat = Catalog(unet, latent_size=size // factor, text_len=text_len)
     names = cat.resolve(a.only) if a.only else cat.names
     if a.long:
         df = cat.to_frame()

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelNotFoundError, closest
+from . import standins
 from .tiny import TINY_MODELS, build_tiny
 
 MINI_PATH = Path(__file__).parent / "difstudy-mini"
@@ -114,7 +115,14 @@ def load(name_or_path: str | os.PathLike, dtype=None, device=None):
     """
     dtype = _dtype(dtype)
     name = str(name_or_path)
-    if name == "mini":
+    cache = standins.rehearsal_cache()
+    if cache is not None:
+        dtype, device = rehearsal_device(name, dtype, device)
+    standin = standins.standin_name(resolve_name(name))
+    if cache is not None and standin:
+        print(f"rehearsal: {name} is a random-weight stand-in (the real {standin} architecture, random weights)")
+        pipe = standins.standin_pipeline(standin, cache, dtype)
+    elif name == "mini":
         if not (MINI_PATH / "model_index.json").exists():
             raise ModelNotFoundError(
                 f"the mini model is missing from {MINI_PATH}; it is committed with difstudy. "
@@ -144,6 +152,17 @@ def load(name_or_path: str | os.PathLike, dtype=None, device=None):
         warnings.warn(f"{name}: {pipe.unet.dtype} on CPU is slow and some ops may be unsupported; use fp32 on CPU")
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def rehearsal_device(name: str, dtype, device):
+    """In a rehearsal (CPU): ``cuda`` becomes ``cpu`` and half precision fp32, each with a line."""
+    if device is not None and torch.device(device).type == "cuda":
+        print(f"rehearsal: {name} on cpu instead of {device}")
+        device = None
+    if dtype in (torch.float16, torch.bfloat16):
+        print(f"rehearsal: {name} in float32 instead of {str(dtype).removeprefix('torch.')}")
+        dtype = torch.float32
+    return dtype, device
 
 
 def vae_scale_factor(pipe) -> int:
