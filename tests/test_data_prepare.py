@@ -111,3 +111,22 @@ def test_every_dataset_names_its_page_folder_and_layout():
         assert (s.url is None) == (s.archive is None), s.name
         assert s.url is None or s.url.startswith(("https://", "http://")), s.name
         assert Path(s.folder).parts[-1], s.name
+
+
+def test_the_toy_world_under_one_data_root_passes_every_layout_check(tmp_path):
+    """The rehearsal's data root: the toy world in the folders and layouts of the real datasets,
+    which `difstudy data prepare` then verifies as it would the real ones (no download)."""
+    from difstudy.data.export import to_data_root
+    from difstudy.data.loaders import ADE20K, CIFAR10
+    from difstudy.data.toyworld import CLASS_NAMES
+
+    to_data_root(tmp_path, n=12, size=64, n_pairs=4, progress=False)
+    counts = {name: DP.prepare(name, tmp_path, download=False) for name in ("spair", "horse21", "ade20k", "cifar10")}
+    assert set(counts["spair"]) == {"trn", "val", "test"} and 1 <= min(counts["spair"].values()) <= 4
+    assert counts["ade20k"] == {"training": 12, "validation": 24} and counts["cifar10"] == {"train": 12, "test": 12}
+    assert min(counts["horse21"].values()) >= 1
+    item = ADE20K(tmp_path, "training")[0]
+    assert item["mask"].min() >= 0 and item["mask"].max() <= 10  # 0 background, 1 + class inside the object
+    cifar = CIFAR10(tmp_path, "train")
+    assert cifar[0]["image"].shape == (32, 32, 3) and cifar.class_names == CLASS_NAMES
+    assert sorted({cifar[i]["label"] for i in range(len(cifar))}) == sorted(set(cifar.labels.tolist()))

@@ -6,7 +6,11 @@ third-party code that reads the official layouts) run unchanged on toy data:
 * :func:`to_spair` — SPair-71k (images, image/pair annotations, part masks, layout lists);
 * :func:`to_ddpmseg` — DDPM-segmentation ``real/<split>/`` folders (png + npy mask);
 * :func:`to_class_folders` — CIFAR-style ``<split>/<class>/*.png`` + ``classes.txt``;
-* :func:`export_all` — all three for the train/val/test splits.
+* :func:`to_ade20k` — ADE20K SceneParsing (``ADEChallengeData2016/images|annotations/<split>/``);
+* :func:`to_cifar10` — CIFAR-10's python batches (32 px worlds only);
+* :func:`export_all` — the first three for the train/val/test splits;
+* :func:`to_data_root` — SPair-71k, Horse-21, ADE20K and CIFAR-10 under one data root, in the
+  folders ``difstudy data prepare`` uses (the rehearsal's stand-in for the real datasets).
 
 Every file is written to a temporary name and moved into place with
 :func:`os.replace`, so an interrupted export never leaves half-written files.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -202,6 +207,62 @@ def _to_class_folders(samples: Sequence[ToySample], split: str, out: Path) -> Pa
     _write_lines(out / "classes.txt", CLASS_NAMES)
     for s in samples:
         _write_image(out / split / s.class_name / f"{s.image_id}.png", s.image)
+    return out
+
+
+ADE20K_SPLIT_NAMES = {"train": "training", "val": "validation", "test": "validation"}
+
+
+def to_ade20k(world: ToyWorld, out: str | Path, progress: bool = True) -> Path:
+    """Write ``world`` in ADE20K's layout under ``out/ADEChallengeData2016``: images as JPEG and
+    annotation PNGs where 1 is the background and ``2 + label`` the object (0, ADE20K's "other",
+    is not used), so the loader's ``raw - 1`` gives 0 background and ``1 + label`` as
+    :func:`~difstudy.protocols.toy_records` ``target="object"`` does. val and test both go to
+    ``validation`` (ADE20K has two splits). Returns the dataset folder."""
+    base = Path(out) / "ADEChallengeData2016"
+    split = ADE20K_SPLIT_NAMES[world.split]
+    for s in _render(world, f"ade20k {world.split}", progress):
+        _write_image(base / "images" / split / f"{s.image_id}.jpg", s.image, quality=95)
+        ann = np.where(s.mask > 0, s.label + 2, 1).astype(np.uint8)
+        _write_image(base / "annotations" / split / f"{s.image_id}.png", ann)
+    return base
+
+
+def to_cifar10(world: ToyWorld, out: str | Path, progress: bool = True) -> Path:
+    """Write ``world`` (32 px) as CIFAR-10's python batches under ``out/cifar-10-batches-py``: the
+    train split over ``data_batch_1`` .. ``data_batch_5``, val or test as ``test_batch``, and
+    ``batches.meta`` with the toy world's class names. Returns the dataset folder."""
+    if world.size != 32:
+        raise ValueError(f"CIFAR-10 images are 32 px; render the world with size=32, not {world.size}")
+    base = Path(out) / "cifar-10-batches-py"
+    samples = _render(world, f"cifar10 {world.split}", progress)
+    data = np.stack([s.image.transpose(2, 0, 1).reshape(-1) for s in samples]).astype(np.uint8)
+    labels = [int(s.label) for s in samples]
+    files = [f"data_batch_{k}" for k in range(1, 6)] if world.split == "train" else ["test_batch"]
+    for name, idx in zip(files, np.array_split(np.arange(len(samples)), len(files))):
+        batch = {b"batch_label": name.encode(), b"labels": [labels[i] for i in idx], b"data": data[idx]}
+        _atomic_write(base / name, lambda f, batch=batch: pickle.dump(batch, f))
+    meta = {b"label_names": [n.encode() for n in CLASS_NAMES], b"num_cases_per_batch": len(samples)}
+    _atomic_write(base / "batches.meta", lambda f: pickle.dump(meta, f))
+    return base
+
+
+def to_data_root(
+    out: str | Path, n: int = 40, size: int = 64, seg_class: str = "bird", n_pairs: int = 20, progress: bool = True
+) -> Path:
+    """The toy world under one data root in the folders of the real datasets
+    (:data:`difstudy.data.prepare.DATASETS`): ``SPair-71k`` (``n_pairs`` pairs per split),
+    ``ddpm-segmentation/horse_21`` (``seg_class`` only, class-local part ids, train and test),
+    ``ADEChallengeData2016`` and ``cifar-10-batches-py`` (32 px); ``n`` images per split."""
+    out = Path(out)
+    for split in SPLITS:
+        world = ToyWorld(split, n=n, size=size)
+        to_spair(world, out / "SPair-71k", n_pairs=n_pairs, progress=progress)
+        to_ade20k(world, out, progress=progress)
+        if split != "val":
+            seg = ToyWorld(split, n=n * len(CLASS_NAMES), size=size)
+            to_ddpmseg(seg, out / "ddpm-segmentation" / "horse_21", class_name=seg_class, progress=progress)
+            to_cifar10(ToyWorld(split, n=n, size=32), out, progress=progress)
     return out
 
 
