@@ -97,7 +97,7 @@ from .errors import DifstudyError
 from .fileio import write_csv_atomic, write_text_atomic
 from .verdicts import CLAIM_COLUMNS, VERDICTS
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(os.environ.get("DIFSTUDY_ROOT") or Path(__file__).resolve().parent.parent)  # a rehearsal's own folder
 TOC = Path("book") / "_toc.yml"
 GENERATED = Path("book") / "_generated"
 TIMES = Path("results") / "times.csv"
@@ -781,12 +781,15 @@ def _has_tabulate() -> bool:
 
 
 def add_cli(sub) -> None:
+    from .rehearsal import run_cli
+
     r = sub.add_parser("run", help="execute the notebooks (papermill) and build the book")
     r.add_argument("notebooks", nargs="*", help="notebooks to execute (default: every book/_generated page of the toc)")
     r.add_argument("-p", "--params", default="ci", help="ci, full, or a YAML file")
     r.add_argument("--only", nargs="+", default=None, help="same as the positional notebooks")
     r.add_argument("--no-book", action="store_true", help="execute only, do not build the book")
-    r.set_defaults(fn=lambda a: run(a.params, (a.only or []) + a.notebooks or None, not a.no_book))
+    r.add_argument("--rehearse", action="store_true", help="with --params full: random-weight stand-ins on CPU")
+    r.set_defaults(fn=run_cli)
     p = sub.add_parser("probe", help="run the probe benchmark tables (toy world) and write results.csv / table.md")
     p.add_argument("--params", default="ci", help="ci, full, or a YAML file with BenchConfig fields")
     p.add_argument("--out", default=None)

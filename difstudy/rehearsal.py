@@ -1,0 +1,238 @@
+"""``difstudy run --params full --rehearse``: the GPU study rehearsed on a CPU (issue 23).
+
+Every notebook runs with its ``full`` parameters, through the same code paths as on a GPU runner,
+with four substitutions, each printed and shown on every page:
+
+- **models**: each real model is a random-weight stand-in of the same architecture and
+  configuration (:mod:`difstudy.models.standins`: SD1.5 at its real widths 320/640/1280/1280 and its
+  real canny ControlNet), and a LoRA path that does not exist is a random LoRA of difstudy's
+  recipe (rank 8, alpha 8, the attention projections) on the stand-in;
+- **devices**: ``cuda`` becomes ``cpu`` and fp16 / bf16 fp32 (:func:`difstudy.models.rehearsal_device`);
+- **data**: the data root is the toy world exported in the real datasets' official layouts
+  (:func:`difstudy.data.export.to_data_root`), so the same loaders read it;
+- **sizes** (:func:`rehearse_params`): image sizes become :data:`IMAGE_SIZE`, counts are
+  multiplied by :data:`COUNT_FACTOR` (never below their :data:`MINIMUM`; "all" becomes that
+  minimum), seed lists keep their first :data:`SEEDS`, sampling steps become :data:`STEPS`.
+
+Everything runs in a folder of its own (``_rehearsal/``, :data:`FOLDER`): its notebooks folder
+holds links to the real notebooks and their ``<name>.rehearsal.yaml`` parameter files, its results,
+caches, stand-in models, data and book are its own, so a rehearsal never touches the study's
+results. ``DIFSTUDY_ROOT`` points the kernels' :data:`difstudy.study.ROOT` there. Its book says
+"rehearsal: random-weight stand-ins" on every page (an announcement bar and a first cell per
+page), and :func:`check_banner` fails a page without it. The numbers of a rehearsal mean nothing;
+what it shows is that the full run's code paths run, and how long each notebook takes at these
+sizes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import yaml
+
+from .errors import DifstudyError
+
+FOLDER = "_rehearsal"
+BANNER = "rehearsal: random-weight stand-ins"
+BANNER_TEXT = (
+    f"**{BANNER}.** This page ran with its `full` parameters on random-weight stand-ins of the real "
+    "models, on a CPU, with the toy world in the real datasets' layouts and every size scaled down "
+    "(the table below says how). Its numbers are not results; it shows that the full run's code runs."
+)
+ENV_ROOT = "DIFSTUDY_ROOT"
+IMAGE_SIZE = 64  # px: the smallest the SD layouts take (VAE 8 x 3 downsamplers)
+COUNT_FACTOR = 0.02
+SEEDS = 2
+STEPS = 4  # DDIM / Img2Img sampling steps
+# the smallest count each parameter may have (a protocol's minimum: pairs need images of one class,
+# a split needs a few of each); "all" (None) becomes this too
+MINIMUM = {
+    "n_images": 2,
+    "n_shift_images": 2,
+    "n_property_images": 2,
+    "n_show": 2,
+    "n_val_images": 20,
+    "n_test_images": 20,
+    "n_val_pairs": 4,
+    "n_test_pairs": 4,
+    "n_train": 20,
+    "n_test": 20,
+    "n_val": 10,
+    "n_pairs": 4,
+    "n_seg_train": 3,
+    "n_seg_test": 3,
+    "n_per_class": 6,
+}
+SIZE_KEYS = ("image_size", "toy_size")
+SEED_KEYS = ("seeds", "property_seeds")
+STEP_KEYS = ("img2img_steps", "sample_steps")
+RANDOM_LORA_RANK = 8
+
+
+def rehearse_params(values: dict, data_root: str, lora_root: str) -> tuple[dict, list[str]]:
+    """A notebook's full parameter values scaled for the rehearsal, and one line per change."""
+    out, changes = dict(values), []
+
+    def change(key, new, why):
+        if out.get(key) != new:
+            changes.append(f"{key}: {out.get(key)!r} -> {new!r} ({why})")
+            out[key] = new
+
+    for key, value in values.items():
+        if key in SIZE_KEYS and isinstance(value, int) and value > IMAGE_SIZE:
+            change(key, IMAGE_SIZE, "image size")
+        elif key in MINIMUM and (value is None or isinstance(value, int)):
+            new = MINIMUM[key] if value is None else max(MINIMUM[key], math.ceil(value * COUNT_FACTOR))
+            change(key, min(new, value) if value is not None else new, f"count x {COUNT_FACTOR:g}")
+        elif key in SEED_KEYS and isinstance(value, list) and len(value) > SEEDS:
+            change(key, value[:SEEDS], f"first {SEEDS} seeds")
+        elif key in STEP_KEYS and isinstance(value, int) and value > STEPS:
+            change(key, STEPS, "sampling steps")
+        elif key == "device" and value not in (None, "cpu"):
+            change(key, "cpu", "no GPU")
+        elif key == "dtype" and value in ("fp16", "bf16", "float16", "bfloat16"):
+            change(key, "fp32", "fp32 on CPU")
+        elif key == "data_root" and value is not None:
+            change(key, data_root, "the toy world in the real datasets' layouts")
+        elif key == "lora" and isinstance(value, str) and "/" in value and not Path(value).exists():
+            change(key, lora_root, f"a random LoRA of rank {RANDOM_LORA_RANK}")
+    return out, changes
+
+
+def random_lora(folder: Path, model: str = "sd15") -> Path:
+    """A random LoRA (difstudy's recipe: rank 8, alpha 8, the attention projections; both matrices
+    random, so it changes the output) on the stand-in of ``model``, saved as diffusers writes one."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    from .models import standins
+    from .train.lora import lora_config
+
+    if (folder / "pytorch_lora_weights.safetensors").exists():
+        return folder
+    pipe = standins.standin_pipeline(model, standins.rehearsal_cache())
+    pipe.unet.add_adapter(lora_config(RANDOM_LORA_RANK))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        for name, p in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.01)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+    tmp.replace(folder)
+    return folder
+
+
+def prepare_root(repo: Path, names: list[str], progress: bool = True) -> Path:
+    """The rehearsal folder under ``repo``: the book (sources, table of contents, configuration
+    with the banner), a notebooks folder of links and rehearsal parameter files, the data root."""
+    from .data.export import to_data_root
+    from .study import load_params
+
+    root = repo / FOLDER
+    root.mkdir(exist_ok=True)
+    for stale in ("results", "book"):
+        shutil.rmtree(root / stale, ignore_errors=True)
+    shutil.copytree(repo / "book", root / "book", ignore=shutil.ignore_patterns("_generated", "vendor"))
+    config = yaml.safe_load((repo / "_config.yml").read_text())
+    config["title"] = f"{config['title']} ({BANNER})"
+    config.setdefault("html", {})["announcement"] = f"{BANNER}: these numbers are not results"
+    (root / "_config.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+    nbs = root / "notebooks"
+    shutil.rmtree(nbs, ignore_errors=True)
+    nbs.mkdir()
+    data = root / "data"
+    if not (data / "SPair-71k").exists():
+        to_data_root(data, n=40, size=IMAGE_SIZE, progress=progress)
+    for src in sorted((repo / "notebooks").glob("*.ipynb")):
+        (nbs / src.name).symlink_to(src)
+    for name in names:
+        values, changes = rehearse_params(load_params(name, "full", repo), str(data), str(root / "loras" / "random"))
+        note = "".join(f"# {c}\n" for c in changes) or "# (no change)\n"
+        text = f"# {name}.full.yaml for the rehearsal (difstudy.rehearsal):\n{note}" + yaml.safe_dump(values)
+        (nbs / f"{name}.rehearsal.yaml").write_text(text)
+        print(f"[rehearsal] {name}: " + ("; ".join(changes) or "full parameters unchanged"), flush=True)
+    return root
+
+
+def add_banner(executed: Path) -> None:
+    """A first markdown cell saying what a rehearsal page is (in place)."""
+    import nbformat
+
+    nb = nbformat.read(executed, as_version=4)
+    if any("difstudy-rehearsal" in c.metadata.get("tags", []) for c in nb.cells):
+        return
+    cell = nbformat.v4.new_markdown_cell(f"```{{warning}}\n{BANNER_TEXT}\n```")
+    cell.metadata["tags"] = ["difstudy-rehearsal"]
+    first = next((i + 1 for i, c in enumerate(nb.cells) if c.cell_type == "markdown" and c.source.startswith("#")), 0)
+    nb.cells.insert(first, cell)
+    nbformat.write(nb, executed)
+
+
+def check_banner(html_dir: Path, pages: list[str]) -> list[str]:
+    """Pages of the built rehearsal book that do not say they are a rehearsal."""
+    missing = []
+    for page in pages:
+        html = html_dir / f"{page}.html"
+        if not html.exists() or BANNER not in html.read_text(errors="replace"):
+            missing.append(page)
+    return missing
+
+
+def run(names: list[str] | None = None, book: bool = True, repo: Path | None = None) -> list[dict]:
+    """Prepare the rehearsal folder, execute the notebooks there (their ``rehearsal`` parameters),
+    put the banner on every page, build and check the book."""
+    from . import study
+    from .models import standins
+
+    repo = Path(repo or study.ROOT)
+    all_names = study.notebook_names(repo)
+    names = names or all_names
+    t0 = time.time()
+    root = prepare_root(repo, names)
+    env = {ENV_ROOT: str(root), standins.REHEARSAL_ENV: str(root / "models")}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        if any(study.load_params(n, "rehearsal", root).get("lora") == str(root / "loras" / "random") for n in names):
+            random_lora(root / "loras" / "random")
+        times = study.run("rehearsal", names, book=False, root=root)
+        for n in all_names:
+            if (root / study.GENERATED / f"{n}.ipynb").exists():
+                add_banner(root / study.GENERATED / f"{n}.ipynb")
+        if book:
+            if not (root / "book" / "_static" / "vendor").exists() and (repo / "book" / "_static" / "vendor").exists():
+                shutil.copytree(repo / "book" / "_static" / "vendor", root / "book" / "_static" / "vendor")
+            missing = [n for n in all_names if not (root / study.GENERATED / f"{n}.ipynb").exists()]
+            if missing:
+                raise DifstudyError(f"cannot build the rehearsal book: {missing} were not rehearsed")
+            html = study.build_book(root)
+            pages = study.toc_files(root / study.TOC)
+            bare = check_banner(html, pages)
+            if bare:
+                raise DifstudyError(f"rehearsal pages without the '{BANNER}' banner: {bare}")
+            print(f"[rehearsal] book built: {html / 'index.html'} (every page says '{BANNER}')")
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    print(f"[rehearsal] {len(names)} notebooks in {(time.time() - t0) / 60:.1f} min (setup and book included)")
+    return times
+
+
+def run_cli(a) -> None:
+    """``difstudy run``: the study (``run``), or with ``--rehearse`` its rehearsal."""
+    from . import study
+
+    names = (a.only or []) + a.notebooks or None
+    if a.rehearse and a.params != "full":
+        raise DifstudyError(f"--rehearse rehearses the full parameters: use --params full, not {a.params!r}")
+    return run(names, not a.no_book) if a.rehearse else study.run(a.params, names, not a.no_book)

@@ -1,0 +1,85 @@
+"""The rehearsal of the GPU study (issue 23): the full parameters scaled for a CPU, the rehearsal
+folder (links to the notebooks, its own parameter files, data root and book configuration with the
+banner). The whole rehearsal run is `difstudy run --params full --rehearse` (see .ci/run)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from difstudy import rehearsal as R
+from difstudy.errors import DifstudyError
+from difstudy.study import ROOT, load_params, notebook_names
+
+
+def test_full_parameters_are_scaled_and_every_change_is_said():
+    values, changes = R.rehearse_params(load_params("property_noise", "full"), "/data", "/lora")
+    assert values["model"] == "sd15"  # the real name: load() gives the stand-in
+    assert values["image_size"] == R.IMAGE_SIZE and values["seeds"] == [0, 1]
+    assert values["device"] == "cpu" and values["dtype"] == "fp32" and values["n_images"] == 2
+    assert any(c.startswith("image_size: 512 -> 64") for c in changes) and len(changes) == 5
+    bench, _ = R.rehearse_params(load_params("benchmark_tables", "full"), "/data", "/lora")
+    assert bench["data_root"] == "/data" and bench["n_train"] == R.MINIMUM["n_train"] and bench["n_pairs"] == 4
+    gate, changes = R.rehearse_params(load_params("gate", "full"), "/data", "/lora")
+    assert gate["lora"] == "/lora" and gate["controlnet"] == "sd15-canny" and gate["n_train"] == 20
+    assert gate["img2img_steps"] == R.STEPS and any("random LoRA of rank 8" in c for c in changes)
+    small, changes = R.rehearse_params({"n_images": 1, "seeds": [0], "image_size": 32}, "/d", "/l")
+    assert small == {"n_images": 1, "seeds": [0], "image_size": 32} and changes == []  # never scaled up
+
+
+def test_the_rehearsal_folder(tmp_path, monkeypatch):
+    import shutil
+
+    repo = tmp_path / "repo"
+    for part in ("book", "notebooks"):
+        shutil.copytree(ROOT / part, repo / part, ignore=shutil.ignore_patterns("_generated", "vendor"))
+    shutil.copy(ROOT / "_config.yml", repo / "_config.yml")
+    names = notebook_names(repo)
+    root = R.prepare_root(repo, names, progress=False)
+    config = yaml.safe_load((root / "_config.yml").read_text())
+    assert R.BANNER in config["title"] and R.BANNER in config["html"]["announcement"]
+    for name in names:
+        assert (root / "notebooks" / f"{name}.ipynb").resolve() == (repo / "notebooks" / f"{name}.ipynb").resolve()
+        values = load_params(name, "rehearsal", root)
+        assert set(values) == set(load_params(name, "full", repo)), name
+    assert load_params("benchmark_tables", "rehearsal", root)["data_root"] == str(root / "data")
+    assert (root / "data" / "SPair-71k" / "PairAnnotation" / "test").is_dir()
+    assert (root / "data" / "cifar-10-batches-py" / "test_batch").is_file()
+
+
+def test_rehearse_needs_the_full_parameters():
+    from difstudy.cli import build_parser
+
+    a = build_parser().parse_args(["run", "--rehearse", "--params", "ci"])
+    with pytest.raises(DifstudyError, match="use --params full"):
+        a.fn(a)
+
+
+def test_banner_cell_and_check(tmp_path):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# Title"), nbformat.v4.new_code_cell("1")])
+    path = tmp_path / "page.ipynb"
+    nbformat.write(nb, path)
+    R.add_banner(path)
+    R.add_banner(path)  # once only
+    cells = nbformat.read(path, as_version=4).cells
+    assert [c.cell_type for c in cells] == ["markdown", "markdown", "code"] and R.BANNER in cells[1].source
+    (tmp_path / "html").mkdir()
+    (tmp_path / "html" / "a.html").write_text(f"<p>{R.BANNER}</p>")
+    (tmp_path / "html" / "b.html").write_text("<p>results</p>")
+    assert R.check_banner(tmp_path / "html", ["a", "b", "c"]) == ["b", "c"]
+
+
+def test_every_full_parameter_file_names_a_real_model_or_says_why():
+    from difstudy.models import resolve_name, standins
+
+    for name in notebook_names():
+        path = ROOT / "notebooks" / f"{name}.full.yaml"
+        text = path.read_text()
+        values = yaml.safe_load(text)
+        model = values.get("model")
+        if model is not None and standins.standin_name(resolve_name(model)):
+            continue
+        why = "".join(line for line in text.splitlines(True) if line.startswith("#"))
+        assert why.strip(), f"{path.name}: model {model!r} is not a real model and the file does not say why"
