@@ -399,6 +399,8 @@ def plot_forest(claims: pd.DataFrame, ax=None, relative: bool = False, wrap: int
     missing = [c for c in ("claim", "estimate", "lo", "hi", "min_effect", "verdict") if c not in claims.columns]
     if missing:
         raise ValueError(f"plot_forest needs the columns {missing}; give it the claims ledger (collect_claims)")
+    if claims.empty:
+        raise ValueError("no claims to plot: run the pages that write claims first (difstudy run)")
     bad = sorted(set(claims["verdict"]) - set(VERDICT_COLOURS), key=str)
     if bad:
         raise ValueError(f"unknown verdicts {bad}; the ledger knows {list(VERDICT_COLOURS)}")

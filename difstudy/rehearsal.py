@@ -134,6 +134,7 @@ def prepare_root(repo: Path, names: list[str], progress: bool = True) -> Path:
     with the banner), a notebooks folder of links and rehearsal parameter files, the data root."""
     from .data.export import to_data_root
     from .study import load_params
+    from .study import notebook_names as study_names
 
     root = repo / FOLDER
     root.mkdir(exist_ok=True)
@@ -149,15 +150,17 @@ def prepare_root(repo: Path, names: list[str], progress: bool = True) -> Path:
     nbs.mkdir()
     data = root / "data"
     if not (data / "SPair-71k").exists():
-        to_data_root(data, n=40, size=IMAGE_SIZE, progress=progress)
+        to_data_root(data, n=40, size=IMAGE_SIZE, progress=False)
+        print(f"[rehearsal] the toy world in the real datasets' layouts: {data}", flush=True)
     for src in sorted((repo / "notebooks").glob("*.ipynb")):
         (nbs / src.name).symlink_to(src)
-    for name in names:
+    for name in study_names(repo):  # every page's file: the ledger reads them all
         values, changes = rehearse_params(load_params(name, "full", repo), str(data), str(root / "loras" / "random"))
         note = "".join(f"# {c}\n" for c in changes) or "# (no change)\n"
         text = f"# {name}.full.yaml for the rehearsal (difstudy.rehearsal):\n{note}" + yaml.safe_dump(values)
         (nbs / f"{name}.rehearsal.yaml").write_text(text)
-        print(f"[rehearsal] {name}: " + ("; ".join(changes) or "full parameters unchanged"), flush=True)
+        if name in names:
+            print(f"[rehearsal] {name}: " + ("; ".join(changes) or "full parameters unchanged"), flush=True)
     return root
 
 
