@@ -47,6 +47,10 @@ def test_gpu_workflow_parses_and_publishes_the_book():
     assert wf["permissions"]["pages"] == "write" and wf["permissions"]["id-token"] == "write"
     runs = run_commands(WORKFLOW.read_text())
     assert "PARAMS=full bash scripts/study.sh" in runs
+    # the rehearsal runs first: a broken full run stops before any GPU hour is spent (issue 23)
+    rehearse = next(i for i, r in enumerate(runs) if "difstudy run --params full --rehearse" in r)
+    assert rehearse < runs.index("PARAMS=full bash scripts/study.sh")
+    assert "check-book" in runs[rehearse] and "_rehearsal" in runs[rehearse]
     assert any("difstudy check-book" in r for r in runs)
 
 
