@@ -31,6 +31,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 import yaml
 
@@ -200,9 +201,7 @@ def run(names: list[str] | None = None, book: bool = True, repo: Path | None = N
     t0 = time.time()
     root = prepare_root(repo, names)
     env = {ENV_ROOT: str(root), standins.REHEARSAL_ENV: str(root / "models")}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with patch.dict(os.environ, env):  # restored afterwards
         if any(study.load_params(n, "rehearsal", root).get("lora") == str(root / "loras" / "random") for n in names):
             random_lora(root / "loras" / "random")
         times = study.run("rehearsal", names, book=False, root=root)
@@ -221,12 +220,6 @@ def run(names: list[str] | None = None, book: bool = True, repo: Path | None = N
             if bare:
                 raise DifstudyError(f"rehearsal pages without the '{BANNER}' banner: {bare}")
             print(f"[rehearsal] book built: {html / 'index.html'} (every page says '{BANNER}')")
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     print(f"[rehearsal] {len(names)} notebooks in {(time.time() - t0) / 60:.1f} min (setup and book included)")
     return times
 
