@@ -111,8 +111,7 @@ def random_lora(folder: Path, model: str = "sd15") -> Path:
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 
-    from .models import standins
-    from .train.lora import lora_config
+    from .models import lora_config, standins
 
     if (folder / "pytorch_lora_weights.safetensors").exists():
         return folder

@@ -36,6 +36,15 @@ ALIASES = {
 BUILTINS = ("mini", *TINY_MODELS)
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
 _DTYPES |= {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def lora_config(rank: int = 8):
+    """difstudy's LoRA recipe (rank = alpha, the attention projections, peft's gaussian init): what
+    ``difstudy.train.lora`` trains and what the rehearsal's random LoRA is made with."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(LORA_TARGET_MODULES))
 
 
 def _dtype(dtype) -> torch.dtype | None:

@@ -37,16 +37,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..models import LORA_TARGET_MODULES as TARGET_MODULES
+from ..models import lora_config
 from .common import CsvLog, atomic_save, caption_ids, cosine_lr, diffusion_target, encode_latents, toy_data
 
-TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 ADAPTER = "default"
-
-
-def lora_config(rank: int = 8):
-    from peft import LoraConfig
-
-    return LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(TARGET_MODULES))
 
 
 def lora_state(unet) -> dict[str, torch.Tensor]:
