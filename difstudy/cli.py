@@ -233,7 +233,7 @@ def _add_cache(sub) -> None:
 def _bench(a) -> None:
     from .bench import config_for, run_bench
 
-    cfg = config_for(a.quick)
+    cfg = config_for(a.quick, device=a.device, dtype=a.dtype)
     cfg.threads = a.threads
     if a.repeats:
         cfg.repeats = a.repeats
@@ -242,11 +242,15 @@ def _bench(a) -> None:
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="time capture, early stop, batching and extraction memory (CPU)")
+    p = sub.add_parser("bench", help="time capture, early stop, batching and extraction memory (CPU or CUDA)")
     p.add_argument("--quick", action="store_true", help="fewer repeats and a lighter comparison (< 1 min)")
     p.add_argument("--out", default=None, help="write the tidy result rows to this CSV file")
     p.add_argument("--threads", type=int, default=1, help="torch threads (fixed for the whole run; default 1)")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5, --quick 3)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5, --quick 3; cuda 10)")
+    p.add_argument(
+        "--device", default="cpu", help="where the timed U-Net runs: cpu (default) or cuda[:i] (SD1.5 widths at 512 px)"
+    )
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="default: fp32 on cpu, fp16 on cuda")
     p.set_defaults(fn=_bench)
 
 

@@ -96,3 +96,29 @@ def test_a_notebook_runs_with_device_cuda(tmp_path):
     params = dict(model="tiny-sd15", device=DEVICE, n_images=2, out_dir=str(tmp_path / "res"), cache_dir=str(tmp_path))
     run_notebook(ROOT / "notebooks" / "property_granularity.ipynb", out, params, cwd=ROOT, failed=tmp_path / "f.ipynb")
     assert out.exists() and (tmp_path / "res" / "results.csv").exists()
+
+
+def test_bench_presets_for_a_gpu():
+    from difstudy.bench import config_for
+
+    cfg = config_for(device="cuda")
+    assert (cfg.latent * 8, cfg.widths, cfg.dtype, cfg.repeats) == (512, (320, 640, 1280, 1280), "fp16", 10)
+    assert "RSS rows are host memory" in cfg.notes[0]
+    assert config_for().device == "cpu" and config_for().dtype == "fp32"
+    assert config_for(device="cuda", dtype="fp32").dtype == "fp32"
+
+
+@needs_device
+def test_bench_runs_on_the_device(tmp_path):
+    from difstudy import bench
+
+    dtype = "fp16" if DEVICE == "cuda" else "fp32"
+    cfg = bench.PerfConfig(
+        widths=(32, 64, 64, 64), norm_num_groups=8, repeats=1, warmup=1, time_images=1, mem_sizes=(2, 4),
+        mem_image_size=64, device=DEVICE, dtype=dtype,
+    )  # fmt: skip
+    lines: list[str] = []
+    df, ratios = bench.run_bench(cfg, out=tmp_path / "bench.csv", log=lines.append, rss_in_process=True)
+    assert f", {dtype}, torch" in lines[0] and ("CPU" in lines[0]) == (DEVICE == "cpu")
+    assert set(bench.RATIO_KEYS) <= set(ratios) and all(v > 0 for v in ratios.values())
+    assert (df["cfg_device"] == DEVICE).all()

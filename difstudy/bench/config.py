@@ -63,13 +63,30 @@ class PerfConfig:
     naive_small: bool = True  # also run the naive approach at the small N (shows its growth)
     seed: int = 0
     quick: bool = False
+    device: str = "cpu"  # where the timed U-Net runs (the RSS runs are host-memory measurements, always CPU)
+    dtype: str = "fp32"
     notes: list[str] = field(default_factory=list)
 
 
-def config_for(quick: bool = False) -> PerfConfig:
+def config_for(quick: bool = False, device: str = "cpu", dtype: str | None = None) -> PerfConfig:
+    """The presets. On a GPU (``device`` not ``cpu``) the timed U-Net runs at the real SD1.5 scale,
+    512 px images (latent 64), fp16 by default, with 10 repeats; the RSS runs stay on CPU."""
+    if device != "cpu":
+        return PerfConfig(
+            latent=64,
+            repeats=3 if quick else 10,
+            device=device,
+            dtype=dtype or "fp16",
+            quick=quick,
+            notes=[
+                f"--device {device}: the timed U-Net at SD1.5 widths on 512 px images (latent 64), "
+                f"{dtype or 'fp16'}, CUDA-synchronised timings; the RSS rows are host memory on CPU (tiny-sd15)"
+            ],
+        )
     if not quick:
-        return PerfConfig()
+        return PerfConfig(dtype=dtype or "fp32")
     return PerfConfig(
+        dtype=dtype or "fp32",
         repeats=3,
         warmup=0,
         time_images=1,

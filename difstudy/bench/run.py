@@ -15,10 +15,11 @@ import pandas as pd
 import torch
 
 from ..catalog import Catalog
+from ..models import as_dtype
 from ..fileio import write_csv_atomic
 from .config import PerfConfig, compute_ratios, format_line, ratio_rows
 from .rss import rss_rows, rss_run, rss_start, rss_wait
-from .timing import extraction_cases, forward_cases, run_interleaved, timing_rows
+from .timing import extraction_cases, forward_cases, run_interleaved, synchronizer, timing_rows
 from .workload import build_unet, feature_bytes, pipeline_with, toy_images
 
 
@@ -40,8 +41,9 @@ def run_bench(
     ncpu = os.cpu_count() or 1
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     px = cfg.latent * 8
+    where = "CPU" if cfg.device == "cpu" else f"{cfg.device} ({torch.cuda.get_device_name(cfg.device)})"
     log(
-        f"difstudy bench{' --quick' if cfg.quick else ''}: CPU, torch {torch.__version__}, "
+        f"difstudy bench{' --quick' if cfg.quick else ''}: {where}, {cfg.dtype}, torch {torch.__version__}, "
         f"{cfg.threads} thread(s) of {ncpu} cores; load average {load:.2f} at start"
     )
     if load > ncpu - cfg.threads + 0.5:
@@ -90,7 +92,8 @@ def run_bench(
         try:
             unet = build_unet(cfg.widths, cfg.latent, cfg.seed, cfg.norm_num_groups)
             n_params = sum(p.numel() for p in unet.parameters())
-            pipe = pipeline_with(unet)
+            pipe = pipeline_with(unet).to(cfg.device, as_dtype(cfg.dtype))
+            unet = pipe.unet
             log(f"  built in {time.perf_counter() - t0:.1f} s ({n_params / 1e6:.0f} M parameters)")
         except BaseException:
             if not rss_in_process:
@@ -108,11 +111,11 @@ def run_bench(
         if cfg.warmup == 0:  # light warm-up: one bare forward per batch size used
             with torch.no_grad():
                 for b in sorted({1, len(cfg.timesteps) * cfg.variants}):
-                    x = torch.randn(b, 4, cfg.latent, cfg.latent)
-                    e = torch.randn(b, 77, unet.config.cross_attention_dim)
-                    unet(x, torch.full((b,), 50), encoder_hidden_states=e)
+                    x = torch.randn(b, 4, cfg.latent, cfg.latent, device=cfg.device, dtype=unet.dtype)
+                    e = torch.randn(b, 77, unet.config.cross_attention_dim, device=cfg.device, dtype=unet.dtype)
+                    unet(x, torch.full((b,), 50, device=cfg.device), encoder_hidden_states=e)
         log(f"timing {len(cases)} cases x {cfg.repeats} repeats ...")
-        times = run_interleaved(cases, cfg.repeats, cfg.warmup)
+        times = run_interleaved(cases, cfg.repeats, cfg.warmup, sync=synchronizer(cfg.device))
 
     ratios = compute_ratios(times, rss, cfg.mem_sizes)
     t_rows, r_rows, q_rows = timing_rows(cases, times), rss_rows(rss), ratio_rows(ratios, cfg.mem_sizes)

@@ -32,11 +32,11 @@ def forward_cases(unet, cfg: PerfConfig, catalog: Catalog | None = None) -> list
     catalog = catalog or Catalog(unet, latent_size=cfg.latent)
     g = torch.Generator().manual_seed(cfg.seed)
     s, d = cfg.latent, unet.config.cross_attention_dim
-    x1 = torch.randn(1, 4, s, s, generator=g)
-    e1 = torch.randn(1, 77, d, generator=g)
-    t1 = torch.tensor([cfg.timesteps[0]])
-    conds = torch.randn(cfg.variants, 77, d, generator=g)
-    sample, tt, ehs = expand_batch(torch.randn(1, 4, s, s, generator=g), cfg.timesteps, conds)
+    x1 = on(unet, torch.randn(1, 4, s, s, generator=g))
+    e1 = on(unet, torch.randn(1, 77, d, generator=g))
+    t1 = torch.tensor([cfg.timesteps[0]], device=unet.device)
+    conds = on(unet, torch.randn(cfg.variants, 77, d, generator=g))
+    sample, tt, ehs = expand_batch(on(unet, torch.randn(1, 4, s, s, generator=g)), cfg.timesteps, conds)
     sample, ehs = sample.contiguous(), ehs.contiguous()
     n = sample.shape[0]
 
@@ -54,7 +54,7 @@ def forward_cases(unet, cfg: PerfConfig, catalog: Catalog | None = None) -> list
             capture(cfg.acts, True, sample[i : i + 1], tt[i : i + 1], ehs[i : i + 1])
 
     k = cfg.techniques
-    tech = torch.randn(k, 77, d, generator=g)  # one conditioning per technique variant
+    tech = on(unet, torch.randn(k, 77, d, generator=g))  # one conditioning per technique variant
     xk, tk = x1.expand(k, -1, -1, -1).contiguous(), t1.expand(k).contiguous()
 
     def gate_sequential():  # the official code: one full pass per technique
@@ -100,7 +100,7 @@ def extraction_cases(pipe, images: np.ndarray, cfg: PerfConfig, workdir: str | o
     s = images.shape[1] // 8
     g = torch.Generator().manual_seed(cfg.seed)
     x, ehs = torch.randn(n, 4, s, s, generator=g), torch.randn(n, 77, unet.config.cross_attention_dim, generator=g)
-    tt = torch.full((n,), 50)
+    x, ehs, tt = on(unet, x), on(unet, ehs), torch.full((n,), 50, device=unet.device)
     last = last_module(Catalog(unet, latent_size=s), cfg.acts)
     return [
         Case("extract", f"difstudy extract(), {n} images", n, ours),
@@ -109,8 +109,25 @@ def extraction_cases(pipe, images: np.ndarray, cfg: PerfConfig, workdir: str | o
     ]
 
 
-def run_interleaved(cases: Sequence[Case], repeats: int, warmup: int = 0) -> dict[str, list[float]]:
-    """Each repeat runs every case once; the order rotates between repeats."""
+def on(unet, x: torch.Tensor) -> torch.Tensor:
+    """``x`` on the U-Net's device and in its dtype (the timed inputs are drawn on CPU, so a seed
+    gives the same inputs on every device)."""
+    return x.to(unet.device, unet.dtype)
+
+
+def synchronizer(device: str | torch.device) -> Callable[[], None]:
+    """What makes a timing honest on ``device``: CUDA kernels run asynchronously, so the clock is
+    read only after ``torch.cuda.synchronize``; nothing to wait for on CPU."""
+    if torch.device(device).type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def run_interleaved(
+    cases: Sequence[Case], repeats: int, warmup: int = 0, sync: Callable[[], None] = lambda: None
+) -> dict[str, list[float]]:
+    """Each repeat runs every case once; the order rotates between repeats. ``sync`` is called
+    before the clock starts and before it stops (see :func:`synchronizer`)."""
     for _ in range(warmup):
         for c in cases:
             c.fn()
@@ -119,8 +136,10 @@ def run_interleaved(cases: Sequence[Case], repeats: int, warmup: int = 0) -> dic
         k = r % len(cases)
         for c in list(cases[k:]) + list(cases[:k]):
             gc.collect()
+            sync()
             t0 = time.perf_counter()
             c.fn()
+            sync()
             times[c.key].append(time.perf_counter() - t0)
     return times
 

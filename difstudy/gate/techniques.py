@@ -184,12 +184,12 @@ def load_controlnet(name_or_path, dtype=None, device=None, unet=None, unet_finge
     fingerprint when already known). Hub ControlNets and folders without a record load unchecked."""
     from diffusers import ControlNetModel
 
-    from ..models import _dtype, rehearsal_device, standins
+    from ..models import as_dtype, rehearsal_device, standins
 
     cache = standins.rehearsal_cache()
     standin = standins.standin_name(CONTROLNET_ALIASES.get(str(name_or_path), str(name_or_path)), "controlnet")
     if cache is not None:
-        dtype, device = rehearsal_device(f"ControlNet {name_or_path}", _dtype(dtype), device)
+        dtype, device = rehearsal_device(f"ControlNet {name_or_path}", as_dtype(dtype), device)
     if isinstance(name_or_path, ControlNetModel):
         cn = name_or_path
     elif cache is not None and standin:

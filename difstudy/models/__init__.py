@@ -47,7 +47,7 @@ def lora_config(rank: int = 8):
     return LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(LORA_TARGET_MODULES))
 
 
-def _dtype(dtype) -> torch.dtype | None:
+def as_dtype(dtype) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype in _DTYPES:
@@ -122,7 +122,7 @@ def load(name_or_path: str | os.PathLike, dtype=None, device=None):
     ``device``: e.g. ``"cuda"``; default CPU. Half precision on CPU is allowed
     but slow and warned about.
     """
-    dtype = _dtype(dtype)
+    dtype = as_dtype(dtype)
     name = str(name_or_path)
     cache = standins.rehearsal_cache()
     if cache is not None:
