@@ -15,8 +15,8 @@ import pandas as pd
 import torch
 
 from ..catalog import Catalog
-from ..models import as_dtype
 from ..fileio import write_csv_atomic
+from ..models import as_dtype
 from .config import PerfConfig, compute_ratios, format_line, ratio_rows
 from .rss import rss_rows, rss_run, rss_start, rss_wait
 from .timing import extraction_cases, forward_cases, run_interleaved, synchronizer, timing_rows
