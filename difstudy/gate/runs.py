@@ -181,15 +181,30 @@ def gate_sources(
         label = AMALGAMATED_LABEL + label + (f" + {ATTENTION_LABEL}" if extra is not None else "")
         buckets = [(n, t) for n in names]
         out[label] = {
-            task: AmalgamatedFeatures(base, buckets, task, train[task], config, label=label, extra=extra)
+            task: AmalgamatedFeatures(base, buckets, task, train[task], fit_config(task, bench, config), label=label,
+                                      extra=extra)
             for task in tasks
-        }
+        }  # fmt: skip
     if control_timesteps is not None and len(control_timesteps) >= 2:
         label = AMALGAMATED_LABEL + " + ".join(f"{baseline} t={s}" for s in control_timesteps)
         buckets = [(baseline, int(s)) for s in control_timesteps]
         cb = control_base or base
-        out[label] = {task: AmalgamatedFeatures(cb, buckets, task, train[task], config, label=label) for task in tasks}
+        out[label] = {
+            task: AmalgamatedFeatures(cb, buckets, task, train[task], fit_config(task, bench, config), label=label)
+            for task in tasks
+        }
     return out
+
+
+def fit_config(task: str, bench, config: AmalgamationConfig) -> AmalgamationConfig:
+    """``config`` for ``task``: the joint fit where the task's protocol trains a model the assigners
+    can join (label-scarce segmentation; correspondence with the conv head, ``method="conv"``),
+    the two-stage fit otherwise (the zero-shot correspondence protocol has no head; each row's label
+    names its fit)."""
+    from dataclasses import replace
+
+    zero_shot = task == "correspondence" and bench.correspondence.method != "conv"
+    return replace(config, fit="two-stage") if config.fit == "joint" and zero_shot else config
 
 
 def study_sources(

@@ -1,9 +1,10 @@
 """GATE, step 5b: amalgamated technique buckets as feature sources of the protocol layer.
 
 :class:`AmalgamatedFeatures` reads the buckets of a :class:`~difstudy.gate.TechniqueFeatures`;
-with the official joint fit (label-scarce segmentation) the protocol trains per-pixel assigners
-(:class:`~difstudy.gate.amalgamation.PixelAssigners`) with its classifier, otherwise the
-assigners are fitted first (:func:`fit_amalgamation`) and frozen.
+with the official joint fit (label-scarce segmentation; correspondence with the trained conv head)
+the protocol trains per-pixel assigners (:class:`~difstudy.gate.amalgamation.PixelAssigners`) with
+its classifier or head, otherwise the assigners are fitted first (:func:`fit_amalgamation`) and
+frozen.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ FIT_TASKS = ("correspondence", "label-scarce-seg", "classification")
 # assigners inside each of the ensemble's MLPs, trained with it) or "two-stage" (fitted first with a
 # light head, then frozen under the protocol's own head; what correspondence and classification use)
 FITS = ("joint", "two-stage")
+# the tasks whose protocol trains a head the assigners can join (correspondence: the conv head only)
+JOINT_TASKS = ("label-scarce-seg", "correspondence")
 # the setting names of gate_sources; each source's label names its fit (FIT_LABELS)
 AMALGAMATED_LABEL = "amalgamated: "
 FIT_LABELS = {
@@ -78,14 +81,17 @@ class AmalgamatedFeatures:
     ((k*C_i, h_i, w_i)). A per-channel weight commutes with the protocols' bilinear resizing, so
     with one-hot ``weights`` and ``k = 1`` the maps are exactly the chosen bucket's.
 
-    **Joint fit** (``config.fit="joint"``, the default, for ``label-scarce-seg``; official):
-    nothing is fitted here. :meth:`maps` returns every bucket's maps, bucket after bucket, and
-    :attr:`pixel_front` gives the protocol per-pixel assigners (:class:`PixelAssigners`) that it
-    puts in front of each MLP of its ensemble and trains jointly with it, with the same epochs and
-    early stop (:func:`difstudy.protocols.part_segmentation`).
+    **Joint fit** (``config.fit="joint"``, the default, for the tasks of :data:`JOINT_TASKS`;
+    official): nothing is fitted here. :meth:`maps` returns every bucket's maps, bucket after
+    bucket, and :attr:`pixel_front` gives the protocol per-pixel assigners (:class:`PixelAssigners`)
+    that it trains jointly with its own model: in front of each MLP of the ensemble, with the same
+    epochs and early stop (:func:`difstudy.protocols.part_segmentation`), or in front of the
+    correspondence conv head, with the official contrastive loss and schedule
+    (:func:`difstudy.protocols.correspondence` with ``method="conv"``; the zero-shot ``"nn"``
+    protocol has no head to join and refuses a joint source, see :func:`~difstudy.gate.gate_sources`).
 
-    **Two-stage fit** (difstudy's deviation from the official joint training; what correspondence
-    and classification use, and label-scarce segmentation with ``fit="two-stage"``): on
+    **Two-stage fit** (difstudy's deviation from the official joint training; what classification
+    uses, correspondence with the zero-shot protocol, and any task with ``fit="two-stage"``): on
     :meth:`prepare` for a run seed, the assigners are trained on ``train`` (records, or pairs for
     correspondence, or a function ``seed -> records``) together with a light task head
     (``task``: ``label-scarce-seg``: a per-pixel linear layer on the label maps resized to
@@ -117,7 +123,7 @@ class AmalgamatedFeatures:
             raise DifstudyError("learned weights need training records (train=)")
         self.task, self.train, self.config = task, train, config
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float32)
-        self.joint = weights is None and task == "label-scarce-seg" and config.fit == "joint"
+        self.joint = weights is None and task in JOINT_TASKS and config.fit == "joint"
         fit = FIT_LABELS["joint" if self.joint else "two-stage"]
         if weights is None and config.bucket_norm != "per-bucket":  # a variant: named in every row
             fit = fit.replace("amalgamated (", f"amalgamated ({config.bucket_norm} bucket norm, ", 1)

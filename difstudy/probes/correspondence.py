@@ -326,15 +326,25 @@ def summarize_pck(df: pd.DataFrame) -> dict[str, float]:
 class ConvHead(nn.Module):
     """The official correspondence head: one 3x3 convolution ``C -> D`` without bias
     (``AggregationNetwork.out``; D = C for one model). Input (C, h, w) or (B, C, h, w);
-    output (D, h, w) or (B, D, h, w)."""
+    output (D, h, w) or (B, D, h, w).
 
-    def __init__(self, in_channels: int, out_dim: int | None = None):
+    ``front``: a function returning ``(module, channels)``, a per-pixel module applied to every
+    cell's feature vector before the convolution and trained with it (GATE's per-pixel weight
+    assigners, :class:`difstudy.gate.PixelAssigners`, through a source's ``pixel_front``); the
+    convolution then sees ``channels`` channels."""
+
+    def __init__(self, in_channels: int, out_dim: int | None = None, front=None):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_dim or in_channels, kernel_size=3, padding=1, bias=False)
+        self.front, mid = front() if front is not None else (None, in_channels)
+        self.conv = nn.Conv2d(mid, out_dim or mid, kernel_size=3, padding=1, bias=False)
 
     def forward(self, feat: torch.Tensor) -> torch.Tensor:
-        feat = feat.float()
-        return self.conv(feat[None])[0] if feat.ndim == 3 else self.conv(feat)
+        x = feat.float() if feat.ndim == 4 else feat.float()[None]
+        if self.front is not None:  # every cell through the per-pixel front
+            b, c, h, w = x.shape
+            x = self.front(x.permute(0, 2, 3, 1).reshape(-1, c)).reshape(b, h, w, -1).permute(0, 3, 1, 2)
+        out = self.conv(x)
+        return out if feat.ndim == 4 else out[0]
 
 
 def _flat_cells(xy: torch.Tensor, image_size: Size, grid: Size) -> torch.Tensor:
@@ -369,6 +379,7 @@ def train_conv_head(
     seed: int = 0,
     temperature: float = 0.07,
     show_progress: bool | None = None,
+    front=None,
 ) -> ConvHead:
     """Train a :class:`ConvHead` with :func:`contrastive_loss`, one AdamW step per pair.
 
@@ -383,6 +394,7 @@ def train_conv_head(
         epochs, steps_per_epoch, lr, weight_decay, temperature: the schedule above.
         seed: seeds the initialisation and the pair order.
         show_progress: tqdm bar (None: only on a terminal).
+        front: a per-pixel module factory trained jointly with the head (see :class:`ConvHead`).
 
     Returns:
         The trained head, in eval mode.
@@ -394,7 +406,7 @@ def train_conv_head(
     in_channels = _check_feat("src_feat", first["src_feat"]).shape[0]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        head = ConvHead(in_channels, out_dim)
+        head = ConvHead(in_channels, out_dim, front)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
     head.train()

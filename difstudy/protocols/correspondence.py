@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 
+from ..errors import DifstudyError
 from ..probes import evaluate_pairs, summarize_pck, train_conv_head
 from .config import CorrespondenceConfig, protocol_label
 from .features import FeatureSource, concat_maps
@@ -77,6 +78,14 @@ def correspondence(
     source = features.for_seed(seed)
     images = pair_images(pairs) + (pair_images(train_pairs) if cfg.method == "conv" else [])
     source.prepare(images)
+    # a source may put a per-pixel module in front of the head, trained jointly with it (GATE's
+    # per-pixel weight assigners); it names itself in the source's label
+    front = getattr(source, "pixel_front", None)
+    if front is not None and cfg.method != "conv":
+        raise DifstudyError(
+            f"{features.label!r} trains its weight assigners jointly with the correspondence head, and "
+            f"method={cfg.method!r} has none: use method='conv' (official), or AmalgamationConfig(fit='two-stage')"
+        )
     head = None
     if cfg.method == "conv":
         head = train_conv_head(
@@ -87,6 +96,7 @@ def correspondence(
             weight_decay=cfg.head_weight_decay,
             seed=seed,
             show_progress=False,
+            front=front,
         )
     probe_pairs = _ProbePairs(pairs, source, cfg)
     match = None if cfg.match_size is None else (cfg.match_size, cfg.match_size)
