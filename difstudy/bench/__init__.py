@@ -15,12 +15,13 @@ inflates every timing). Measured side by side in one run:
   - ``batching``: T x V items (2 timesteps x 2 conditioning variants) laid
     out by :func:`~difstudy.capture.expand_batch` in one forward vs one
     forward per item (per-sample speed-up, both with ``ours-v1.5`` capture);
-  - ``amalgamation``: GATE's feature amalgamation needs the features of
-    ``k`` technique variants (``--techniques``, 3: e.g. empty, generic and
-    fine-grained prompts) of one image: the official code runs ``k``
-    sequential full passes (``stop=False``), difstudy one forward with the
-    variants along the batch axis, stopped after the last needed module
-    (speed-up, sequential / batched, both capturing ``ours-v1.5``);
+  - ``amalgamation``: GATE's feature amalgamation on the official bucket set
+    (:mod:`difstudy.bench.official`: 2 prompt seeds, a LoRA at 2 weights, the canny ControlNet
+    with 2 seeds on its denoising path): the official code runs one full extraction per variant,
+    difstudy one extraction with the six variants along the batch axis, stopped after the last
+    needed module (speed-up, sequential / batched, both capturing ``ours-v1.5``, both loading
+    their adapters); ``amalgamation_prompts`` (info): the same for ``k`` prompt variants
+    (``--techniques``, 3) of one bare U-Net forward each;
   - ``naive_time_ratio``: time per image of :func:`naive_extract` (the
     official code's approach, see below) / :func:`difstudy.extract.extract`,
     both on the same images with this U-Net (tiny VAE and text encoder);

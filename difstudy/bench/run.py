@@ -18,6 +18,7 @@ from ..catalog import Catalog
 from ..fileio import write_csv_atomic
 from ..models import as_dtype
 from .config import PerfConfig, compute_ratios, format_line, ratio_rows
+from .official import official_cases
 from .rss import rss_rows, rss_run, rss_start, rss_wait
 from .timing import extraction_cases, forward_cases, run_interleaved, synchronizer, timing_rows
 from .workload import build_unet, feature_bytes, pipeline_with, toy_images
@@ -92,8 +93,9 @@ def run_bench(
         try:
             unet = build_unet(cfg.widths, cfg.latent, cfg.seed, cfg.norm_num_groups)
             n_params = sum(p.numel() for p in unet.parameters())
-            pipe = pipeline_with(unet).to(cfg.device, as_dtype(cfg.dtype))
-            unet = pipe.unet
+            pipe = pipeline_with(unet)
+            if cfg.device != "cpu" or cfg.dtype != "fp32":
+                pipe, unet = pipe.to(cfg.device, as_dtype(cfg.dtype)), pipe.unet
             log(f"  built in {time.perf_counter() - t0:.1f} s ({n_params / 1e6:.0f} M parameters)")
         except BaseException:
             if not rss_in_process:
@@ -108,6 +110,8 @@ def run_bench(
         mb_512px = feature_bytes(Catalog(unet, latent_size=64), cfg.acts) / (1 << 20)
         time_imgs = toy_images(cfg.time_images, px, cfg.seed + 1)
         cases = forward_cases(unet, cfg, catalog) + extraction_cases(pipe, time_imgs, cfg, Path(tmp) / "time")
+        if cfg.official_set:
+            cases += official_cases(pipe, time_imgs[0], cfg, tmp)
         if cfg.warmup == 0:  # light warm-up: one bare forward per batch size used
             with torch.no_grad():
                 for b in sorted({1, len(cfg.timesteps) * cfg.variants}):
