@@ -69,6 +69,11 @@ MINIMUM = {
     "n_per_class": 6,
 }
 SIZE_KEYS = ("image_size", "toy_size")
+# protocol configurations given as dicts (their dataclass in difstudy.protocols; "protocol" is the
+# one of the page's ``task``) and the grid sizes capped in them: the official 128-cell concatenation
+# and 512 px matching grid mean nothing on 64 px images and cost minutes per pair on a CPU
+PROTOCOL_DICTS = {"correspondence": "correspondence", "part_seg": "label-scarce-seg", "semantic_seg": "semantic-seg"}
+GRID_CAPS = {"concat_size": IMAGE_SIZE // 4, "match_size": IMAGE_SIZE, "resolution": IMAGE_SIZE}
 SEED_KEYS = ("seeds", "property_seeds")
 STEP_KEYS = ("img2img_steps", "sample_steps")
 RANDOM_LORA_RANK = 8
@@ -101,7 +106,39 @@ def rehearse_params(values: dict, data_root: str, lora_root: str) -> tuple[dict,
             change(key, data_root, "the toy world in the real datasets' layouts")
         elif key == "lora" and isinstance(value, str) and "/" in value and not Path(value).exists():
             change(key, lora_root, f"a random LoRA of rank {RANDOM_LORA_RANK}")
+        elif isinstance(value, dict) and (key in PROTOCOL_DICTS or key == "protocol"):
+            task = PROTOCOL_DICTS.get(key, values.get("task"))
+            capped = _cap_grids(value, task)
+            if capped != value:
+                what = ", ".join(f"{f} {_grid_default(value, task, f)} -> {capped[f]}" for f in capped if f not in value
+                                 or capped[f] != value[f])  # fmt: skip
+                change(key, capped, f"grid sizes for {IMAGE_SIZE} px images: {what}")
     return out, changes
+
+
+def _protocol_defaults(task: str | None) -> dict:
+    """The default field values of ``task``'s protocol configuration (empty for an unknown task)."""
+    from dataclasses import asdict
+
+    from .protocols.config import CorrespondenceConfig, PartSegConfig, SemSegConfig
+
+    kinds = {"correspondence": CorrespondenceConfig, "label-scarce-seg": PartSegConfig, "semantic-seg": SemSegConfig}
+    return asdict(kinds[task]()) if task in kinds else {}
+
+
+def _grid_default(value: dict, task: str | None, field: str):
+    return value.get(field, _protocol_defaults(task).get(field))
+
+
+def _cap_grids(value: dict, task: str | None) -> dict:
+    """``value`` with each grid size of :data:`GRID_CAPS` (given or by default) capped; ``None``
+    (the activations' own sizes) is kept."""
+    out, defaults = dict(value), _protocol_defaults(task)
+    for field, cap in GRID_CAPS.items():
+        current = value.get(field, defaults.get(field))
+        if field in defaults and current is not None and current > cap:
+            out[field] = cap
+    return out
 
 
 def random_lora(folder: Path, model: str = "sd15") -> Path:

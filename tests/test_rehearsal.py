@@ -27,6 +27,19 @@ def test_full_parameters_are_scaled_and_every_change_is_said():
     assert small == {"n_images": 1, "seeds": [0], "image_size": 32} and changes == []  # never scaled up
 
 
+def test_protocol_grids_are_capped_for_the_small_images():
+    """The official 128-cell concatenation, 512 px matching grid and 256 px segmentation grid (given
+    or by default) are capped for 64 px images; a method and None (the activations' sizes) stay."""
+    gate, changes = R.rehearse_params(load_params("gate", "full"), "/data", "/lora")
+    assert gate["correspondence"] == {"method": "conv", "concat_size": 16, "match_size": 64}
+    assert gate["part_seg"] == {"resolution": 64}
+    assert any("concat_size 128 -> 16, match_size 512 -> 64" in c for c in changes)
+    kept = {"task": "correspondence", "protocol": {"concat_size": None, "match_size": None}}
+    assert R.rehearse_params(kept, "/d", "/l") == (kept, [])
+    filt, _ = R.rehearse_params({"task": "label-scarce-seg", "protocol": {}}, "/d", "/l")
+    assert filt["protocol"] == {"resolution": 64}
+
+
 def test_the_rehearsal_folder(tmp_path, monkeypatch):
     import shutil
 
