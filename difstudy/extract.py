@@ -605,15 +605,18 @@ def concat(feats: Sequence[torch.Tensor], size: int | tuple[int, int] | None = N
 def pca_rgb(feat: torch.Tensor, n_components: int = 3, fit_on: torch.Tensor | None = None) -> torch.Tensor:
     """PCA of the channels to 3 components scaled to [0, 1]: (N, C, h, w) -> (N, h, w, 3).
 
-    Fitted jointly over all images (or ``fit_on``), as in the papers' PCA pictures."""
+    Fitted jointly over all images (or ``fit_on``), as in the papers' PCA pictures. With fewer
+    pixel vectors (or channels) than components, e.g. two images of a 1x1 map, only as many
+    components as they allow are fitted and the rest are 0."""
     from sklearn.decomposition import PCA
 
     x = feat.float()
     n, c, h, w = x.shape
     flat = x.permute(0, 2, 3, 1).reshape(-1, c).numpy()
     ref = flat if fit_on is None else fit_on.float().permute(0, 2, 3, 1).reshape(-1, c).numpy()
-    pca = PCA(n_components=n_components, random_state=0).fit(ref)
-    y = pca.transform(flat)
+    k = min(n_components, *ref.shape)
+    y = np.zeros((len(flat), n_components), dtype=np.float32)
+    y[:, :k] = PCA(n_components=k, random_state=0).fit(ref).transform(flat)
     lo, hi = np.percentile(y, 1, axis=0), np.percentile(y, 99, axis=0)
     y = np.clip((y - lo) / (hi - lo + 1e-8), 0, 1)
     return torch.from_numpy(y.reshape(n, h, w, n_components)).float()

@@ -423,6 +423,9 @@ def test_pca_rgb_shape_and_range():
     z = x * 0.01 + direction[:, None, None] * ramp  # (2, 16, 6, 7)
     r = pca_rgb(z)[..., 0].flatten()
     assert abs(torch.corrcoef(torch.stack([r, ramp.expand(2, 6, 7).flatten()]))[0, 1]) > 0.95
+    # two images of a 1x1 map (SD1.5's lowest level at 64 px): 2 components fitted, the third 0
+    tiny = pca_rgb(torch.randn(2, 16, 1, 1, generator=g))
+    assert tiny.shape == (2, 1, 1, 3) and torch.all(tiny[..., 2] == 0) and tiny[..., 0].std() > 0
 
 
 # ----------------------------------------------------------------------------
