@@ -96,8 +96,9 @@ def rehearse_params(values: dict, data_root: str, lora_root: str) -> tuple[dict,
             change(key, min(new, value) if value is not None else new, f"count x {COUNT_FACTOR:g}")
         elif key in SEED_KEYS and isinstance(value, list) and len(value) > SEEDS:
             change(key, value[:SEEDS], f"first {SEEDS} seeds")
-        elif key in STEP_KEYS and isinstance(value, int) and value > STEPS:
-            change(key, STEPS, "sampling steps")
+        elif key in STEP_KEYS and isinstance(value, int) and value > (steps := _fewest_steps(values)):
+            change(key, steps, "sampling steps" + (f", the fewest that give t = {_smallest_t(values)} a step"
+                                                   if steps > STEPS else ""))  # fmt: skip
         elif key == "device" and value not in (None, "cpu"):
             change(key, "cpu", "no GPU")
         elif key == "dtype" and value in ("fp16", "bf16", "float16", "bfloat16"):
@@ -114,6 +115,22 @@ def rehearse_params(values: dict, data_root: str, lora_root: str) -> tuple[dict,
                                  or capped[f] != value[f])  # fmt: skip
                 change(key, capped, f"grid sizes for {IMAGE_SIZE} px images: {what}")
     return out, changes
+
+
+TIMESTEP_KEYS = ("timesteps", "timestep", "guideline_timestep", "control_timesteps", "t")
+
+
+def _smallest_t(values: dict) -> int | None:
+    ts = [t for k in TIMESTEP_KEYS for t in (values.get(k) if isinstance(values.get(k), list) else [values.get(k)])]
+    ts = [int(t) for t in ts if isinstance(t, (int, float)) and t > 0]
+    return min(ts) if ts else None
+
+
+def _fewest_steps(values: dict, n_train: int = 1000) -> int:
+    """:data:`STEPS`, or more where an Img2Img at the page's smallest timestep t would otherwise run
+    no denoising step (strength t / 1000 x steps < 1)."""
+    t = _smallest_t(values)
+    return max(STEPS, math.ceil(n_train / t)) if t else STEPS
 
 
 def _protocol_defaults(task: str | None) -> dict:
