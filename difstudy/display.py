@@ -19,13 +19,14 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from .verdicts import VERDICTS
+
 SIGNIFICANT = 2  # significant digits of an interval's width
 MAX_DECIMALS = 8
-VERDICT_COLOURS = {
-    "holds": "background-color: #d8f0d8",
-    "fails": "background-color: #f6d5d5",
-    "inconclusive": "background-color: #eeeeee",
-}
+# one colour per verdict of difstudy.verdicts, in its order (holds, fails, inconclusive)
+VERDICT_COLOURS = dict(
+    zip(VERDICTS, ("background-color: #d8f0d8", "background-color: #f6d5d5", "background-color: #eeeeee"), strict=True)
+)
 # interval columns a claim table may carry: (estimate, lo, hi, shown name)
 INTERVALS = (("estimate", "lo", "hi", "estimate [95% CI]"), ("vs_control", "vs_lo", "vs_hi", "vs control [95% CI]"))
 

@@ -161,24 +161,14 @@ def _cap_grids(value: dict, task: str | None) -> dict:
 def random_lora(folder: Path, model: str = "sd15") -> Path:
     """A random LoRA (difstudy's recipe: rank 8, alpha 8, the attention projections; both matrices
     random, so it changes the output) on the stand-in of ``model``, saved as diffusers writes one."""
-    import torch
-    from diffusers import StableDiffusionPipeline
-    from peft.utils import get_peft_model_state_dict
-
-    from .models import lora_config, standins
+    from .models import save_random_lora, standins
 
     if (folder / "pytorch_lora_weights.safetensors").exists():
         return folder
     pipe = standins.standin_pipeline(model, standins.rehearsal_cache())
-    pipe.unet.add_adapter(lora_config(RANDOM_LORA_RANK))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(5)
-        for name, p in pipe.unet.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.01)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+    save_random_lora(pipe.unet, tmp, RANDOM_LORA_RANK, seed=5)
     tmp.replace(folder)
     return folder
 

@@ -96,3 +96,29 @@ def test_every_full_parameter_file_names_a_real_model_or_says_why():
             continue
         why = "".join(line for line in text.splitlines(True) if line.startswith("#"))
         assert why.strip(), f"{path.name}: model {model!r} is not a real model and the file does not say why"
+
+
+def test_random_lora_of_the_recipe_loads_and_changes_the_output(tmp_path):
+    """The random LoRA of the rehearsal and the bench (models.save_random_lora): every Linear layer
+    the recipe targets gets both matrices, it loads as a diffusers LoRA, and it changes the output."""
+    import torch
+
+    from difstudy.gate import load_lora
+    from difstudy.models import LORA_TARGET_MODULES, load, save_random_lora
+
+    tiny_sd15 = load("tiny-sd15")  # its own copy: the adapter stays in it
+    unet = tiny_sd15.unet
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    folder = save_random_lora(unet, tmp_path / "lora", rank=4, seed=1)
+    assert all(torch.equal(v, unet.state_dict()[k]) for k, v in before.items())  # unet untouched
+    targets = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(LORA_TARGET_MODULES)]
+    state = tiny_sd15.lora_state_dict(str(folder))[0]
+    assert len(state) == 2 * len(targets) > 0
+    g = torch.Generator().manual_seed(0)
+    s = unet.config.sample_size
+    x, e = torch.randn(1, 4, s, s, generator=g), torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        base = unet(x, torch.tensor([50]), encoder_hidden_states=e).sample
+        load_lora(tiny_sd15, folder, "random")
+        adapted = unet(x, torch.tensor([50]), encoder_hidden_states=e).sample
+    assert (adapted - base).abs().max() > 1e-4

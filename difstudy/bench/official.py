@@ -23,29 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..models import save_random_lora
 from .config import PerfConfig
 from .timing import Case
 from .workload import seeded_init
 
 OFFICIAL_VARIANTS = 6
-
-
-def random_lora_folder(unet, folder: str | os.PathLike, rank: int = 8, seed: int = 0) -> Path:
-    """A LoRA of difstudy's recipe (rank ``rank``, the attention projections) with seeded random
-    weights for ``unet``'s layout, written as diffusers writes one, without touching ``unet``."""
-    from diffusers import StableDiffusionPipeline
-
-    from ..models import LORA_TARGET_MODULES
-
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, mod in unet.named_modules():
-        if isinstance(mod, torch.nn.Linear) and name.endswith(LORA_TARGET_MODULES) and ".attn" in name:
-            state[f"{name}.lora_A.weight"] = torch.randn(rank, mod.in_features, generator=g) / mod.in_features**0.5
-            state[f"{name}.lora_B.weight"] = torch.randn(mod.out_features, rank, generator=g) * 0.01
-    folder = Path(folder)
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=state)
-    return folder
 
 
 def official_cases(pipe, image: np.ndarray, cfg: PerfConfig, workdir: str | os.PathLike) -> list[Case]:
@@ -58,7 +41,7 @@ def official_cases(pipe, image: np.ndarray, cfg: PerfConfig, workdir: str | os.P
     controlnet = seeded_init(ControlNetModel.from_unet(unet), cfg.seed + 7).eval()
     if (unet.device.type, unet.dtype) != ("cpu", torch.float32):
         controlnet = controlnet.to(unet.device, unet.dtype)
-    lora = random_lora_folder(unet, Path(workdir) / "lora", seed=cfg.seed)
+    lora = save_random_lora(unet, Path(workdir) / "lora", seed=cfg.seed)
     techniques = official_techniques(controlnet=controlnet, lora=str(lora))
     assert len(techniques) == OFFICIAL_VARIANTS
     ids, images = ["bench0"], [image]

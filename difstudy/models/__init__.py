@@ -47,6 +47,22 @@ def lora_config(rank: int = 8):
     return LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(LORA_TARGET_MODULES))
 
 
+def save_random_lora(unet, folder: str | os.PathLike, rank: int = 8, seed: int = 0) -> Path:
+    """A LoRA of difstudy's recipe (rank ``rank`` = alpha, on the Linear layers that
+    :func:`lora_config` targets) with seeded random weights for ``unet``'s layout, both matrices
+    random so it changes the output; written as diffusers writes one, ``unet`` left untouched."""
+    from diffusers import StableDiffusionPipeline
+
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, mod in unet.named_modules():
+        if isinstance(mod, torch.nn.Linear) and any(name.endswith("." + t) for t in LORA_TARGET_MODULES):
+            state[f"{name}.lora_A.weight"] = torch.randn(rank, mod.in_features, generator=g) / mod.in_features**0.5
+            state[f"{name}.lora_B.weight"] = torch.randn(mod.out_features, rank, generator=g) * 0.01
+    StableDiffusionPipeline.save_lora_weights(Path(folder), unet_lora_layers=state)
+    return Path(folder)
+
+
 def as_dtype(dtype) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
