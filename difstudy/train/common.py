@@ -183,3 +183,26 @@ def caption_ids(data: dict, idx: np.ndarray, u: torch.Tensor) -> torch.Tensor:
     e = torch.from_numpy(data["ids_empty"]).expand(len(idx), -1)
     ids = torch.where((u < 0.6)[:, None], f, g)
     return torch.where((u >= 0.9)[:, None], e, ids)
+
+
+def noisy_batch(data: dict, lat: dict, scaling: float, sched, batch: int, gen: torch.Generator, device) -> dict:
+    """One training batch of the adapter scripts: images drawn with ``gen`` (a CPU generator, so
+    a run draws the same images, captions, timesteps and noise on every device), latents sampled
+    from their VAE posteriors and noised by ``sched``; tensors on ``device``. Keys: ``idx`` (numpy),
+    ``z0``, ``noise``, ``t``, ``zt``, ``ids``."""
+    idx = torch.randint(0, len(data["images"]), (batch,), generator=gen).numpy()
+    mean, std = torch.from_numpy(lat["mean"][idx]), torch.from_numpy(lat["std"][idx])
+    z0 = (mean + std * torch.randn(mean.shape, generator=gen)) * scaling
+    ids = caption_ids(data, idx, torch.rand(batch, generator=gen))
+    t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen)
+    noise = torch.randn(z0.shape, generator=gen)
+    z0, noise, t = z0.to(device), noise.to(device), t.to(device)
+    return dict(idx=idx, z0=z0, noise=noise, t=t, zt=sched.add_noise(z0, noise, t), ids=ids.to(device))
+
+
+def training_device(name: str) -> torch.device:
+    """``--device`` of the training scripts, checked: a clear error where CUDA is asked for and absent."""
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: torch sees no CUDA device here ({torch.__version__}); use --device cpu")
+    return dev

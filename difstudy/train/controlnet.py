@@ -43,12 +43,13 @@ from tqdm.auto import tqdm
 from .common import (
     CsvLog,
     atomic_save,
-    caption_ids,
     cosine_lr,
     diffusion_target,
     drop_local_paths,
     encode_latents,
+    noisy_batch,
     toy_data,
+    training_device,
 )
 
 
@@ -93,37 +94,32 @@ def train(
     scaling = pipe.vae.config.scaling_factor
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     torch.manual_seed(seed)
-    cn = build_controlnet(pipe).train()
+    dev = pipe.unet.device
+    cn = build_controlnet(pipe).to(dev).train()
     opt = torch.optim.AdamW(cn.parameters(), lr=lr, weight_decay=1e-2)
     gen = torch.Generator().manual_seed(seed + 1)
     step = 0
     ckpt = out / "controlnet.pt"
     if ckpt.exists():
-        st = torch.load(ckpt, weights_only=False)
+        st = torch.load(ckpt, weights_only=False, map_location=dev)
         cn.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         gen.set_state(st["gen"])
         step = st["step"]
-    n = len(data["images"])
     edges = torch.from_numpy(data["edges"])
     t0 = time.time()
     bar = tqdm(total=steps, initial=step, desc="controlnet", mininterval=10)
     while step < steps:
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, lr)
-        idx = torch.randint(0, n, (batch,), generator=gen).numpy()
-        mean, std = torch.from_numpy(lat["mean"][idx]), torch.from_numpy(lat["std"][idx])
-        z0 = (mean + std * torch.randn(mean.shape, generator=gen)) * scaling
-        ids = caption_ids(data, idx, torch.rand(batch, generator=gen))
-        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen)
-        noise = torch.randn(z0.shape, generator=gen)
-        zt = sched.add_noise(z0, noise, t)
-        cond = edges[idx].float()[:, None].expand(-1, 3, -1, -1)
+        b = noisy_batch(data, lat, scaling, sched, batch, gen, dev)
+        zt, t = b["zt"], b["t"]
+        cond = edges[b["idx"]].float()[:, None].expand(-1, 3, -1, -1).to(dev)
         with torch.no_grad():
-            ehs = pipe.text_encoder(ids)[0]
+            ehs = pipe.text_encoder(b["ids"])[0]
         down, mid = cn(zt, t, encoder_hidden_states=ehs, controlnet_cond=cond, return_dict=False)
         pred = pipe.unet(zt, t, ehs, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
-        loss = F.mse_loss(pred.float(), diffusion_target(sched, z0, noise, t).float())
+        loss = F.mse_loss(pred.float(), diffusion_target(sched, b["z0"], b["noise"], t).float())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(cn.parameters(), 1.0)
@@ -158,7 +154,11 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ckpt-every", type=int, default=200)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument(
+        "--device", default="cpu", help="where to train: cpu (default) or cuda[:N]; batches are drawn on the CPU"
+    )
     a = ap.parse_args(argv)
+    dev = training_device(a.device)
     if a.threads:
         torch.set_num_threads(a.threads)
     from ..gate.techniques import base_record
@@ -166,7 +166,8 @@ def main(argv=None) -> None:
 
     t_start = time.time()
     pipe = load(a.model)
-    base = base_record(pipe.unet)  # the U-Net the ControlNet is trained for, checked when it is loaded
+    base = base_record(pipe.unet)  # the U-Net the ControlNet is trained for, checked when it is loaded (on the CPU)
+    pipe.to(dev)
     a.out.mkdir(parents=True, exist_ok=True)
     log = CsvLog(a.out / "log.csv")
     cn = train(
@@ -186,7 +187,7 @@ def main(argv=None) -> None:
     log.close()
     if a.export:
         a.export.mkdir(parents=True, exist_ok=True)
-        cn.save_pretrained(a.export, safe_serialization=True)
+        cn.to("cpu").save_pretrained(a.export, safe_serialization=True)
         drop_local_paths(a.export)
         shutil.copyfile(a.out / "log.csv", a.export / "training_log.csv")
         meta = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}

@@ -39,7 +39,16 @@ from tqdm.auto import tqdm
 
 from ..models import LORA_TARGET_MODULES as TARGET_MODULES
 from ..models import lora_config
-from .common import CsvLog, atomic_save, caption_ids, cosine_lr, diffusion_target, encode_latents, toy_data
+from .common import (
+    CsvLog,
+    atomic_save,
+    cosine_lr,
+    diffusion_target,
+    encode_latents,
+    noisy_batch,
+    toy_data,
+    training_device,
+)
 
 ADAPTER = "default"
 
@@ -99,28 +108,22 @@ def train(
     step = 0
     ckpt = out / "lora.pt"
     if ckpt.exists():
-        st = torch.load(ckpt, weights_only=False)
+        st = torch.load(ckpt, weights_only=False, map_location=pipe.unet.device)
         set_peft_model_state_dict(pipe.unet, st["lora"], adapter_name=ADAPTER)
         opt.load_state_dict(st["opt"])
         gen.set_state(st["gen"])
         step = st["step"]
-    n = len(data["images"])
+    dev = pipe.unet.device
     t0 = time.time()
     bar = tqdm(total=steps, initial=step, desc="lora", mininterval=10)
     while step < steps:
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, lr)
-        idx = torch.randint(0, n, (batch,), generator=gen).numpy()
-        mean, std = torch.from_numpy(lat["mean"][idx]), torch.from_numpy(lat["std"][idx])
-        z0 = (mean + std * torch.randn(mean.shape, generator=gen)) * scaling
-        ids = caption_ids(data, idx, torch.rand(batch, generator=gen))
-        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen)
-        noise = torch.randn(z0.shape, generator=gen)
-        zt = sched.add_noise(z0, noise, t)
+        b = noisy_batch(data, lat, scaling, sched, batch, gen, dev)
         with torch.no_grad():
-            ehs = pipe.text_encoder(ids)[0]
-        pred = pipe.unet(zt, t, ehs).sample
-        loss = F.mse_loss(pred.float(), diffusion_target(sched, z0, noise, t).float())
+            ehs = pipe.text_encoder(b["ids"])[0]
+        pred = pipe.unet(b["zt"], b["t"], ehs).sample
+        loss = F.mse_loss(pred.float(), diffusion_target(sched, b["z0"], b["noise"], b["t"]).float())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -152,7 +155,11 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ckpt-every", type=int, default=200)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument(
+        "--device", default="cpu", help="where to train: cpu (default) or cuda[:N]; batches are drawn on the CPU"
+    )
     a = ap.parse_args(argv)
+    dev = training_device(a.device)
     if a.threads:
         torch.set_num_threads(a.threads)
     from ..gate.techniques import base_record
@@ -160,13 +167,14 @@ def main(argv=None) -> None:
 
     t_start = time.time()
     pipe = load(a.model)
-    base = base_record(pipe.unet)  # before train() adds the adapter (peft layers change the fingerprint)
+    base = base_record(pipe.unet)  # on the CPU; before train() adds the adapter (peft layers change the fingerprint)
+    pipe.to(dev)
     a.out.mkdir(parents=True, exist_ok=True)
     log = CsvLog(a.out / "log.csv")
     train(pipe, a.out, a.steps, a.batch, a.lr, a.rank, a.n_train, a.background, a.seed, a.ckpt_every, log)
     log.close()
     if a.export:
-        save_lora(pipe, a.export)
+        save_lora(pipe.to("cpu"), a.export)
         shutil.copyfile(a.out / "log.csv", a.export / "training_log.csv")
         meta = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}
         meta["target_modules"] = list(TARGET_MODULES)
