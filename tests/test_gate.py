@@ -436,7 +436,11 @@ def test_lora_script_trains_exports_and_resumes(tmp_path):
 
     args = ["--model", "tiny-sd15", "--n-train", "4", "--batch", "2", "--ckpt-every", "1", "--threads", "1"]
     lora.main([*args, "--out", str(tmp_path / "a"), "--steps", "2"])
+    with open(tmp_path / "a" / "log.csv", "a") as f:  # a killed run logged step 3 but never saved it
+        f.write("lora,3,9.99999,1.00e-03,0.1,0.1\n")
     lora.main([*args, "--out", str(tmp_path / "a"), "--steps", "3", "--export", str(tmp_path / "exp")])
+    log = _read_log(tmp_path / "a" / "log.csv")  # the resumed run's step 3 replaces the stopped one's
+    assert [r["step"] for r in log] == ["1", "2", "3"] and log[-1]["loss"] != "9.99999"
     # the uninterrupted run gets the same rendered data: tiny-sd15's tokenizer is rebuilt per load,
     # and its BPE merges (tokenizers' trainer) may break ties differently between builds
     (tmp_path / "b").mkdir()

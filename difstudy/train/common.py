@@ -52,6 +52,22 @@ class CsvLog:
         self.w.writerow([stage, step, f"{loss:.5f}", f"{lr:.2e}", f"{seconds:.1f}", f"{cpu:.1f}"])
         self.f.flush()
 
+    def resumed(self, stage: str, step: int) -> None:
+        """A run resumed from its checkpoint at ``step``: drop the rows of ``stage`` logged after it
+        by the run that was stopped (they are logged again), so that every step has one row."""
+        self.f.close()
+        rows = list(csv.DictReader(open(self.path)))
+        keep = [r for r in rows if not (r["stage"] == stage and int(r["step"]) > step)]
+        if len(keep) < len(rows):
+            tmp = self.path.with_suffix(".tmp")
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=self.COLUMNS)
+                w.writeheader()
+                w.writerows(keep)
+            os.replace(tmp, self.path)
+        self.f = open(self.path, "a", newline="")
+        self.w = csv.writer(self.f)
+
     def close(self) -> None:
         self.f.close()
 

@@ -101,11 +101,12 @@ def train(
     step = 0
     ckpt = out / "controlnet.pt"
     if ckpt.exists():
-        st = torch.load(ckpt, weights_only=False, map_location=dev)
+        st = torch.load(ckpt, weights_only=False, map_location="cpu")  # the generator state stays on the CPU
         cn.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         gen.set_state(st["gen"])
         step = st["step"]
+        log.resumed("controlnet", step)
     edges = torch.from_numpy(data["edges"])
     t0 = time.time()
     bar = tqdm(total=steps, initial=step, desc="controlnet", mininterval=10)

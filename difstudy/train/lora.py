@@ -108,11 +108,12 @@ def train(
     step = 0
     ckpt = out / "lora.pt"
     if ckpt.exists():
-        st = torch.load(ckpt, weights_only=False, map_location=pipe.unet.device)
+        st = torch.load(ckpt, weights_only=False, map_location="cpu")  # the generator state stays on the CPU
         set_peft_model_state_dict(pipe.unet, st["lora"], adapter_name=ADAPTER)
         opt.load_state_dict(st["opt"])
         gen.set_state(st["gen"])
         step = st["step"]
+        log.resumed("lora", step)
     dev = pipe.unet.device
     t0 = time.time()
     bar = tqdm(total=steps, initial=step, desc="lora", mininterval=10)

@@ -138,6 +138,7 @@ def train_vae(
         opt.load_state_dict(st["opt"])
         gen.set_state(st["gen"])
         step = st["step"]
+        log.resumed("vae", step)
     n = len(data["images"])
     t0 = time.time()
     bar = tqdm(total=steps, initial=step, desc="vae", mininterval=10)
@@ -275,6 +276,7 @@ def train_unet(
         ema.load_state_dict(st["ema"])
         gen.set_state(st["gen"])
         step = st["step"]
+        log.resumed("unet", step_offset + step)
     keep = np.ones(len(lat["mean"]), bool)
     if r.holdout_background:
         keep = data["backgrounds"] != r.holdout_background
