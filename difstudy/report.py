@@ -5,7 +5,9 @@ Three sources, each written by the command that measures it:
 - ``results/times.csv`` and ``results/run.json``: :func:`difstudy.study.run` (README command A);
 - ``results/tests.json``: the test command (README command B; ``tests/conftest.py`` writes it at
   the end of a pytest session over the whole suite);
-- ``results/bench/bench.csv``: ``difstudy bench --quick --out results/bench/bench.csv``.
+- ``results/bench/bench.csv``: ``difstudy bench --quick --out results/bench/bench.csv``;
+- ``results/bench/bench-cuda.csv``: ``difstudy bench --device cuda [--quick] --out results/bench/bench-cuda.csv``
+  on a GPU machine (the README's GPU ratios, beside the CPU ones).
 
 ``difstudy report --update`` reads whichever of them exist into the committed
 ``report/measured.json`` (a section is replaced only by a newer, complete measurement: a study run
@@ -31,7 +33,7 @@ from .study import ROOT
 
 MEASURED = Path("report") / "measured.json"
 README = Path("README.md")
-SECTIONS = ("study", "tests", "bench")
+SECTIONS = ("study", "tests", "bench", "gpu")
 BLOCK = re.compile(r"(<!-- report:(?P<name>[a-z]+) -->\n)(?P<body>.*?)(<!-- /report:(?P=name) -->)", re.S)
 
 
@@ -98,11 +100,12 @@ def tests_section(results: str | os.PathLike) -> dict:
     return rec
 
 
-def bench_section(results: str | os.PathLike) -> dict:
-    """The ratios of the last ``difstudy bench`` run (``results/bench/bench.csv``) with goals and status."""
-    path = Path(results) / "bench" / "bench.csv"
+def bench_section(results: str | os.PathLike, name: str = "bench.csv") -> dict:
+    """The ratios of the last ``difstudy bench`` run (``results/bench/<name>``) with goals and status."""
+    path = Path(results) / "bench" / name
     if not path.exists():
-        raise DifstudyError(f"no benchmark at {path}; run `difstudy bench --quick --out {path}` on a quiet machine")
+        how = "--device cuda --quick" if "cuda" in name else "--quick"
+        raise DifstudyError(f"no benchmark at {path}; run `difstudy bench {how} --out {path}` on a quiet machine")
     df = pd.read_csv(path)
     ratios = df[df["section"] == "ratio"]
     if ratios.empty:
@@ -112,11 +115,17 @@ def bench_section(results: str | os.PathLike) -> dict:
         for r in ratios.itertuples()
     ]
     first = df.iloc[0]
-    meta = {k: first[k] for k in ("commit", "cpus", "load_at_start", "total_s", "cfg_quick") if k in df.columns}
+    keys = ("commit", "cpus", "load_at_start", "total_s", "cfg_quick", "cfg_device", "cfg_dtype", "device_name")
+    meta = {k: first[k] for k in keys if k in df.columns}
     return dict(ratios=rows, **{k: (v.item() if hasattr(v, "item") else v) for k, v in meta.items()})
 
 
-READERS = dict(study=study_section, tests=tests_section, bench=bench_section)
+def gpu_section(results: str | os.PathLike) -> dict:
+    """The ratios of the last ``difstudy bench --device cuda`` run (``results/bench/bench-cuda.csv``)."""
+    return bench_section(results, "bench-cuda.csv")
+
+
+READERS = dict(study=study_section, tests=tests_section, bench=bench_section, gpu=gpu_section)
 
 
 # -- the committed report and the README ---------------------------------------------------
@@ -169,10 +178,15 @@ def render(name: str, measured: dict) -> str:
             f'ran {kinds} in **{_minutes(sec["seconds"])} min**; `-m "not slow"` skips the '
             f"{sec.get('slow', 0)} tests marked slow.\n"
         )
-    if name == "bench":
+    if name in ("bench", "gpu"):
         quick = " --quick" if str(sec.get("cfg_quick")) == "True" else ""
+        where = f"{sec.get('cpus', '?')} cores"
+        if name == "gpu":
+            quick = f" --device {sec.get('cfg_device', 'cuda')}{quick}"
+            gpu = sec.get("device_name") or "one GPU"
+            where = f"{gpu}, {sec.get('cfg_dtype', '?')}, {sec.get('cpus', '?')} host cores"
         head = (
-            f"`difstudy bench{quick}` at commit `{sec.get('commit', 'unknown')}` ({sec.get('cpus', '?')} cores, "
+            f"`difstudy bench{quick}` at commit `{sec.get('commit', 'unknown')}` ({where}, "
             f"load average {sec.get('load_at_start', float('nan')):.2f} at start, {sec.get('total_s', 0):.0f} s)"
         )
         lines = [head + ":\n", "| ratio | value | goal | status |", "|---|---|---|---|"]

@@ -128,3 +128,16 @@ def test_run_times_keeps_the_carried_rows_of_the_previous_run():
     assert run_times(times, run)["notebook"].tolist() == ["a"]
     carried = run_times(times, run, carried=("performance", "(book build)"))
     assert carried["notebook"].tolist() == ["a", "performance"]  # the full-params build is not this study's
+
+
+def test_gpu_section_reads_the_cuda_bench_and_names_the_device(tmp_path):
+    rows = pd.DataFrame(ratio_rows(dict(overhead=1.24, batching=4.2), (64, 512)))
+    meta = dict(commit="abc", cpus=16, load_at_start=1.5, total_s=119.0, cfg_quick="True")
+    rows = rows.assign(**meta, cfg_device="cuda", cfg_dtype="fp16", device_name="NVIDIA H200")
+    (tmp_path / "bench").mkdir()
+    with pytest.raises(DifstudyError, match="--device cuda --quick"):
+        report.gpu_section(tmp_path)
+    rows.to_csv(tmp_path / "bench" / "bench-cuda.csv", index=False)
+    table = report.render("gpu", {"gpu": report.gpu_section(tmp_path)})
+    assert "`difstudy bench --device cuda --quick` at commit `abc` (NVIDIA H200, fp16, 16 host cores" in table
+    assert "| 1.24 | <= 1.05 | FAIL |" in table and "| 4.20 | >= 1.30 | PASS |" in table

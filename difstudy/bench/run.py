@@ -42,7 +42,8 @@ def run_bench(
     ncpu = os.cpu_count() or 1
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     px = cfg.latent * 8
-    where = "CPU" if cfg.device == "cpu" else f"{cfg.device} ({torch.cuda.get_device_name(cfg.device)})"
+    device_name = "CPU" if cfg.device == "cpu" else torch.cuda.get_device_name(cfg.device)
+    where = "CPU" if cfg.device == "cpu" else f"{cfg.device} ({device_name})"
     log(
         f"difstudy bench{' --quick' if cfg.quick else ''}: {where}, {cfg.dtype}, torch {torch.__version__}, "
         f"{cfg.threads} thread(s) of {ncpu} cores; load average {load:.2f} at start"
@@ -143,6 +144,7 @@ def run_bench(
     from ..study import git_commit  # the run's provenance, for `difstudy report`
 
     df["commit"], df["cpus"], df["load_at_start"] = git_commit(), ncpu, round(load, 2)
+    df["device_name"] = device_name
     df["total_s"] = round(time.perf_counter() - t_start, 1)
     if out is not None:
         write_csv_atomic(df, out)  # creates the folder: a finished run is never lost to a missing one
