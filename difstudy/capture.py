@@ -109,7 +109,9 @@ class Capture:
 
     Parameters
     ----------
-    unet: a diffusers ``UNet2DConditionModel``.
+    unet: a diffusers ``UNet2DConditionModel``, or a diffusion transformer
+        (``PixArtTransformer2DModel``, ``SD3Transformer2DModel``, ``FluxTransformer2DModel``:
+        :mod:`difstudy.capture_dit`).
     names: activation names, named sets (``ours-v1.5``, ``all``) or module paths.
     stop: interrupt the forward after the last requested activation.
     dtype / device: convert captured tensors (e.g. ``torch.float16``, ``"cpu"``)
@@ -170,6 +172,11 @@ class Capture:
 
     def _install(self) -> None:
         mods = dict(self.unet.named_modules())
+        if self.catalog.family != "unet":  # a diffusion transformer: difstudy.capture_dit
+            from .capture_dit import DitHooks
+
+            self._handles += DitHooks(self).install(mods)
+            return
         hooks: dict[str, list[tuple[str, str]]] = {}
         attn: dict[str, dict[str, str]] = {}
         transformers: set[str] = set()

@@ -1,5 +1,6 @@
 """The activation catalogue: every candidate activation of a diffusion U-Net
-under the papers' names, in forward order.
+under the papers' names, in forward order (diffusion transformers: :mod:`difstudy.catalog_dit`,
+the same :class:`Catalog`).
 
 Names follow the official code of Meng et al. (NeurIPS'24)::
 
@@ -104,18 +105,28 @@ class Activation:
 
 
 class Catalog:
-    """Ordered activations of one U-Net, looked up by paper name or module path.
+    """Ordered activations of one U-Net, or of one diffusion transformer (PixArt, SD3, FLUX:
+    :mod:`difstudy.catalog_dit`), looked up by paper name or module path.
 
     ``Catalog(unet, latent_size=64, text_len=77)``; ``latent_size`` is image
-    size divided by the VAE factor (64 for SD1.5 at 512 px).
+    size divided by the VAE factor (64 for SD1.5 at 512 px); ``text_len`` the
+    text tokens the cross-attention maps have as keys.
     """
 
     def __init__(self, unet: nn.Module, latent_size: int | tuple[int, int] | None = None, text_len: int = 77):
+        from . import catalog_dit
+
+        self.family = catalog_dit.family(unet) or "unet"
         if latent_size is None:
-            latent_size = int(unet.config.sample_size)
+            latent_size = int(getattr(unet.config, "sample_size", None) or 128)  # FLUX's config has none: 1024 px
         self.latent_hw = (latent_size, latent_size) if isinstance(latent_size, int) else tuple(latent_size)
         self.text_len = text_len
-        self.entries: tuple[Activation, ...] = tuple(_enumerate(unet, self.latent_hw, text_len))
+        if self.family == "unet":
+            rows = _enumerate(unet, self.latent_hw, text_len)
+        else:  # a diffusion transformer (difstudy.catalog_dit)
+            rows = [Activation(i, *r[:7], tuple(int(x) for x in r[7])) for i, r in
+                    enumerate(catalog_dit.enumerate_transformer(unet, self.latent_hw, text_len))]  # fmt: skip
+        self.entries: tuple[Activation, ...] = tuple(rows)
         self._by_name = {a.name: a for a in self.entries}
         self._modules = {name for name, _ in unet.named_modules()}
 
@@ -179,7 +190,8 @@ class Catalog:
 
     def module_default(self, module: str) -> str | None:
         """Paper name of the natural output of ``module`` (e.g. a Transformer2DModel's vit-out)."""
-        natural = ("res-out", "out", "vit-out", "downsampler-out", "upsampler-out", "unet-after-conv-in", "unet-out")
+        natural = ("res-out", "out", "vit-out", "downsampler-out", "upsampler-out", "unet-after-conv-in", "unet-out",
+                   "transformer-after-patch-embed", "transformer-out")  # fmt: skip
         for a in self.entries:
             if a.module == module and a.kind in natural:
                 return a.name

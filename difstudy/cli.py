@@ -12,10 +12,16 @@ def _catalog(a) -> None:
     import pandas as pd
 
     from .catalog import Catalog
-    from .models import load, resolve_name, standins, vae_scale_factor
+    from .models import layouts, load, resolve_name, standins, vae_scale_factor
 
     embedded = standins.standin_name(resolve_name(a.model))
-    if embedded:  # the real architecture from the embedded configuration, on the meta device
+    dit = layouts.layout_name(resolve_name(a.model))
+    if dit:  # a diffusion transformer: its real or tiny layout, on the meta device
+        rec = layouts.layout(dit)
+        unet, factor, text_len = layouts.meta_transformer(dit), rec["vae_scale_factor"], rec["text_len"]
+        print(f"# {a.model}: the {dit} layout ({rec['class_name']}, embedded configuration), no weights loaded")
+        a.size = a.size or rec["native_size"]
+    elif embedded:  # the real architecture from the embedded configuration, on the meta device
         unet = standins.meta_unet(embedded)
         factor = 2 ** (len(standins.config(embedded, "vae")["block_out_channels"]) - 1)
         text_len = standins.config(embedded, "text_encoder")["max_position_embeddings"]
@@ -258,8 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="difstudy", description="diffusion U-Net activations as discriminative features")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    c = sub.add_parser("catalog", help="list a U-Net's activations under the papers' names (forward order)")
-    c.add_argument("model", help="mini, tiny-sd15, tiny-sd21, tiny-sdxl, an alias (sd15, sdxl...), hub id or folder")
+    c = sub.add_parser(
+        "catalog", help="list a U-Net's or diffusion transformer's activations under the papers' names (forward order)"
+    )
+    c.add_argument(
+        "model",
+        help="mini, tiny-sd15, tiny-sd21, tiny-sdxl, an alias (sd15, sdxl...), hub id or folder; transformers: "
+        "pixart-alpha, pixart-sigma, sd3-medium, sd35-large, flux-dev, flux-schnell, tiny-pixart, tiny-sd3, tiny-flux",
+    )
     c.add_argument("--long", action="store_true", help="table with module path, kind, level, shape")
     c.add_argument("--size", type=int, default=None, help="image size in pixels for the shapes (default: native)")
     c.add_argument("--only", nargs="+", default=None, help="names, named sets (ours-v1.5...) or module paths")

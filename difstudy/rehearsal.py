@@ -14,6 +14,11 @@ with four substitutions, each printed and shown on every page:
   multiplied by :data:`COUNT_FACTOR` (never below their :data:`MINIMUM`; "all" becomes that
   minimum), seed lists keep their first :data:`SEEDS`, sampling steps become :data:`STEPS`.
 
+**What the full run will cost**: every notebook's U-Net forwards, samples, cache growth and peak
+memory are counted as it runs (:mod:`difstudy.costs`); :func:`cost_table` scales them to the full
+parameters and, with the GPU rate of the last ``difstudy bench --device cuda``, to GPU minutes
+(``_rehearsal/results/costs.csv``, and the rehearsal's performance page).
+
 Everything runs in a folder of its own (``_rehearsal/``, :data:`FOLDER`): its notebooks folder
 holds links to the real notebooks and their ``<name>.rehearsal.yaml`` parameter files, its results,
 caches, stand-in models, data and book are its own, so a rehearsal never touches the study's
@@ -232,6 +237,22 @@ def check_banner(html_dir: Path, pages: list[str]) -> list[str]:
     return missing
 
 
+COSTS = "costs"  # the rehearsal folder's subfolder of per-notebook counts (difstudy.costs.ENV)
+
+
+def cost_table(root: Path | None = None, repo: Path | None = None):
+    """:func:`difstudy.costs.table` of a rehearsal: its counts against the full and the rehearsal
+    parameters of each notebook (``root``: the rehearsal folder, by default :data:`ENV_ROOT`'s)."""
+    from . import costs
+    from .study import load_params
+
+    root = Path(root or os.environ.get(ENV_ROOT) or Path.cwd())
+    repo = Path(repo or root.parent)
+    names = [p.stem for p in sorted((root / COSTS).glob("*.json"))]
+    params = {n: (load_params(n, "full", repo), load_params(n, "rehearsal", root)) for n in names}
+    return costs.table(root / COSTS, params, costs.gpu_rate())
+
+
 def run(names: list[str] | None = None, book: bool = True, repo: Path | None = None) -> list[dict]:
     """Prepare the rehearsal folder, execute the notebooks there (their ``rehearsal`` parameters),
     put the banner on every page, build and check the book."""
@@ -243,11 +264,23 @@ def run(names: list[str] | None = None, book: bool = True, repo: Path | None = N
     names = names or all_names
     t0 = time.time()
     root = prepare_root(repo, names)
-    env = {ENV_ROOT: str(root), standins.REHEARSAL_ENV: str(root / "models")}
+    from . import costs
+
+    shutil.rmtree(root / COSTS, ignore_errors=True)
+    env = {ENV_ROOT: str(root), standins.REHEARSAL_ENV: str(root / "models"), costs.ENV: str(root / COSTS)}
     with patch.dict(os.environ, env):  # restored afterwards
         if any(study.load_params(n, "rehearsal", root).get("lora") == str(root / "loras" / "random") for n in names):
             random_lora(root / "loras" / "random")
         times = study.run("rehearsal", names, book=False, root=root)
+        table = cost_table(root, repo)
+        if len(table):
+            (root / "results").mkdir(exist_ok=True)
+            table.to_csv(root / "results" / "costs.csv", index=False)
+            shown = [c for c in ("notebook", "forwards", "full_samples_low", "full_samples_high", "gpu_min_low",
+                                 "gpu_min_high", "full_cache_gb_high", "peak_rss_mb") if c in table]  # fmt: skip
+            print(
+                "[rehearsal] what the full run will cost (results/costs.csv):\n" + table[shown].to_string(index=False)
+            )
         for n in all_names:
             if (root / study.GENERATED / f"{n}.ipynb").exists():
                 add_banner(root / study.GENERATED / f"{n}.ipynb")

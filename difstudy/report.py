@@ -114,10 +114,13 @@ def bench_section(results: str | os.PathLike, name: str = "bench.csv") -> dict:
         dict(case=r.case, what=r.what, value=round(float(r.value), 2), goal=str(r.goal), status=str(r.status))
         for r in ratios.itertuples()
     ]
+    times = df[df["section"] == "time"] if "per_item_s" in df.columns else df.iloc[:0]
+    per_item = {r.case: float(r.per_item_s) for r in times.itertuples() if pd.notna(r.per_item_s)}
     first = df.iloc[0]
     keys = ("commit", "cpus", "load_at_start", "total_s", "cfg_quick", "cfg_device", "cfg_dtype", "device_name")
     meta = {k: first[k] for k in keys if k in df.columns}
-    return dict(ratios=rows, **{k: (v.item() if hasattr(v, "item") else v) for k, v in meta.items()})
+    meta = {k: (v.item() if hasattr(v, "item") else v) for k, v in meta.items()}
+    return dict(ratios=rows, per_item_s=per_item, **meta)
 
 
 def gpu_section(results: str | os.PathLike) -> dict:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .. import costs
 from ..errors import ModelNotFoundError, closest
 from . import standins
 from .tiny import TINY_MODELS, build_tiny
@@ -32,6 +33,15 @@ ALIASES = {
     "sd21": "stabilityai/stable-diffusion-2-1",
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
     "playground-v2": "playgroundai/playground-v2-1024px-aesthetic",
+}
+# diffusion transformers (difstudy.models.layouts: `difstudy catalog` lists them without weights)
+ALIASES |= {
+    "pixart-alpha": "PixArt-alpha/PixArt-XL-2-512x512",
+    "pixart-sigma": "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",
+    "sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
+    "sd35-large": "stabilityai/stable-diffusion-3.5-large",
+    "flux-dev": "black-forest-labs/FLUX.1-dev",
+    "flux-schnell": "black-forest-labs/FLUX.1-schnell",
 }
 BUILTINS = ("mini", *TINY_MODELS)
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
@@ -176,6 +186,7 @@ def load(name_or_path: str | os.PathLike, dtype=None, device=None):
     if dev.type == "cpu" and pipe.unet.dtype in (torch.float16, torch.bfloat16):
         warnings.warn(f"{name}: {pipe.unet.dtype} on CPU is slow and some ops may be unsupported; use fp32 on CPU")
     pipe.set_progress_bar_config(disable=True)
+    costs.watch(pipe, name)  # counts the U-Net's forwards in a rehearsal (DIFSTUDY_COST_LOG); else nothing
     return pipe
 
 
