@@ -44,6 +44,7 @@ def test_run_bench_prints_tables_and_ratio_line(tmp_path):
     want = dict(
         overhead=t["capture"] / t["bare"],
         early_stop=t["early"] / t["bare"],
+        early_stop_dit=t["dit_early"] / t["dit_bare"],
         batching=t["per_item"] / t["batched"],
         amalgamation=t["official_sequential"] / t["official_batched"],
         amalgamation_prompts=t["gate_sequential"] / t["gate_batched"],
@@ -164,3 +165,11 @@ def test_cli_has_bench():
 
     a = build_parser().parse_args(["bench", "--quick", "--out", "r.csv"])
     assert a.cmd == "bench" and a.quick and a.out == "r.csv" and a.threads == 1 and a.repeats is None
+
+
+def test_the_transformer_early_stop_case_stops_at_the_middle_block():
+    cfg = _tiny_cfg()
+    bare, early = bench.timing.transformer_cases(cfg)
+    assert (bare.key, early.key) == ("dit_bare", "dit_early") and "vit-block1-out" in early.label
+    assert early.fn()["vit-block1-out"].shape[1:] == (32, 16, 16)  # 32 latent cells, 2x2 packed
+    assert bare.fn().sample.shape == (1, 256, 64)

@@ -12,6 +12,9 @@ inflates every timing). Measured side by side in one run:
 
   - ``overhead``: capture of ``ours-v1.5`` with ``stop=False`` / bare forward;
   - ``early_stop``: capture of ``mid-vit-out`` with ``stop=True`` / bare forward;
+  - ``early_stop_dit``: the same for a diffusion transformer (the tiny FLUX layout,
+    :func:`~difstudy.bench.timing.transformer_cases`: 2 double- and 2 single-stream blocks, 256
+    tokens): capture of the middle block's output with ``stop=True`` / bare forward;
   - ``batching``: T x V items (2 timesteps x 2 conditioning variants) laid
     out by :func:`~difstudy.capture.expand_batch` in one forward vs one
     forward per item (per-sample speed-up, both with ``ours-v1.5`` capture);

@@ -20,7 +20,7 @@ from ..models import as_dtype
 from .config import PerfConfig, compute_ratios, format_line, ratio_rows
 from .official import official_cases
 from .rss import rss_rows, rss_run, rss_start, rss_wait
-from .timing import extraction_cases, forward_cases, run_interleaved, synchronizer, timing_rows
+from .timing import extraction_cases, forward_cases, run_interleaved, synchronizer, timing_rows, transformer_cases
 from .workload import build_unet, feature_bytes, pipeline_with, toy_images
 
 
@@ -113,6 +113,7 @@ def run_bench(
         cases = forward_cases(unet, cfg, catalog) + extraction_cases(pipe, time_imgs, cfg, Path(tmp) / "time")
         if cfg.official_set:
             cases += official_cases(pipe, time_imgs[0], cfg, tmp)
+        cases += transformer_cases(cfg)
         if cfg.warmup == 0:  # light warm-up: one bare forward per batch size used
             with torch.no_grad():
                 for b in sorted({1, len(cfg.timesteps) * cfg.variants}):

@@ -15,6 +15,7 @@ import torch
 
 from ..capture import Capture, expand_batch
 from ..catalog import Catalog
+from ..models import as_dtype
 from .config import PerfConfig
 from .workload import as_dataset, forward_until, last_module, naive_extract
 
@@ -106,6 +107,33 @@ def extraction_cases(pipe, images: np.ndarray, cfg: PerfConfig, workdir: str | o
         Case("extract", f"difstudy extract(), {n} images", n, ours),
         Case("naive", f"naive hooks + list + stack, {n} images", n, naive),
         Case("until", f"bare forward up to {last}, {n} images", n, lambda: forward_until(unet, last, x, tt, ehs)),
+    ]
+
+
+def transformer_cases(cfg: PerfConfig, layout: str = "tiny-flux", latent: int = 32) -> list[Case]:
+    """A diffusion transformer's bare forward against early stop after its middle block's output
+    (the tiny FLUX layout: double- then single-stream blocks, at ``latent`` cells: 256 tokens)."""
+    from ..models import layouts
+
+    model = layouts.tiny_transformer(layout).to(cfg.device, as_dtype(cfg.dtype))
+    kw = {k: v.to(cfg.device, model.dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+          for k, v in layouts.example_inputs(layout, batch=1, seed=cfg.seed, latent=latent).items()}  # fmt: skip
+    catalog = Catalog(model, latent_size=latent, text_len=layouts.layout(layout)["text_len"])
+    blocks = sorted({a.block for a in catalog if a.block is not None})
+    mid = f"vit-block{blocks[len(blocks) // 2 - 1]}-out"
+
+    def bare():
+        with torch.no_grad():
+            return model(**kw)
+
+    def early():
+        with Capture(model, [mid], stop=True, catalog=catalog) as cap:
+            cap.run(**kw)
+        return cap.cache
+
+    return [
+        Case("dit_bare", f"bare {layout} forward ({len(blocks)} blocks)", 1, bare),
+        Case("dit_early", f"capture {mid} of {layout}, stop=True", 1, early),
     ]
 
 
