@@ -250,7 +250,9 @@ def cost_table(root: Path | None = None, repo: Path | None = None):
     repo = Path(repo or root.parent)
     names = [p.stem for p in sorted((root / COSTS).glob("*.json"))]
     params = {n: (load_params(n, "full", repo), load_params(n, "rehearsal", root)) for n in names}
-    return costs.table(root / COSTS, params, costs.gpu_rate())
+    from .report import MEASURED, read_measured
+
+    return costs.table(root / COSTS, params, costs.gpu_rate(read_measured(repo / MEASURED)))  # the repository's report
 
 
 def run(names: list[str] | None = None, book: bool = True, repo: Path | None = None) -> list[dict]:
