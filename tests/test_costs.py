@@ -61,3 +61,23 @@ def test_the_gpu_rate_comes_from_the_measured_cuda_bench():
     rate = costs.gpu_rate(measured)
     assert rate["samples_per_s"] == pytest.approx(1 / 0.011) and "NVIDIA H200" in rate["source"]
     assert costs.gpu_rate({}) is None
+
+
+def test_a_rehearsals_cost_table_reads_both_parameter_files_and_the_repository_report(tmp_path):
+    from difstudy import rehearsal
+
+    repo, root = tmp_path / "repo", tmp_path / "repo" / rehearsal.FOLDER
+    (repo / "notebooks").mkdir(parents=True)
+    (root / "notebooks").mkdir(parents=True)
+    (root / rehearsal.COSTS).mkdir()
+    (repo / "notebooks" / "page.full.yaml").write_text("n_images: 400\nseeds: [0, 1, 2]\ntoy_size: 512\n")
+    (root / "notebooks" / "page.rehearsal.yaml").write_text("n_images: 8\nseeds: [0, 1]\ntoy_size: 64\n")
+    rec = dict(notebook="page", forwards=3, samples=6, cache_bytes=0, peak_rss_mb=700.0)
+    (root / rehearsal.COSTS / "page.json").write_text(json.dumps(rec))
+    (repo / "report").mkdir()
+    gpu = dict(per_item_s={"batched": 0.01}, device_name="NVIDIA H200", commit="abc")
+    (repo / "report" / "measured.json").write_text(json.dumps({"gpu": gpu}))
+    df = rehearsal.cost_table(root, repo)
+    row = df.iloc[0]
+    assert (row.notebook, row.full_samples_low, row.full_samples_high) == ("page", 300, 450)
+    assert row.gpu_min_high == pytest.approx(450 / 100 / 60, abs=0.05) and "NVIDIA H200" in row.rate_source
