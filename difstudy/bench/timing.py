@@ -115,7 +115,9 @@ def transformer_cases(cfg: PerfConfig, layout: str = "tiny-flux", latent: int = 
     (the tiny FLUX layout: double- then single-stream blocks, at ``latent`` cells: 256 tokens)."""
     from ..models import layouts
 
-    model = layouts.tiny_transformer(layout).to(cfg.device, as_dtype(cfg.dtype))
+    model = layouts.tiny_transformer(layout)
+    if cfg.device != "cpu" or cfg.dtype != "fp32":
+        model = model.to(cfg.device, as_dtype(cfg.dtype))
     kw = {k: v.to(cfg.device, model.dtype) if torch.is_tensor(v) and v.is_floating_point() else v
           for k, v in layouts.example_inputs(layout, batch=1, seed=cfg.seed, latent=latent).items()}  # fmt: skip
     catalog = Catalog(model, latent_size=latent, text_len=layouts.layout(layout)["text_len"])
