@@ -22,7 +22,8 @@ parameters and, with the GPU rate of the last ``difstudy bench --device cuda``, 
 Everything runs in a folder of its own (``_rehearsal/``, :data:`FOLDER`): its notebooks folder
 holds links to the real notebooks and their ``<name>.rehearsal.yaml`` parameter files, its results,
 caches, stand-in models, data and book are its own, so a rehearsal never touches the study's
-results. ``DIFSTUDY_ROOT`` points the kernels' :data:`difstudy.study.ROOT` there. Its book says
+results. Its results, book and feature cache start empty every time (a cache hit would skip the
+extraction code the full run executes, and hide its cost); its stand-ins and data are kept. ``DIFSTUDY_ROOT`` points the kernels' :data:`difstudy.study.ROOT` there. Its book says
 "rehearsal: random-weight stand-ins" on every page (an announcement bar and a first cell per
 page), and :func:`check_banner` fails a page without it. The numbers of a rehearsal mean nothing;
 what it shows is that the full run's code paths run, and how long each notebook takes at these
@@ -187,7 +188,7 @@ def prepare_root(repo: Path, names: list[str], progress: bool = True) -> Path:
 
     root = repo / FOLDER
     root.mkdir(exist_ok=True)
-    for stale in ("results", "book"):
+    for stale in ("results", "book", "cache"):  # a cold cache: every extraction runs, as in the full run
         shutil.rmtree(root / stale, ignore_errors=True)
     shutil.copytree(repo / "book", root / "book", ignore=shutil.ignore_patterns("_generated", "vendor"))
     config = yaml.safe_load((repo / "_config.yml").read_text())

@@ -48,7 +48,10 @@ def test_the_rehearsal_folder(tmp_path, monkeypatch):
         shutil.copytree(ROOT / part, repo / part, ignore=shutil.ignore_patterns("_generated", "vendor"))
     shutil.copy(ROOT / "_config.yml", repo / "_config.yml")
     names = notebook_names(repo)
+    (repo / R.FOLDER / "cache" / "features").mkdir(parents=True)  # a previous rehearsal's cache
+    (repo / R.FOLDER / "models").mkdir()  # and its stand-ins
     root = R.prepare_root(repo, names, progress=False)
+    assert not (root / "cache").exists() and (root / "models").is_dir()  # the cache starts cold, stand-ins stay
     config = yaml.safe_load((root / "_config.yml").read_text())
     assert R.BANNER in config["title"] and R.BANNER in config["html"]["announcement"]
     for name in names:
