@@ -68,6 +68,22 @@ def test_the_check_catches_a_missing_script_or_subcommand():
 
 def test_ci_runs_tests_then_study_then_book_check():
     text = (ROOT / ".ci" / "run").read_text()
-    order = [text.index(s) for s in ("bash scripts/test.sh", "bash scripts/study.sh", "difstudy check-book")]
+    steps = (
+        "bash scripts/test.sh",
+        "bash scripts/study.sh",
+        "difstudy check-book",
+        "difstudy run --params full --rehearse",
+    )
+    order = [text.index(s) for s in steps]
     assert order == sorted(order)
     assert missing([text]) == []
+
+
+def test_the_ci_rehearsal_names_notebooks_that_exist():
+    import re
+
+    from difstudy.study import notebook_names
+
+    text = (ROOT / ".ci" / "run").read_text()
+    pages = re.search(r"--no-book \$\{CI_REHEARSE:-([a-z_ ]+)\}", text).group(1).split()
+    assert pages and set(pages) <= set(notebook_names(ROOT))
