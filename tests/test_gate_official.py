@@ -132,7 +132,9 @@ def test_eps_from_output_inverts_each_prediction_type():
         gate.noising.eps_from_output(eps, x, a, "flow")
 
 
-def test_canny_detectors():
+def test_canny_detectors(tmp_path):
+    import json
+
     import cv2
 
     _, images, _ = _images(1)
@@ -140,9 +142,13 @@ def test_canny_detectors():
     assert gate.canny_edges(images[0], "opencv").any() and gate.canny_edges(images[0], "skimage").any()
     with pytest.raises(DifstudyError, match="unknown Canny detector 'sobel'"):
         gate.canny_edges(images[0], "sobel")
-    # the committed mini ControlNet was trained on skimage edges; public ControlNets on OpenCV's
-    assert gate.trained_canny("mini") == "skimage"
+    # the detector a ControlNet was trained with comes from its record: the committed mini ControlNet
+    # (since v3) and the public ones on OpenCV's; a record naming skimage, or one older than the field
+    assert gate.trained_canny("mini") == "opencv"
     assert gate.trained_canny("sd15-canny") == "opencv"
+    for record, want in (({"canny": "skimage", "canny_sigma": 1.0}, "skimage"), ({"canny_sigma": 1.0}, "skimage")):
+        (tmp_path / "difstudy_training.json").write_text(json.dumps(record))
+        assert gate.trained_canny(str(tmp_path)) == want
     with pytest.raises(DifstudyError, match="canny must be one of"):
         gate.Technique("x", canny="sobel")
     with pytest.raises(DifstudyError, match="noising must be one of"):

@@ -417,7 +417,7 @@ def technique_status(techniques: Sequence[Technique]) -> pd.DataFrame:
 
 # -- adapters know their base U-Net --------------------------------------------------
 TRAINING_RECORD = "difstudy_training.json"
-_RECORD_NOT_OPTIONS = ("wall_seconds_this_invocation", "final_loss_mean_last_100", "target_modules")
+_RECORD_NOT_OPTIONS = ("wall_seconds_this_invocation", "final_loss_mean_last_100", "target_modules", "trained_on")
 
 
 def _dtype_name(dtype) -> str:
