@@ -143,3 +143,13 @@ def test_early_stop_skips_the_later_blocks(name):
 def test_an_unknown_transformer_name_is_a_clear_error():
     with pytest.raises(KeyError, match="pixart-gamma.*known: .*flux-dev.*tiny-flux"):
         layouts.layout("pixart-gamma")
+
+
+def test_loading_a_transformer_pipeline_says_what_works_instead():
+    from difstudy.errors import ModelNotFoundError
+    from difstudy.models import load
+
+    with pytest.raises(ModelNotFoundError, match="diffusion transformer: `difstudy catalog flux-dev`"):
+        load("flux-dev")
+    with pytest.raises(ModelNotFoundError, match="diffusion transformer"):
+        load("PixArt-alpha/PixArt-Sigma-XL-2-1024-MS")

@@ -24,7 +24,7 @@ import torch
 
 from .. import costs
 from ..errors import ModelNotFoundError, closest
-from . import standins
+from . import layouts, standins
 from .tiny import TINY_MODELS, build_tiny
 
 MINI_PATH = Path(__file__).parent / "difstudy-mini"
@@ -33,15 +33,6 @@ ALIASES = {
     "sd21": "stabilityai/stable-diffusion-2-1",
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
     "playground-v2": "playgroundai/playground-v2-1024px-aesthetic",
-}
-# diffusion transformers (difstudy.models.layouts: `difstudy catalog` lists them without weights)
-ALIASES |= {
-    "pixart-alpha": "PixArt-alpha/PixArt-XL-2-512x512",
-    "pixart-sigma": "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",
-    "sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
-    "sd35-large": "stabilityai/stable-diffusion-3.5-large",
-    "flux-dev": "black-forest-labs/FLUX.1-dev",
-    "flux-schnell": "black-forest-labs/FLUX.1-schnell",
 }
 BUILTINS = ("mini", *TINY_MODELS)
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
@@ -153,6 +144,12 @@ def load(name_or_path: str | os.PathLike, dtype=None, device=None):
     cache = standins.rehearsal_cache()
     if cache is not None:
         dtype, device = rehearsal_device(name, dtype, device)
+    if layouts.layout_name(name):
+        raise ModelNotFoundError(
+            f"{name!r} is a diffusion transformer: `difstudy catalog {name}` lists its activations and "
+            "difstudy.capture captures them (difstudy.models.layouts.tiny_transformer for the tiny layouts), "
+            "but pipelines of transformers are not loaded for extraction yet"
+        )
     standin = standins.standin_name(resolve_name(name))
     if cache is not None and standin:
         print(f"rehearsal: {name} is a random-weight stand-in (the real {standin} architecture, random weights)")
