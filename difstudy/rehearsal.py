@@ -12,7 +12,9 @@ with four substitutions, each printed and shown on every page:
   (:func:`difstudy.data.export.to_data_root`), so the same loaders read it;
 - **sizes** (:func:`rehearse_params`): image sizes become :data:`IMAGE_SIZE`, counts are
   multiplied by :data:`COUNT_FACTOR` (never below their :data:`MINIMUM`; "all" becomes that
-  minimum), seed lists keep their first :data:`SEEDS`, sampling steps become :data:`STEPS`.
+  minimum), seed lists keep their first :data:`SEEDS`, sampling steps become :data:`STEPS`,
+  the protocols' grids are capped (:data:`GRID_CAPS`) and their training shortened
+  (:data:`TRAIN_CAPS`, :data:`AMALGAMATION_EPOCHS`).
 
 **What the full run will cost**: every notebook's U-Net forwards, samples, cache growth and peak
 memory are counted as it runs (:mod:`difstudy.costs`); :func:`cost_table` scales them to the full
@@ -80,6 +82,10 @@ SIZE_KEYS = ("image_size", "toy_size")
 # and 512 px matching grid mean nothing on 64 px images and cost minutes per pair on a CPU
 PROTOCOL_DICTS = {"correspondence": "correspondence", "part_seg": "label-scarce-seg", "semantic_seg": "semantic-seg"}
 GRID_CAPS = {"concat_size": IMAGE_SIZE // 4, "match_size": IMAGE_SIZE, "resolution": IMAGE_SIZE}
+# the protocols' training shortened (the code paths stay; at the real widths the official pixel-MLP
+# ensemble and the 10,000-step conv head take most of a CPU rehearsal: the gate page ran over 40 min)
+TRAIN_CAPS = {"n_models": 2, "max_epochs": 4, "head_epochs": 1, "head_steps_per_epoch": 50, "epochs": 1}
+AMALGAMATION_EPOCHS = 2
 SEED_KEYS = ("seeds", "property_seeds")
 STEP_KEYS = ("img2img_steps", "sample_steps")
 RANDOM_LORA_RANK = 8
@@ -115,11 +121,14 @@ def rehearse_params(values: dict, data_root: str, lora_root: str) -> tuple[dict,
             change(key, lora_root, f"a random LoRA of rank {RANDOM_LORA_RANK}")
         elif isinstance(value, dict) and (key in PROTOCOL_DICTS or key == "protocol"):
             task = PROTOCOL_DICTS.get(key, values.get("task"))
-            capped = _cap_grids(value, task)
+            grids = _cap_grids(value, task)
+            capped = _cap_grids(grids, task, TRAIN_CAPS)
             if capped != value:
                 what = ", ".join(f"{f} {_grid_default(value, task, f)} -> {capped[f]}" for f in capped if f not in value
                                  or capped[f] != value[f])  # fmt: skip
-                change(key, capped, f"grid sizes for {IMAGE_SIZE} px images: {what}")
+                change(key, capped, f"grid sizes for {IMAGE_SIZE} px images and shorter training: {what}")
+        elif key == "amalgamation" and isinstance(value, dict) and value.get("epochs", 0) > AMALGAMATION_EPOCHS:
+            change(key, {**value, "epochs": AMALGAMATION_EPOCHS}, "shorter training")
     return out, changes
 
 
@@ -153,11 +162,11 @@ def _grid_default(value: dict, task: str | None, field: str):
     return value.get(field, _protocol_defaults(task).get(field))
 
 
-def _cap_grids(value: dict, task: str | None) -> dict:
-    """``value`` with each grid size of :data:`GRID_CAPS` (given or by default) capped; ``None``
-    (the activations' own sizes) is kept."""
+def _cap_grids(value: dict, task: str | None, caps: dict | None = None) -> dict:
+    """``value`` with each field of ``caps`` (:data:`GRID_CAPS` by default; given or by default)
+    capped; ``None`` (the activations' own sizes) is kept."""
     out, defaults = dict(value), _protocol_defaults(task)
-    for field, cap in GRID_CAPS.items():
+    for field, cap in (caps or GRID_CAPS).items():
         current = value.get(field, defaults.get(field))
         if field in defaults and current is not None and current > cap:
             out[field] = cap

@@ -31,13 +31,17 @@ def test_protocol_grids_are_capped_for_the_small_images():
     """The official 128-cell concatenation, 512 px matching grid and 256 px segmentation grid (given
     or by default) are capped for 64 px images; a method and None (the activations' sizes) stay."""
     gate, changes = R.rehearse_params(load_params("gate", "full"), "/data", "/lora")
-    assert gate["correspondence"] == {"method": "conv", "concat_size": 16, "match_size": 64}
-    assert gate["part_seg"] == {"resolution": 64}
+    short = {"head_epochs": 1, "head_steps_per_epoch": 50}  # the conv head's 10,000 steps, shortened
+    assert gate["correspondence"] == {"method": "conv", "concat_size": 16, "match_size": 64, **short}
+    assert gate["part_seg"] == {"resolution": 64, "n_models": 2, "max_epochs": 4}  # the pixel-MLP ensemble
+    assert gate["amalgamation"]["epochs"] == R.AMALGAMATION_EPOCHS
     assert any("concat_size 128 -> 16, match_size 512 -> 64" in c for c in changes)
-    kept = {"task": "correspondence", "protocol": {"concat_size": None, "match_size": None}}
+    assert any("n_models 10 -> 2, max_epochs 100 -> 4" in c for c in changes)
+    kept = {"task": "correspondence", "protocol": {"concat_size": None, "match_size": None, "head_epochs": 1,
+                                                   "head_steps_per_epoch": 50}}  # fmt: skip
     assert R.rehearse_params(kept, "/d", "/l") == (kept, [])
     filt, _ = R.rehearse_params({"task": "label-scarce-seg", "protocol": {}}, "/d", "/l")
-    assert filt["protocol"] == {"resolution": 64}
+    assert filt["protocol"] == {"resolution": 64, "n_models": 2, "max_epochs": 4}
 
 
 def test_the_rehearsal_folder(tmp_path, monkeypatch):
