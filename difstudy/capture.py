@@ -59,6 +59,14 @@ def _tokens_to_map(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, c, h, w)
 
 
+def attention_probs(attn, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, heads, Lq, Lk) attention probabilities of a diffusers ``Attention`` from its ``to_q`` /
+    ``to_k`` outputs (B, L, heads * d), on the explicit path (``get_attention_scores``); ``mask``:
+    as ``prepare_attention_mask`` returns it."""
+    probs = attn.get_attention_scores(attn.head_to_batch_dim(q), attn.head_to_batch_dim(k), mask)
+    return probs.reshape(q.shape[0], attn.heads, *probs.shape[1:])
+
+
 class CaptureAttnProcessor:
     """Wraps an attention processor to read q, k, v and attention probabilities.
 
@@ -96,10 +104,7 @@ class CaptureAttnProcessor:
                 self.capture._record(name, _tokens_to_map(got[kind.split("-")[1]], hw), check_stop=False)
         for kind, name in self.wanted.items():
             if kind in MAP_KINDS:
-                q, k = attn.head_to_batch_dim(got["q"]), attn.head_to_batch_dim(got["k"])
-                probs = attn.get_attention_scores(q, k, None)
-                b = got["q"].shape[0]
-                self.capture._record(name, probs.reshape(b, attn.heads, *probs.shape[1:]), check_stop=False)
+                self.capture._record(name, attention_probs(attn, got["q"], got["k"]), check_stop=False)
         self.capture._maybe_stop()
         return out
 

@@ -26,9 +26,8 @@ import math
 
 import torch
 
+from .capture import attention_probs
 from .catalog_dit import DIT_MAP_KINDS
-
-QKV = ("q", "k", "v", "self-q", "self-k", "self-v", "cross-q")
 
 
 def _arg(args, kwargs, name: str, pos: int):
@@ -57,6 +56,7 @@ class DitHooks:
         self.grid: tuple[int, int] | None = None
         self.text_len = 0
         self.block_in: dict[str, torch.Tensor] = {}
+        self.inputs: list[str] = []
 
     # -- helpers -------------------------------------------------------------------------
     def to_map(self, tokens: torch.Tensor, joint: bool = False) -> torch.Tensor:
@@ -75,11 +75,12 @@ class DitHooks:
         for name in self.cap.names:
             a = self.cap.catalog[name] if name in self.cap.catalog else None
             by_module.setdefault(a.module if a else name, []).append((name, a.kind if a else "raw"))
+        self.inputs = [n for n, k in by_module.get("", []) if k == "transformer-in"]
         for path, items in by_module.items():
             kinds = {k for _, k in items}
             m = mods[path]
-            if kinds & {"out", "increment"} or "transformer-in" in kinds:
-                handles.append(m.register_forward_pre_hook(self._block_pre(path, items), with_kwargs=True))
+            if "increment" in kinds:
+                handles.append(m.register_forward_pre_hook(self._block_pre(path), with_kwargs=True))
             if kinds & {"norm-out"} and path.endswith(".ff"):
                 handles.append(m.register_forward_pre_hook(self._ff_pre(items)))
             if kinds & set(DIT_MAP_KINDS):
@@ -97,17 +98,14 @@ class DitHooks:
         self.grid = _grid_of(module, self.family, hidden, kwargs)
         self.text_len = int(ehs.shape[1]) if ehs is not None else 0
         self.block_in = {}
+        for name in self.inputs:  # transformer-in: the model's own input (FLUX: packed tokens)
+            self.cap._record(name, self.to_map(hidden) if self.family == "flux" else hidden, check_stop=False)
+        if self.inputs:
+            self.cap._maybe_stop()
 
-    def _block_pre(self, path, items):
+    def _block_pre(self, path):
         def hook(module, args, kwargs):
-            x = _arg(args, kwargs, "hidden_states", 0)
-            if path == "":  # the model itself: transformer-in
-                for name, kind in items:
-                    if kind == "transformer-in":
-                        self.cap._record(name, self.to_map(x) if self.family == "flux" else x, check_stop=False)
-                self.cap._maybe_stop()
-            else:
-                self.block_in[path] = x
+            self.block_in[path] = _arg(args, kwargs, "hidden_states", 0)
 
         return hook
 
@@ -173,12 +171,9 @@ class DitHooks:
 def _pixart_probs(attn, hidden, ehs, mask) -> torch.Tensor:
     """(B, heads, N, keys) as PixArt's processor computes them (``get_attention_scores``)."""
     context = hidden if ehs is None else ehs
-    b = hidden.shape[0]
-    q, k = attn.head_to_batch_dim(attn.to_q(hidden)), attn.head_to_batch_dim(attn.to_k(context))
     if mask is not None:
-        mask = attn.prepare_attention_mask(mask, context.shape[1], b)
-    probs = attn.get_attention_scores(q, k, mask)
-    return probs.reshape(b, attn.heads, *probs.shape[1:])
+        mask = attn.prepare_attention_mask(mask, context.shape[1], hidden.shape[0])
+    return attention_probs(attn, attn.to_q(hidden), attn.to_k(context), mask)
 
 
 def _joint_probs(attn, family: str, hidden, ehs, kwargs, shared_text: int = 0):
@@ -213,7 +208,6 @@ def _joint_probs(attn, family: str, hidden, ehs, kwargs, shared_text: int = 0):
         from diffusers.models.embeddings import apply_rotary_emb
 
         q, k = apply_rotary_emb(q, rotary, sequence_dim=1), apply_rotary_emb(k, rotary, sequence_dim=1)
-    scores = torch.einsum("blhd,bmhd->bhlm", q.float(), k.float()) / math.sqrt(q.shape[-1])
-    probs = scores.softmax(-1).to(hidden.dtype)
-    rows = slice(n_text, None) if text_first else slice(0, probs.shape[-1] - n_text)
-    return probs[:, :, rows], n_text, text_first
+    rows = slice(n_text, None) if text_first else slice(0, q.shape[1] - n_text)  # the image queries only
+    scores = torch.einsum("blhd,bmhd->bhlm", q[:, rows].float(), k.float()) / math.sqrt(q.shape[-1])
+    return scores.softmax(-1).to(hidden.dtype), n_text, text_first

@@ -44,8 +44,6 @@ import torch.nn as nn
 PIXART_KINDS = ("self-q", "self-k", "self-v", "self-map", "cross-q", "cross-map", "norm-out", "ffn-inner", "out")
 JOINT_KINDS = ("q", "k", "v", "self-map", "cross-map", "attn-out", "norm-out", "ffn-inner", "out")
 SINGLE_KINDS = ("norm-out", "q", "k", "v", "self-map", "cross-map", "attn-out", "out")
-DIT_KINDS = tuple(dict.fromkeys(("transformer-in", "transformer-after-patch-embed", "transformer-out",
-                                 *PIXART_KINDS, *JOINT_KINDS, *SINGLE_KINDS, "increment")))  # fmt: skip
 DIT_MAP_KINDS = ("self-map", "cross-map")
 FAMILIES = {
     "PixArtTransformer2DModel": "pixart",
@@ -114,14 +112,14 @@ def enumerate_transformer(model: nn.Module, latent_hw: tuple[int, int], text_len
     embed = "x_embedder" if fam == "flux" else "pos_embed"
     rows.append(("transformer-in", "", "transformer-in", (cfg.in_channels, *io_hw)))
     rows.append(("transformer-after-patch-embed", embed, "transformer-after-patch-embed", (dim, *grid)))
-    out = []
-    i = 0
-    for j, blk in enumerate(model.transformer_blocks):
-        out += list(_block_rows(fam, i, f"transformer_blocks.{j}", blk, False, grid, text_len))
-        i += 1
-    for j, blk in enumerate(getattr(model, "single_transformer_blocks", None) or []):
-        out += list(_block_rows(fam, i, f"single_transformer_blocks.{j}", blk, True, grid, text_len))
-        i += 1
+    blocks = [(f"transformer_blocks.{j}", blk, False) for j, blk in enumerate(model.transformer_blocks)]
+    singles = getattr(model, "single_transformer_blocks", None) or []
+    blocks += [(f"single_transformer_blocks.{j}", blk, True) for j, blk in enumerate(singles)]
+    out = [
+        row
+        for i, (path, blk, single) in enumerate(blocks)
+        for row in _block_rows(fam, i, path, blk, single, grid, text_len)
+    ]
     full = [(name, mod, kind, "transformer", None, None, None, shape) for name, mod, kind, shape in rows]
     full += [(name, mod, kind, "transformer", None, None, b, shape) for name, mod, kind, b, shape in out]
     out_channels = cfg.out_channels or cfg.in_channels
