@@ -119,6 +119,9 @@ def scale_ratios(full: dict, rehearsal: dict) -> dict:
             seeds = max(seeds, len(value) / len(small))
         elif key in STEP_KEYS and isinstance(value, int) and small:
             steps = max(steps, value / small)
+        elif key == "denoising_from" and isinstance(value, int) and small and isinstance(full.get("timestep"), int):
+            span, short = value - full["timestep"], small - full["timestep"]
+            steps = max(steps, (span + 1) / (short + 1))  # guided steps plus the feature forward
         elif key in SIZE_KEYS and isinstance(value, int) and small:
             area = max(area, (value / small) ** 2)
     return dict(counts=counts, unbounded=unbounded, seeds=seeds, steps=steps, area=area)

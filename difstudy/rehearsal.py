@@ -88,6 +88,10 @@ TRAIN_CAPS = {"n_models": 2, "max_epochs": 4, "head_epochs": 1, "head_steps_per_
 AMALGAMATION_EPOCHS = 2
 SEED_KEYS = ("seeds", "property_seeds")
 STEP_KEYS = ("img2img_steps", "sample_steps")
+# the ControlNet denoising path (GATE's official --denoising_from 60 for t = 50: 10 guided steps of
+# U-Net + ControlNet per image for each of three techniques) shortened to this many steps: at the
+# real widths it was most of the gate page's forwards
+DENOISE_SPAN = 2
 RANDOM_LORA_RANK = 8
 
 
@@ -111,6 +115,9 @@ def rehearse_params(values: dict, data_root: str, lora_root: str) -> tuple[dict,
         elif key in STEP_KEYS and isinstance(value, int) and value > (steps := _fewest_steps(values)):
             change(key, steps, "sampling steps" + (f", the fewest that give t = {_smallest_t(values)} a step"
                                                    if steps > STEPS else ""))  # fmt: skip
+        elif key == "denoising_from" and isinstance(value, int) and isinstance(values.get("timestep"), int):
+            if value - values["timestep"] > DENOISE_SPAN:
+                change(key, values["timestep"] + DENOISE_SPAN, f"ControlNet denoising path of {DENOISE_SPAN} steps")
         elif key == "device" and value not in (None, "cpu"):
             change(key, "cpu", "no GPU")
         elif key == "dtype" and value in ("fp16", "bf16", "float16", "bfloat16"):

@@ -54,6 +54,8 @@ def test_the_full_run_is_scaled_by_the_rehearsals_own_ratios(tmp_path):
     assert row.full_cache_gb_high == pytest.approx(50 * 2 * 64 / 1024, abs=0.01)  # images, seeds, area; not steps
     assert row.unbounded == "n_val" and row.rate_source == "batched forward, H200"
     assert "gpu_min_low" not in costs.table(tmp_path, {"page": (full, small)}, None)
+    gate = costs.scale_ratios(dict(timestep=50, denoising_from=60), dict(timestep=50, denoising_from=52))
+    assert gate["steps"] == 11 / 3  # ControlNet path: 10 guided steps and the feature forward, against 2 and 1
 
 
 def test_the_gpu_rate_comes_from_the_measured_cuda_bench():

@@ -23,6 +23,7 @@ def test_full_parameters_are_scaled_and_every_change_is_said():
     gate, changes = R.rehearse_params(load_params("gate", "full"), "/data", "/lora")
     assert gate["lora"] == "/lora" and gate["controlnet"] == "sd15-canny" and gate["n_train"] == 20
     assert gate["img2img_steps"] == 40 and any("random LoRA of rank 8" in c for c in changes)  # t = 25 needs 40
+    assert gate["denoising_from"] == gate["timestep"] + R.DENOISE_SPAN == 52  # official 60: 10 guided steps
     small, changes = R.rehearse_params({"n_images": 1, "seeds": [0], "image_size": 32}, "/d", "/l")
     assert small == {"n_images": 1, "seeds": [0], "image_size": 32} and changes == []  # never scaled up
 
