@@ -78,8 +78,13 @@ def judge_accuracy(judge, n_test: int = 500) -> float:
 def generate(pipe, prompts: list[str], steps: int = 30, guidance: float = 4.0, seed: int = 0) -> np.ndarray:
     """(N, H, W, 3) uint8 samples, one per prompt, with the pipeline's own
     sampler (the mini model's DDIM) and classifier-free guidance."""
-    size = pipe.unet.config.sample_size * vae_scale_factor(pipe)
+    from .denoisers import family, native_size, text_len
+
+    size = native_size(pipe, vae_scale_factor(pipe))
     g = torch.Generator().manual_seed(seed)
+    kw = {}
+    if family(pipe) == "pixart":  # no size binning (the mini sizes are not PixArt's); the tokenizer's length
+        kw = dict(use_resolution_binning=False, max_sequence_length=text_len(pipe))
     out = pipe(
         prompts,
         num_inference_steps=steps,
@@ -88,6 +93,7 @@ def generate(pipe, prompts: list[str], steps: int = 30, guidance: float = 4.0, s
         width=size,
         generator=g,
         output_type="np",
+        **kw,
     )
     return (out.images * 255).round().astype(np.uint8)
 
@@ -145,21 +151,22 @@ def recognition_summary(df: pd.DataFrame) -> dict:
 def describe(pipe) -> pd.DataFrame:
     """Components of a pipeline with their class and parameter count."""
     rows = []
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2", "controlnet"):
+    for name in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "controlnet"):
         m = getattr(pipe, name, None)
         if m is not None:
             rows.append(dict(component=name, cls=type(m).__name__, parameters=sum(p.numel() for p in m.parameters())))
     return pd.DataFrame(rows)
 
 
-CARD_KINDS = ("res-out", "vit-out", "upsampler-out", "downsampler-out")
+CARD_KINDS = ("res-out", "vit-out", "upsampler-out", "downsampler-out", "out")
 
 
 def card_candidates(pipe, kinds=CARD_KINDS) -> list[str]:
-    """Block-level activations (every ResNet, ViT, up/downsampler output) in forward order."""
-    from .catalog import Catalog
+    """Block-level activations (every ResNet, ViT, up/downsampler output; a transformer's block
+    outputs) in forward order."""
+    from .denoisers import pipeline_catalog
 
-    df = Catalog(pipe.unet).to_frame()
+    df = pipeline_catalog(pipe).to_frame()
     return df[df["kind"].isin(kinds)]["name"].tolist()
 
 
@@ -186,7 +193,7 @@ def feature_scores(
     ``pck_stages`` only (the card reports the best up-stage one). Tidy rows:
     weights, activation, stage, task, metric, value, seed, protocol.
     """
-    from .catalog import Catalog
+    from .denoisers import pipeline_catalog
     from .protocols import (
         CachedFeatures,
         ClassifyConfig,
@@ -207,7 +214,7 @@ def feature_scores(
     test = toy_records(ToyWorld("test", n=n_test))
     pairs = toy_pairs(ToyWorld("test", n=n_test), n_pairs, seed=0)
     everything = concat_records(train, test, pair_images(pairs))
-    stage = Catalog(pipe.unet).to_frame().set_index("name")["stage"].to_dict()
+    stage = pipeline_catalog(pipe).to_frame().set_index("name")["stage"].to_dict()
     ex = ExtractionConfig(t=t, cache_dir=cache_dir)
     rows = []
 

@@ -27,8 +27,11 @@ def _catalog(a) -> None:
         text_len = standins.config(embedded, "text_encoder")["max_position_embeddings"]
         print(f"# {a.model}: the real architecture (embedded configuration), no weights loaded")
     else:
+        from . import denoisers
+
         pipe = load(a.model)
-        unet, factor, text_len = pipe.unet, vae_scale_factor(pipe), pipe.tokenizer.model_max_length
+        unet, factor, text_len = denoisers.denoiser(pipe), vae_scale_factor(pipe), denoisers.text_len(pipe)
+        a.size = a.size or denoisers.native_size(pipe, factor)
     size = a.size or unet.config.sample_size * factor
     if size % factor:
         raise DifstudyError(f"image size {size} is not a multiple of the VAE factor {factor}")
@@ -129,18 +132,25 @@ def _extract(a) -> None:
         ds = load_dataset(kind, root)
         if a.n:
             ds = [ds[i] for i in range(min(a.n, len(ds)))]
+    from .denoisers import family
+    from .models import load
+
+    pipe = load(a.model, dtype=a.dtype, device=device)
+    acts = a.acts or (["ours-v1.5"] if family(pipe) == "unet" else ["all"])
+    flow_steps = a.flow_steps if a.flow_steps in (None, "default", "continuous") else int(a.flow_steps)
     extract(
-        a.model,
+        pipe,
         ds,
-        a.acts,
+        acts,
+        model_name=a.model,
+        flow_steps=flow_steps,
+        guidance=a.guidance,
         timesteps=a.t,
         variants=a.variants,
         seed=a.seed,
         image_size=a.size,
         batch_size=a.batch,
         cache_dir=a.cache,
-        dtype=a.dtype,
-        device=device,
         store_dtype=torch.float16 if a.store == "fp16" else torch.float32,
         shard=shard,
         dataset_name=a.dataset,
@@ -167,10 +177,18 @@ def _add_extract(sub) -> None:
     p.add_argument(
         "--acts",
         nargs="+",
-        default=["ours-v1.5"],
-        help="paper names, module paths or sets (ours-v1.5, legacy-v1.5, ours-xl, legacy-xl, all)",
+        default=None,
+        help="paper names, module paths or sets (ours-v1.5, legacy-v1.5, ours-xl, legacy-xl, all); "
+        "default: ours-v1.5 for a U-Net, all for a diffusion transformer",
     )
     p.add_argument("--t", nargs="+", type=int, default=[50])
+    p.add_argument(
+        "--flow-steps",
+        default="default",
+        help="SD3 / FLUX: the Img2Img grid t is put on (default: FLUX's official 28 steps, SD3 continuous), "
+        "an integer, or 'continuous' (sigma from t / 1000)",
+    )
+    p.add_argument("--guidance", type=float, default=None, help="FLUX-dev's guidance embedding (official: 1.0)")
     p.add_argument("--variants", nargs="+", default=["empty"], help="empty, generic, fine or text:<prompt>")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=None, help="image size (default: the model's native size)")

@@ -73,9 +73,11 @@ def _pre_hook(module, args, kwargs):
 
 
 def watch(pipe, name: str) -> None:
-    """Count ``pipe``'s U-Net forwards for this notebook when :data:`ENV` names a folder (else nothing)."""
+    """Count ``pipe``'s denoiser forwards (U-Net or transformer) for this notebook when :data:`ENV`
+    names a folder (else nothing)."""
     folder = os.environ.get(ENV)
-    if not folder or getattr(pipe, "unet", None) is None:
+    net = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+    if not folder or net is None:
         return
     from .study import ENV_NOTEBOOK
 
@@ -91,7 +93,7 @@ def watch(pipe, name: str) -> None:
             )  # fmt: skip
             atexit.register(_write, True)
         _state["models"].append(name)
-    pipe.unet.register_forward_pre_hook(_pre_hook, with_kwargs=True)
+    net.register_forward_pre_hook(_pre_hook, with_kwargs=True)
     _write(force=True)
 
 

@@ -350,8 +350,8 @@ class ExplorerUI:
     def _model_info(self, model: str) -> tuple[Catalog, pd.DataFrame, int]:
         """(catalogue at the extraction's latent size, its frame, number of training timesteps), cached."""
         if model not in self._models:
-            ex = Extractor(self.cache[model], "all", [0])
-            self._models[model] = (ex.catalog, ex.catalog.to_frame(), len(ex.alphas_cumprod))
+            ex = Extractor(self.cache[model], "all", [50])  # t = 50 is valid for every model family
+            self._models[model] = (ex.catalog, ex.catalog.to_frame(), ex.noising.n_train)
         return self._models[model]
 
     def _set_model(self, model: str, activation: str | None = None) -> None:
@@ -364,7 +364,9 @@ class ExplorerUI:
                 return
             self.t.max = n_steps - 1
             present = set(frame["kind"])
-            self.kind.options = ["all", *[k for k in KINDS if k in present]]
+            # the U-Net's kinds in the catalogue's order, then a transformer's (difstudy.catalog_dit)
+            own = [k for k in dict.fromkeys(frame["kind"]) if k not in KINDS]
+            self.kind.options = ["all", *[k for k in KINDS if k in present], *own]
             if self.kind.value not in self.kind.options:
                 self.kind.value = "all"
             if activation is not None:

@@ -224,57 +224,58 @@ class Extractor:
     """
 
     def __init__(
-        self, pipe, activations, timesteps=(50,), variants=("empty",), seed=0, image_size=None, stop_early=True
-    ):
+        self, pipe, activations, timesteps=(50,), variants=("empty",), seed=0, image_size=None, stop_early=True,
+        flow_steps="default", guidance: float | None = None,
+    ):  # fmt: skip
+        from . import denoisers
         from .models import vae_scale_factor
 
         self.pipe = pipe
-        self.unet = pipe.unet
+        self.unet = denoisers.denoiser(pipe)  # the U-Net or the diffusion transformer
+        self.family = denoisers.family(pipe)
         self.device = self.unet.device
         self.dtype = self.unet.dtype
         self.factor = vae_scale_factor(pipe)
-        native = self.unet.config.sample_size * self.factor
-        self.image_size = int(image_size or native)
-        mult = self.factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        self.image_size = int(image_size or denoisers.native_size(pipe, self.factor))
+        mult = denoisers.pixel_multiple(pipe, self.factor)
         if self.image_size % mult:
+            what = "U-Net's downsamplers" if self.family == "unet" else "transformer's patches"
             raise DifstudyError(
                 f"image size {self.image_size} is not a multiple of {mult} (VAE factor {self.factor} x "
-                f"{mult // self.factor} for the U-Net's downsamplers); try {max(mult, round(self.image_size / mult) * mult)}"
+                f"{mult // self.factor} for the {what}); try {max(mult, round(self.image_size / mult) * mult)}"
             )
-        self.alphas_cumprod = ddpm_alphas_cumprod(pipe.scheduler)
-        n_train = len(self.alphas_cumprod)
+        self.noising = denoisers.Noising(pipe, flow_steps)
         self.timesteps = [int(t) for t in timesteps]
-        bad = [t for t in self.timesteps if not 0 <= t < n_train]
-        if bad:
-            raise DifstudyError(
-                f"timesteps {bad} out of range: the scheduler has {n_train} steps, use 0 <= t < {n_train}"
-            )
+        self.noising.check(self.timesteps)
+        self.guidance = denoisers.OFFICIAL_FLUX_GUIDANCE if guidance is None else float(guidance)
         for v in variants:
             prompt_for(v, {"generic": "x", "fine": "x"})  # validates the name
         self.variants = list(variants)
         self.seed = int(seed)
-        text_len = pipe.tokenizer.model_max_length
-        self.catalog = Catalog(self.unet, latent_size=self.image_size // self.factor, text_len=text_len)
+        latent = self.image_size // self.factor
+        self.catalog = Catalog(self.unet, latent_size=latent, text_len=denoisers.text_len(pipe))
         self.names = self.catalog.resolve(activations)
         self.stop_early = stop_early
-        self.is_xl = getattr(self.unet.config, "addition_embed_type", None) == "text_time"
+        self.image_seq_len = denoisers.image_tokens(pipe, (latent, latent))
+        self.is_xl = self.family == "unet" and getattr(self.unet.config, "addition_embed_type", None) == "text_time"
         self._text_key: tuple | None = None
 
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """``alpha_bar`` of DDPM noising (U-Nets and PixArt; flow-matching models have none)."""
+        return self.noising.alphas_cumprod
+
     # text encoder once per distinct prompt (and text encoder weights: memoised across extractors)
-    @torch.no_grad()
     def _embed(self, prompt: str):
+        from .denoisers import embed_prompt
+
         if self._text_key is None:
-            self._text_key = (_text_fingerprint(self.pipe), str(self.device), str(self.dtype), self.is_xl)
+            self._text_key = (_text_fingerprint(self.pipe), str(self.device), str(self.dtype), self.family)
         key = (*self._text_key, prompt)
         if key in _TEXT_MEMO:
             _TEXT_MEMO.move_to_end(key)
             return _TEXT_MEMO[key]
-        if self.is_xl:
-            e, _, pooled, _ = self.pipe.encode_prompt(prompt, device=self.device, do_classifier_free_guidance=False)
-            value = (e[0], pooled[0])
-        else:
-            e, _ = self.pipe.encode_prompt(prompt, self.device, 1, False)
-            value = (e[0], None)
+        value = embed_prompt(self.pipe, prompt, self.device)
         _TEXT_MEMO[key] = value
         while len(_TEXT_MEMO) > _TEXT_MEMO_SIZE:
             _TEXT_MEMO.popitem(last=False)
@@ -282,42 +283,56 @@ class Extractor:
 
     @torch.no_grad()
     def encode_images(self, images: list[np.ndarray]) -> torch.Tensor:
-        """VAE posterior means, scaled: (B, 4, h, w)."""
+        """VAE posterior means, shifted and scaled: (B, C, h, w)."""
+        from .denoisers import scale_latents
+
         x = torch.stack([to_tensor(im, self.image_size) for im in images]).to(self.device)
         vae = self.pipe.vae
         upcast = self.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
         vdtype = torch.float32 if upcast else vae.dtype
         if upcast:
             vae = vae.to(torch.float32)
-        z = vae.encode(x.to(vdtype)).latent_dist.mean * vae.config.scaling_factor
+        z = scale_latents(vae, vae.encode(x.to(vdtype)).latent_dist.mean)
         if upcast:
             vae.to(self.dtype)
         return z.to(self.dtype)
 
     def noisy_latents(self, z0: torch.Tensor, images: list[np.ndarray]) -> torch.Tensor:
-        """(B, C, h, w) clean latents -> (B, T, C, h, w) DDPM-noised at every timestep,
-        with the fixed noise draw of each image's content."""
+        """(B, C, h, w) clean latents -> (B, T, C, h, w) noised at every timestep (DDPM, or the
+        flow models' interpolation), with the fixed noise draw of each image's content."""
         B, T = len(images), len(self.timesteps)
         keys = [image_digest(im) for im in images]
         noise = torch.stack([noise_for(k, t, self.seed, z0.shape[1:]) for k in keys for t in self.timesteps])
         tt = torch.tensor(self.timesteps).repeat(B)
         z = z0[:, None].expand(B, T, *z0.shape[1:]).reshape(B * T, *z0.shape[1:])
-        return ddpm_noise(z, noise, tt, self.alphas_cumprod).reshape(B, T, *z0.shape[1:])
+        return self.noising.noise(z, noise, tt, self.image_seq_len).reshape(B, T, *z0.shape[1:])
 
-    def unet_kwargs(self, captions: list[dict], latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """``(sample, t, kwargs)`` of the one U-Net forward for (B, T, C, h, w) noisy ``latents``:
-        (n, t, v) layout by :func:`~difstudy.capture.expand_batch`, SDXL's extra conditioning included."""
+    def model_kwargs(self, captions: list[dict], latents: torch.Tensor) -> dict:
+        """Keyword inputs of the one denoiser forward for (B, T, C, h, w) noisy ``latents``, in the
+        (n, t, v) layout of :func:`~difstudy.capture.expand_batch` (:func:`difstudy.denoisers.model_kwargs`)."""
+        from .denoisers import model_kwargs
+
         embs = [[self._embed(prompt_for(v, c)) for v in self.variants] for c in captions]
         ehs = torch.stack([torch.stack([e for e, _ in row]) for row in embs])  # (B, V, L, D)
         sample, tt, ehs = expand_batch(latents, self.timesteps, ehs, per_image=True)
-        kw = dict(encoder_hidden_states=ehs)
-        if self.is_xl:  # pooled text embedding and size ids (original, crop top-left, target)
-            pooled = torch.stack([torch.stack([p for _, p in row]) for row in embs])  # (B, V, P)
-            _, _, pooled = expand_batch(latents, self.timesteps, pooled, per_image=True)
-            s = self.image_size
-            time_ids = torch.tensor([s, s, 0, 0, s, s], device=self.device, dtype=self.dtype).expand(len(tt), 6)
-            kw["added_cond_kwargs"] = dict(text_embeds=pooled, time_ids=time_ids)
-        return sample, tt, kw
+        extra = None
+        if embs[0][0][1] is not None:  # pooled text embedding or caption mask
+            extra = torch.stack([torch.stack([x for _, x in row]) for row in embs])  # (B, V, ...)
+            _, _, extra = expand_batch(latents, self.timesteps, extra, per_image=True)
+        return model_kwargs(self.pipe, self.noising, sample, tt, ehs, extra, self.image_size, self.guidance)
+
+    def unet_kwargs(self, captions: list[dict], latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """``(sample, t, kwargs)`` of a U-Net's forward (see :meth:`model_kwargs`)."""
+        kw = self.model_kwargs(captions, latents)
+        return kw.pop("sample"), kw.pop("timestep"), kw
+
+    def _map_hw(self, name: str) -> tuple[int, int]:
+        """The query grid of an attention map: its q's (U-Net) or the token grid (transformers)."""
+        if self.family == "unet":
+            return self.catalog[name.replace("-map", "-q")].shape[1:]
+        from .catalog_dit import token_grid
+
+        return token_grid(self.unet, self.catalog.latent_hw)
 
     @torch.no_grad()
     def features(
@@ -325,15 +340,15 @@ class Extractor:
     ) -> dict[Key, torch.Tensor]:
         """``{Key: (C, H, W)}`` for one batch; with ``store_dtype`` on the CPU in that dtype."""
         B, T, V = len(ids), len(self.timesteps), len(self.variants)
-        sample, tt, kw = self.unet_kwargs(captions, self.noisy_latents(self.encode_images(images), images))
+        kw = self.model_kwargs(captions, self.noisy_latents(self.encode_images(images), images))
         with Capture(self.unet, self.names, stop=self.stop_early, catalog=self.catalog) as cap:
-            cap.run(sample, tt, **kw)
+            cap.run(**kw)
         out: dict[Key, torch.Tensor] = {}
         vkeys = [variant_key(v) for v in self.variants]
         for name, val in cap.cache.items():
             a = self.catalog[name] if name in self.catalog else None
             if a is not None and a.is_map:  # (N, heads, Nq, Nk) -> (N, Nk, H, W)
-                h, w = self.catalog[name.replace("-map", "-q")].shape[1:]
+                h, w = self._map_hw(name)
                 val = val.float().mean(1).transpose(1, 2).reshape(val.shape[0], -1, h, w)
             if store_dtype is not None:  # one conversion and one transfer per activation
                 val = val.to(dtype=store_dtype).cpu()
@@ -403,7 +418,7 @@ def schedule_fingerprint(scheduler) -> str:
 
 def _text_fingerprint(pipe) -> str:
     parts = []
-    for suffix in ("", "_2"):
+    for suffix in ("", "_2", "_3"):
         enc, tok = getattr(pipe, f"text_encoder{suffix}", None), getattr(pipe, f"tokenizer{suffix}", None)
         if enc is not None:
             parts.append(module_fingerprint(enc))
@@ -412,20 +427,24 @@ def _text_fingerprint(pipe) -> str:
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
 
 
-def cache_group(pipe, model_name: str, image_size: int, store_dtype: torch.dtype) -> tuple[str, dict]:
+def cache_group(pipe, model_name: str, image_size: int, store_dtype: torch.dtype, noising=None) -> tuple[str, dict]:
     """Group folder name and metadata: features that could differ never share a group.
 
-    The group digest covers the U-Net, the VAE and the text encoder(s) (config and
-    weights, :func:`module_fingerprint`), the tokenizers, the noising schedule
-    (:func:`schedule_fingerprint`), the image size, the storage dtype and
-    :data:`PROTOCOL_VERSION`; the metadata lists each part."""
+    The group digest covers the denoiser (U-Net or transformer), the VAE and the text encoder(s)
+    (config and weights, :func:`module_fingerprint`), the tokenizers, the noising schedule
+    (:func:`schedule_fingerprint`; for a flow-matching model the sigma rule of ``noising``, a
+    :class:`difstudy.denoisers.Noising`, by default the pipeline's), the image size, the storage
+    dtype and :data:`PROTOCOL_VERSION`; the metadata lists each part."""
+    from .denoisers import Noising, denoiser
+
     dtype = str(store_dtype).replace("torch.", "")
+    noising = noising or Noising(pipe)
     parts = dict(
         protocol=PROTOCOL_VERSION,
-        unet=module_fingerprint(pipe.unet),
+        unet=module_fingerprint(denoiser(pipe)),
         vae=module_fingerprint(pipe.vae),
         text=_text_fingerprint(pipe),
-        schedule=schedule_fingerprint(pipe.scheduler),
+        schedule=noising.fingerprint() if noising.flow else schedule_fingerprint(pipe.scheduler),
         image_size=int(image_size),
         dtype=dtype,
     )
@@ -470,6 +489,8 @@ def extract(
     progress: bool = True,
     shard: str | Shard | None = None,
     dataset_name: str | None = None,
+    flow_steps: int | str | None = "default",
+    guidance: float | None = None,
 ) -> tuple[FeatureCache, Summary]:
     """Extract ``activations`` for every image of ``dataset`` into ``cache_dir``.
 
@@ -481,7 +502,9 @@ def extract(
     detected by checksum and recomputed. Returns the cache and a :class:`Summary`.
     ``shard``: ``"I/N"``, ``"auto"`` or a :class:`~difstudy.scaleout.Shard`: only
     batches I, I+N, ... (see the module docstring); ``dataset_name`` labels the
-    request recorded in the cache (default: the dataset's type).
+    request recorded in the cache (default: the dataset's type). ``flow_steps`` and ``guidance``:
+    SD3 / FLUX only (:class:`difstudy.denoisers.Noising`, FLUX's guidance embedding; default the
+    official 28-step grid and guidance 1 for FLUX).
     """
     from .models import load
 
@@ -491,8 +514,8 @@ def extract(
         model_name = model_name or model
         model = load(model, dtype=dtype, device=device)
     model_name = model_name or getattr(model, "name_or_path", None) or type(model).__name__
-    ex = Extractor(model, activations, timesteps, variants, seed, image_size)
-    group, meta = cache_group(model, model_name, ex.image_size, store_dtype)
+    ex = Extractor(model, activations, timesteps, variants, seed, image_size, flow_steps=flow_steps, guidance=guidance)
+    group, meta = cache_group(model, model_name, ex.image_size, store_dtype, ex.noising)
     cache = FeatureCache(cache_dir, group, meta)
     summary = Summary(cache_dir=str(cache.dir), shard=str(shard))
     summary.repaired = len(cache.verify())

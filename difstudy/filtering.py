@@ -281,7 +281,7 @@ def properties_for(
 
     Returns ``(table, origin, cpu_seconds)``: ``origin`` says where the numbers came from,
     ``cpu_seconds`` is the ``time.process_time`` of measuring them (NaN when read)."""
-    from .catalog import Catalog
+    from .denoisers import pipeline_catalog
     from .models import vae_scale_factor
     from .properties import CHOICE_SPLITS, dataset_split, measure_properties
 
@@ -291,9 +291,9 @@ def properties_for(
             f"the filter's properties must be measured on {' or '.join(CHOICE_SPLITS)} images, not on the "
             f"{split!r} split (no test image may take part in the choice); pass ToyWorld('val', n=...)"
         )
-    factor = vae_scale_factor(pipe)
-    size = int(image_size or pipe.unet.config.sample_size * factor)
-    frame = Catalog(pipe.unet, latent_size=size // factor, text_len=pipe.tokenizer.model_max_length).to_frame()
+    catalog = pipeline_catalog(pipe, image_size)
+    frame = catalog.to_frame()
+    size = catalog.latent_hw[0] * vae_scale_factor(pipe)
     table, why = read_properties(paths, frame, t)
     if table is not None:
         return table, why, float("nan")

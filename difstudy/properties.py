@@ -257,6 +257,41 @@ def locality_index(
 
 
 # -- the table over a model's catalogue -------------------------------------------
+# -- 4. massive activations (transformers; DiTF) ------------------------------------
+MASSIVE_RATIO = 100.0  # a channel is massive when its magnitude is this many times the median channel's
+
+
+def channel_magnitudes(feat) -> torch.Tensor:
+    """Per channel the mean absolute value over positions (and images): ``feat`` is ``(C, H, W)`` or
+    ``(N, C, H, W)``; returns ``(C,)`` float32."""
+    x = _as_tensor(feat).float()
+    if x.dim() == 3:
+        x = x[None]
+    _check_ndim(x, 4, "feat", "(C, H, W) or (N, C, H, W)")
+    return x.abs().mean((0, 2, 3))
+
+
+def massive_ratio(feat) -> float:
+    """The largest channel magnitude over the median channel magnitude (:func:`channel_magnitudes`);
+    ``nan`` for an all-zero map."""
+    mag = channel_magnitudes(feat)
+    med = float(mag.median())
+    return float(mag.max()) / med if med > 0 else float("nan")
+
+
+def massive_channels(feat, ratio: float = MASSIVE_RATIO) -> list[int]:
+    """Indices of the channels whose magnitude exceeds ``ratio`` times the median channel's (the
+    "massive activations" DiTF drops from FLUX features before probing), largest first."""
+    if ratio <= 1:
+        raise ValueError(f"ratio must be > 1 (a multiple of the median channel magnitude), got {ratio}")
+    mag = channel_magnitudes(feat)
+    med = float(mag.median())
+    if med <= 0:
+        return []
+    idx = torch.nonzero(mag > ratio * med).flatten()
+    return [int(i) for i in idx[torch.argsort(mag[idx], descending=True)]]
+
+
 def _image_id(sample) -> str:
     return str(sample["image_id"] if isinstance(sample, dict) else sample.image_id)
 
@@ -383,15 +418,14 @@ def _check_measures(measures) -> list[str]:
 
 def _model_frame(model, model_name, image_size, activations):
     """(pipeline, name, image size, catalogue rows of ``activations`` in forward order)."""
-    from .catalog import Catalog
+    from .denoisers import native_size, pipeline_catalog
     from .models import load, vae_scale_factor
 
     if isinstance(model, str):
         model_name = model_name or model
         model = load(model)
-    factor = vae_scale_factor(model)
-    size = int(image_size or model.unet.config.sample_size * factor)
-    catalog = Catalog(model.unet, latent_size=size // factor, text_len=model.tokenizer.model_max_length)
+    size = int(image_size or native_size(model, vae_scale_factor(model)))
+    catalog = pipeline_catalog(model, size)
     names = catalog.resolve(activations)
     frame = catalog.to_frame()
     return model, model_name, size, frame[frame["name"].isin(names)]

@@ -111,8 +111,7 @@ def rank_single(pipe, cfg: BenchConfig, names) -> pd.DataFrame:
 
 def feature_sources(pipe, cfg: BenchConfig) -> tuple[dict[str, tuple[P.FeatureSource, str]], pd.DataFrame]:
     """``{setting: (source, activations)}`` and the single-activation ranking (empty unless ranked)."""
-    from .catalog import Catalog
-    from .models import vae_scale_factor
+    from .denoisers import pipeline_catalog
 
     ex, sources, ranking = cfg.extraction(), {}, pd.DataFrame()
     for s in cfg.settings:
@@ -124,9 +123,10 @@ def feature_sources(pipe, cfg: BenchConfig) -> tuple[dict[str, tuple[P.FeatureSo
         elif s in NAMED_SETS:
             sources[s] = (P.CachedFeatures(pipe, NAMED_SETS[s], ex, 0, cfg.model, label=s), s)
         else:  # best single activation
-            cat = Catalog(pipe.unet, latent_size=cfg.image_size // vae_scale_factor(pipe))
+            cat = pipeline_catalog(pipe, cfg.image_size)
             cands = cat.resolve([cfg.rank_candidates])
-            cands = [c for c in cands if c not in ("unet-in", "unet-out")] or cands
+            ends = ("unet-in", "unet-out", "transformer-in", "transformer-out")
+            cands = [c for c in cands if c not in ends] or cands
             ranking = rank_single(pipe, cfg, cands)
             best = ranking.iloc[0]["activation"]
             sources[s] = (P.CachedFeatures(pipe, [best], ex, 0, cfg.model, label=s), best)

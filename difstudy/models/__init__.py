@@ -3,9 +3,14 @@
 Accepted names:
 
 - built-ins: ``mini`` (the committed CPU-trained toy-world model, see
-  :mod:`difstudy.models.mini`), ``tiny-sd15``, ``tiny-sd21``, ``tiny-sdxl``
-  (random weights, real block layouts, see :mod:`difstudy.models.tiny`);
-- aliases of real models: ``sd15``, ``sd21``, ``sdxl``, ``playground-v2``;
+  :mod:`difstudy.models.mini`), ``mini-dit`` (the mini diffusion transformer trained beside it,
+  :mod:`difstudy.train.dit`), ``tiny-sd15``, ``tiny-sd21``, ``tiny-sdxl``
+  (random weights, real block layouts, see :mod:`difstudy.models.tiny`), ``tiny-pixart``,
+  ``tiny-sd3``, ``tiny-flux`` (the diffusion-transformer pipelines at small widths,
+  :mod:`difstudy.models.tiny_dit`);
+- aliases of real models: ``sd15``, ``sd21``, ``sdxl``, ``playground-v2``, and the
+  diffusion-transformer layouts ``pixart-alpha``, ``pixart-sigma``, ``sd3-medium``, ``sd35-large``,
+  ``flux-dev``, ``flux-schnell`` (their hub ids, :mod:`difstudy.models.layouts`);
 - any Hugging Face hub id (``org/name``) of the SD1.x/2.x/SDXL/Playground v2
   families, or a local diffusers pipeline folder (one with
   ``model_index.json``).
@@ -23,18 +28,21 @@ from pathlib import Path
 import torch
 
 from .. import costs
+from ..denoisers import denoiser
 from ..errors import ModelNotFoundError, closest
 from . import layouts, standins
 from .tiny import TINY_MODELS, build_tiny
+from .tiny_dit import TINY_DIT_MODELS, build_tiny_dit
 
 MINI_PATH = Path(__file__).parent / "difstudy-mini"
+MINI_DIT_PATH = Path(__file__).parent / "difstudy-mini-dit"
 ALIASES = {
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sd21": "stabilityai/stable-diffusion-2-1",
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
     "playground-v2": "playgroundai/playground-v2-1024px-aesthetic",
 }
-BUILTINS = ("mini", *TINY_MODELS)
+BUILTINS = ("mini", "mini-dit", *TINY_MODELS, *TINY_DIT_MODELS)
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
 _DTYPES |= {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
@@ -109,6 +117,28 @@ def _from_folder(path: Path, dtype):
         ) from None
 
 
+def _mini_dit(dtype):
+    """The mini DiT (:mod:`difstudy.train.dit`): its transformer and scheduler with the mini model's
+    VAE, tokenizer and text encoder, as a ``PixArtAlphaPipeline``."""
+    from diffusers import DDIMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+
+    if not (MINI_DIT_PATH / "transformer" / "config.json").exists():
+        raise ModelNotFoundError(
+            f"the mini DiT is missing from {MINI_DIT_PATH}; it is committed with difstudy. Restore it with "
+            "`git checkout -- difstudy/models/difstudy-mini-dit` or train it with `python -m difstudy.train.dit "
+            "--export difstudy/models/difstudy-mini-dit`."
+        )
+    base = load("mini", dtype=dtype)
+    kw = {"torch_dtype": dtype} if dtype is not None else {}
+    with _quiet_loading():
+        transformer = PixArtTransformer2DModel.from_pretrained(MINI_DIT_PATH / "transformer", **kw)
+    scheduler = DDIMScheduler.from_pretrained(MINI_DIT_PATH / "scheduler")
+    return PixArtAlphaPipeline(
+        tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, transformer=transformer.eval(),
+        scheduler=scheduler,
+    )  # fmt: skip
+
+
 def _from_hub(repo_id: str, dtype):
     from diffusers import DiffusionPipeline
 
@@ -144,12 +174,6 @@ def load(name_or_path: str | os.PathLike, dtype=None, device=None):
     cache = standins.rehearsal_cache()
     if cache is not None:
         dtype, device = rehearsal_device(name, dtype, device)
-    if layouts.layout_name(name):
-        raise ModelNotFoundError(
-            f"{name!r} is a diffusion transformer: `difstudy catalog {name}` lists its activations and "
-            "difstudy.capture captures them (difstudy.models.layouts.tiny_transformer for the tiny layouts), "
-            "but pipelines of transformers are not loaded for extraction yet"
-        )
     standin = standins.standin_name(resolve_name(name))
     if cache is not None and standin:
         print(f"rehearsal: {name} is a random-weight stand-in (the real {standin} architecture, random weights)")
@@ -162,14 +186,16 @@ def load(name_or_path: str | os.PathLike, dtype=None, device=None):
                 "`python -m difstudy.models.train_mini --export difstudy/models/difstudy-mini`."
             )
         pipe = _from_folder(MINI_PATH, dtype)
-    elif name in TINY_MODELS:
-        pipe = build_tiny(name)
+    elif name == "mini-dit":
+        pipe = _mini_dit(dtype)
+    elif name in TINY_MODELS or name in TINY_DIT_MODELS:
+        pipe = build_tiny(name) if name in TINY_MODELS else build_tiny_dit(name)
         if dtype is not None:
             pipe = pipe.to(dtype=dtype)
     elif Path(name).expanduser().exists() or name.startswith((".", "/", "~")):
         pipe = _from_folder(Path(name).expanduser(), dtype)
-    elif "/" in resolve_name(name):
-        pipe = _from_hub(resolve_name(name), dtype)
+    elif "/" in resolve_name(name) or layouts.layout_name(name):  # a hub id, an alias or a transformer layout's hub id
+        pipe = _from_hub(layouts.layout(name)["hub"] if layouts.layout_name(name) else resolve_name(name), dtype)
     else:
         hint = closest(name, list(BUILTINS) + list(ALIASES))
         raise ModelNotFoundError(
@@ -180,8 +206,9 @@ def load(name_or_path: str | os.PathLike, dtype=None, device=None):
     if device is not None:
         pipe = pipe.to(device)
     dev = torch.device(device or "cpu")
-    if dev.type == "cpu" and pipe.unet.dtype in (torch.float16, torch.bfloat16):
-        warnings.warn(f"{name}: {pipe.unet.dtype} on CPU is slow and some ops may be unsupported; use fp32 on CPU")
+    net_dtype = denoiser(pipe).dtype
+    if dev.type == "cpu" and net_dtype in (torch.float16, torch.bfloat16):
+        warnings.warn(f"{name}: {net_dtype} on CPU is slow and some ops may be unsupported; use fp32 on CPU")
     pipe.set_progress_bar_config(disable=True)
     costs.watch(pipe, name)  # counts the U-Net's forwards in a rehearsal (DIFSTUDY_COST_LOG); else nothing
     return pipe

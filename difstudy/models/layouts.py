@@ -27,7 +27,7 @@ TINY_DIT = {
                          use_additional_conditions=False, interpolation_scale=1),
     ),
     "tiny-sd3": dict(
-        class_name="SD3Transformer2DModel", text_len=12, vae_scale_factor=8, native_size=64,
+        class_name="SD3Transformer2DModel", text_len=77 + 12, vae_scale_factor=8, native_size=64,  # CLIP 77 + T5
         transformer=dict(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                          caption_projection_dim=32, pooled_projection_dim=32, pos_embed_max_size=16),

@@ -161,20 +161,29 @@ def build_tiny(name: str, words: Sequence[str] = TINY_WORDS):
 
 
 def with_random_unet(pipe, seed: int = 0):
-    """A shallow copy of ``pipe`` whose U-Net is :func:`random_like` (on the same device): the
-    random-weight control of a measurement, everything else (VAE, text encoder) shared."""
+    """A shallow copy of ``pipe`` whose denoiser (U-Net or diffusion transformer) is
+    :func:`random_like` (on the same device): the random-weight control of a measurement,
+    everything else (VAE, text encoder) shared."""
+    from ..denoisers import denoiser
+
     rnd = copy.copy(pipe)
-    rnd.unet = random_like(pipe, seed=int(seed)).to(pipe.unet.device)
+    net = random_like(pipe, seed=int(seed)).to(denoiser(pipe).device)
+    if getattr(pipe, "transformer", None) is not None:
+        rnd.transformer = net
+    else:
+        rnd.unet = net
     return rnd
 
 
 def random_like(pipe, seed: int = 0):
-    """A copy of ``pipe``'s U-Net with freshly initialised (random) weights:
-    the "same architecture, random weights" baseline."""
-    unet = pipe.unet
+    """A copy of ``pipe``'s denoiser (U-Net or diffusion transformer) with freshly initialised
+    (random) weights: the "same architecture, random weights" baseline."""
+    from ..denoisers import denoiser
+
+    net = denoiser(pipe)
 
     def make():
-        fresh = UNet2DConditionModel.from_config(unet.config).eval()
-        return fresh if unet.dtype == torch.float32 else fresh.to(unet.dtype)
+        fresh = type(net).from_config(net.config).eval()
+        return fresh if net.dtype == torch.float32 else fresh.to(net.dtype)
 
     return _seeded(seed, make)

@@ -142,12 +142,12 @@ class CachedFeatures:
         model_name: str | None = None,
         label: str | None = None,
     ):
-        from ..catalog import Catalog
+        from ..denoisers import pipeline_catalog
 
         self.pipe, self.extraction, self.seed = pipe, extraction, int(seed)
         self.activations = tuple(activations)
         self.model_name = model_name or str(getattr(pipe, "name_or_path", "") or type(pipe).__name__)
-        self.names = tuple(Catalog(pipe.unet).resolve(list(self.activations)))
+        self.names = tuple(pipeline_catalog(pipe).resolve(list(self.activations)))
         self.label = label or " ".join(self.activations)
         self._keys: dict[str, str] = {}
         self._cache = None
@@ -162,9 +162,9 @@ class CachedFeatures:
     def select(self, activations: Sequence[str], label: str | None = None) -> CachedFeatures:
         """The same source (weights, seed, cache) reading only ``activations``, which must be among
         the names it extracts: nothing is extracted again for images it has prepared."""
-        from ..catalog import Catalog
+        from ..denoisers import pipeline_catalog
 
-        names = tuple(Catalog(self.pipe.unet).resolve(list(activations)))
+        names = tuple(pipeline_catalog(self.pipe).resolve(list(activations)))
         missing = [n for n in names if n not in self.names]
         if missing:
             raise DifstudyError(f"{missing} are not among the activations of this source: {list(self.names)}")
