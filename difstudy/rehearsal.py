@@ -81,12 +81,16 @@ SIZE_KEYS = ("image_size", "toy_size")
 # one of the page's ``task``) and the grid sizes capped in them: the official 128-cell concatenation
 # and 512 px matching grid mean nothing on 64 px images and cost minutes per pair on a CPU
 PROTOCOL_DICTS = {"correspondence": "correspondence", "part_seg": "label-scarce-seg", "semantic_seg": "semantic-seg"}
-GRID_CAPS = {"concat_size": IMAGE_SIZE // 4, "match_size": IMAGE_SIZE, "resolution": IMAGE_SIZE}
+GRID_CAPS = {"concat_size": IMAGE_SIZE // 4, "match_size": IMAGE_SIZE, "resolution": IMAGE_SIZE // 2}
 # the protocols' training shortened (the code paths stay; at the real widths the official pixel-MLP
 # ensemble and the 10,000-step conv head take most of a CPU rehearsal: the gate page ran over 40 min)
 TRAIN_CAPS = {"n_models": 2, "max_epochs": 4, "head_epochs": 1, "head_steps_per_epoch": 50, "epochs": 1}
 AMALGAMATION_EPOCHS = 2
 SEED_KEYS = ("seeds", "property_seeds")
+# pages whose feature claims keep fewer seeds than SEEDS: the gate page extracts about ten technique
+# sources per image and seed at the real widths and trains every probe on each (one seed: the
+# claims' intervals then run over test units only, the verdict module's 1-D path)
+PAGE_SEEDS = {"gate": 1}
 STEP_KEYS = ("img2img_steps", "sample_steps")
 # the ControlNet denoising path (GATE's official --denoising_from 60 for t = 50: 10 guided steps of
 # U-Net + ControlNet per image for each of three techniques) shortened to this many steps: at the
@@ -95,9 +99,11 @@ DENOISE_SPAN = 2
 RANDOM_LORA_RANK = 8
 
 
-def rehearse_params(values: dict, data_root: str, lora_root: str) -> tuple[dict, list[str]]:
-    """A notebook's full parameter values scaled for the rehearsal, and one line per change."""
+def rehearse_params(values: dict, data_root: str, lora_root: str, page: str | None = None) -> tuple[dict, list[str]]:
+    """A notebook's full parameter values scaled for the rehearsal, and one line per change
+    (``page``: the notebook, for :data:`PAGE_SEEDS`)."""
     out, changes = dict(values), []
+    n_seeds = PAGE_SEEDS.get(page, SEEDS)
 
     def change(key, new, why):
         if out.get(key) != new:
@@ -110,8 +116,8 @@ def rehearse_params(values: dict, data_root: str, lora_root: str) -> tuple[dict,
         elif key in MINIMUM and (value is None or isinstance(value, int)):
             new = MINIMUM[key] if value is None else max(MINIMUM[key], math.ceil(value * COUNT_FACTOR))
             change(key, min(new, value) if value is not None else new, f"count x {COUNT_FACTOR:g}")
-        elif key in SEED_KEYS and isinstance(value, list) and len(value) > SEEDS:
-            change(key, value[:SEEDS], f"first {SEEDS} seeds")
+        elif key in SEED_KEYS and isinstance(value, list) and len(value) > (n := n_seeds if key == "seeds" else SEEDS):
+            change(key, value[:n], f"first {n} seed" + ("s" if n > 1 else ""))
         elif key in STEP_KEYS and isinstance(value, int) and value > (steps := _fewest_steps(values)):
             change(key, steps, "sampling steps" + (f", the fewest that give t = {_smallest_t(values)} a step"
                                                    if steps > STEPS else ""))  # fmt: skip
@@ -221,7 +227,8 @@ def prepare_root(repo: Path, names: list[str], progress: bool = True) -> Path:
     for src in sorted((repo / "notebooks").glob("*.ipynb")):
         (nbs / src.name).symlink_to(src)
     for name in study_names(repo):  # every page's file: the ledger reads them all
-        values, changes = rehearse_params(load_params(name, "full", repo), str(data), str(root / "loras" / "random"))
+        full = load_params(name, "full", repo)
+        values, changes = rehearse_params(full, str(data), str(root / "loras" / "random"), page=name)
         note = "".join(f"# {c}\n" for c in changes) or "# (no change)\n"
         text = f"# {name}.full.yaml for the rehearsal (difstudy.rehearsal):\n{note}" + yaml.safe_dump(values)
         (nbs / f"{name}.rehearsal.yaml").write_text(text)

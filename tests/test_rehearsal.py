@@ -24,6 +24,9 @@ def test_full_parameters_are_scaled_and_every_change_is_said():
     assert gate["lora"] == "/lora" and gate["controlnet"] == "sd15-canny" and gate["n_train"] == 20
     assert gate["img2img_steps"] == 40 and any("random LoRA of rank 8" in c for c in changes)  # t = 25 needs 40
     assert gate["denoising_from"] == gate["timestep"] + R.DENOISE_SPAN == 52  # official 60: 10 guided steps
+    assert gate["seeds"] == [0, 1]  # SEEDS without the page; the gate page's own count with it
+    paged, changes = R.rehearse_params(load_params("gate", "full"), "/data", "/lora", page="gate")
+    assert paged["seeds"] == [0] and "seeds: [0, 1, 2, 3, 4] -> [0] (first 1 seed)" in changes
     small, changes = R.rehearse_params({"n_images": 1, "seeds": [0], "image_size": 32}, "/d", "/l")
     assert small == {"n_images": 1, "seeds": [0], "image_size": 32} and changes == []  # never scaled up
 
@@ -34,7 +37,7 @@ def test_protocol_grids_are_capped_for_the_small_images():
     gate, changes = R.rehearse_params(load_params("gate", "full"), "/data", "/lora")
     short = {"head_epochs": 1, "head_steps_per_epoch": 50}  # the conv head's 10,000 steps, shortened
     assert gate["correspondence"] == {"method": "conv", "concat_size": 16, "match_size": 64, **short}
-    assert gate["part_seg"] == {"resolution": 64, "n_models": 2, "max_epochs": 4}  # the pixel-MLP ensemble
+    assert gate["part_seg"] == {"resolution": 32, "n_models": 2, "max_epochs": 4}  # the pixel-MLP ensemble
     assert gate["amalgamation"]["epochs"] == R.AMALGAMATION_EPOCHS
     assert any("concat_size 128 -> 16, match_size 512 -> 64" in c for c in changes)
     assert any("n_models 10 -> 2, max_epochs 100 -> 4" in c for c in changes)
@@ -42,7 +45,7 @@ def test_protocol_grids_are_capped_for_the_small_images():
                                                    "head_steps_per_epoch": 50}}  # fmt: skip
     assert R.rehearse_params(kept, "/d", "/l") == (kept, [])
     filt, _ = R.rehearse_params({"task": "label-scarce-seg", "protocol": {}}, "/d", "/l")
-    assert filt["protocol"] == {"resolution": 64, "n_models": 2, "max_epochs": 4}
+    assert filt["protocol"] == {"resolution": 32, "n_models": 2, "max_epochs": 4}
 
 
 def test_the_rehearsal_folder(tmp_path, monkeypatch):

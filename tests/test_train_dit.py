@@ -22,7 +22,7 @@ def test_the_mini_dit_trains_resumes_and_exports(tmp_path):
     assert _rows(out / "log.csv") == [1, 2]
     dit.main([*small, "--steps", "3", "--export", str(tmp_path / "export")])  # resumes at step 2
     assert _rows(out / "log.csv") == [1, 2, 3]
-    with pytest.raises(SystemExit, match="another recipe.*heads: checkpoint 6, now 2"):
+    with pytest.raises(ValueError, match="mini DiT checkpoint.*another recipe.*heads: checkpoint 6, now 2"):
         dit.main([*small, "--steps", "4", "--heads", "2"])
     from diffusers import PixArtTransformer2DModel
 

@@ -216,6 +216,33 @@ def noisy_batch(data: dict, lat: dict, scaling: float, sched, batch: int, gen: t
     return dict(idx=idx, z0=z0, noise=noise, t=t, zt=sched.add_noise(z0, noise, t), ids=ids.to(device))
 
 
+def check_recipe(saved: dict | None, mine: dict, what: str) -> None:
+    """Refuse to resume a ``what`` checkpoint written with another recipe (``steps`` may change: a
+    longer or shorter cosine; checkpoints without a record are trusted)."""
+    if saved is None:
+        return
+    differ = {k: (saved[k], mine[k]) for k in mine if k != "steps" and k in saved and saved[k] != mine[k]}
+    if differ:
+        listing = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differ.items())
+        raise ValueError(
+            f"the {what} checkpoint in this run folder was trained with another recipe ({listing}); "
+            "rerun with the checkpoint's options to resume it, or pass a new --out to start a new run"
+        )
+
+
+def class_pools(data: dict, keep: np.ndarray) -> list[torch.Tensor]:
+    """Indices of the kept images of each class present (for :func:`balanced_draw`)."""
+    labels = data["labels"]
+    pools = [torch.from_numpy(np.flatnonzero(keep & (labels == c))) for c in range(int(labels.max()) + 1)]
+    return [ix for ix in pools if len(ix)]
+
+
+def balanced_draw(pools: list[torch.Tensor], batch: int, gen: torch.Generator) -> torch.Tensor:
+    """``batch`` image indices: a class drawn uniformly, then an image of it."""
+    cls = torch.randint(0, len(pools), (batch,), generator=gen)
+    return torch.stack([pools[c][torch.randint(0, len(pools[c]), (1,), generator=gen)][0] for c in cls])
+
+
 def training_device(name: str) -> torch.device:
     """``--device`` of the training scripts, checked: a clear error where CUDA is asked for and absent."""
     dev = torch.device(name)

@@ -40,7 +40,18 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..models import mini
-from .common import CsvLog, atomic_save, caption_ids, cosine_lr, diffusion_target, drop_local_paths, training_device
+from .common import (
+    CsvLog,
+    atomic_save,
+    balanced_draw,
+    caption_ids,
+    check_recipe,
+    class_pools,
+    cosine_lr,
+    diffusion_target,
+    drop_local_paths,
+    training_device,
+)
 
 
 @dataclass(frozen=True)
@@ -61,16 +72,7 @@ class DitRecipe:
     ema_decay: float = 0.999
 
     def check_resume(self, saved: dict | None) -> None:
-        if saved is None:
-            return
-        mine = asdict(self)
-        differ = {k: (saved[k], mine[k]) for k in mine if k != "steps" and k in saved and saved[k] != mine[k]}
-        if differ:
-            listing = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differ.items())
-            raise SystemExit(
-                f"the checkpoint in this run folder was trained with another recipe ({listing}); rerun with its "
-                "options to resume it, or pass a new --out"
-            )
+        check_recipe(saved, asdict(self), "mini DiT")
 
 
 def build_transformer(r: DitRecipe, caption_channels: int):
@@ -132,9 +134,7 @@ def train(out: Path, r: DitRecipe, data: dict, lat: dict, base, log: CsvLog, dev
         step = st["step"]
         log.resumed("dit", step)
     keep = data["backgrounds"] != r.holdout_background if r.holdout_background else np.ones(len(lat["mean"]), bool)
-    labels = data["labels"]
-    by_class = [torch.from_numpy(np.flatnonzero(keep & (labels == c))) for c in range(int(labels.max()) + 1)]
-    by_class = [ix for ix in by_class if len(ix)]
+    pools = class_pools(data, keep)
     scaling, eos = float(base.vae.config.scaling_factor), int(base.tokenizer.eos_token_id)
     print(
         f"mini DiT: {sum(p.numel() for p in params) / 1e6:.2f} M parameters, {r.steps} steps of {r.batch} on {device}"
@@ -144,8 +144,7 @@ def train(out: Path, r: DitRecipe, data: dict, lat: dict, base, log: CsvLog, dev
     while step < r.steps:
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, r.steps, r.lr, warmup=r.warmup)
-        cls = torch.randint(0, len(by_class), (r.batch,), generator=gen)  # class-balanced draws
-        idx = torch.stack([by_class[c][torch.randint(0, len(by_class[c]), (1,), generator=gen)][0] for c in cls])
+        idx = balanced_draw(pools, r.batch, gen)  # class-balanced draws
         mean, std = torch.from_numpy(lat["mean"][idx.numpy()]), torch.from_numpy(lat["std"][idx.numpy()])
         z0 = (mean + std * torch.randn(mean.shape, generator=gen)) * scaling
         ids = caption_ids(data, idx.numpy(), torch.rand(r.batch, generator=gen))

@@ -62,7 +62,18 @@ from tqdm.auto import tqdm
 
 from ..data.toyworld import BACKGROUNDS, ToyWorld, vocabulary
 from ..models import mini
-from .common import CsvLog, atomic_save, caption_ids, cosine_lr, diffusion_target, drop_local_paths, to_tensor
+from .common import (
+    CsvLog,
+    atomic_save,
+    balanced_draw,
+    caption_ids,
+    check_recipe,
+    class_pools,
+    cosine_lr,
+    diffusion_target,
+    drop_local_paths,
+    to_tensor,
+)
 
 
 def make_data(out: Path, n: int, seed: int, tokenizer, need_foreground: bool = False) -> dict:
@@ -223,18 +234,8 @@ class UNetRecipe:
         return w / (snr + 1) if prediction_type == "v_prediction" else w / snr
 
     def check_resume(self, saved: dict | None) -> None:
-        """Refuse to resume a checkpoint written with another recipe (``steps`` may change: a
-        longer or shorter cosine; checkpoints before this record have none and are trusted)."""
-        if saved is None:
-            return
-        mine = asdict(self)
-        differ = {k: (saved[k], mine[k]) for k in mine if k != "steps" and k in saved and saved[k] != mine[k]}
-        if differ:
-            listing = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differ.items())
-            raise ValueError(
-                f"the U-Net checkpoint in this run folder was trained with another recipe ({listing}); "
-                "rerun with the checkpoint's options to resume it, or pass a new --out to start a new run"
-            )
+        """Refuse to resume a checkpoint written with another recipe (:func:`~difstudy.train.common.check_recipe`)."""
+        check_recipe(saved, asdict(self), "U-Net")
 
 
 def train_unet(
@@ -282,17 +283,14 @@ def train_unet(
         keep = data["backgrounds"] != r.holdout_background
     if r.only_backgrounds:  # an easy-first curriculum: train on these background kinds only
         keep &= np.isin(data["backgrounds"], list(r.only_backgrounds))
-    labels = data["labels"]
-    by_class = [torch.from_numpy(np.flatnonzero(keep & (labels == c))) for c in range(int(labels.max()) + 1)]
-    by_class = [ix for ix in by_class if len(ix)]
+    pools = class_pools(data, keep)
     scaling = float(lat["scaling"])
     t0 = time.time()
     bar = tqdm(total=r.steps, initial=step, desc="unet", mininterval=10)
     while step < r.steps:
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, r.steps, r.lr, warmup=200)
-        cls = torch.randint(0, len(by_class), (r.batch,), generator=gen)  # class-balanced draws
-        idx = torch.stack([by_class[c][torch.randint(0, len(by_class[c]), (1,), generator=gen)][0] for c in cls])
+        idx = balanced_draw(pools, r.batch, gen)  # class-balanced draws
         mean, std = torch.from_numpy(lat["mean"][idx.numpy()]), torch.from_numpy(lat["std"][idx.numpy()])
         z0 = (mean + std * torch.randn(mean.shape, generator=gen)) * scaling
         ids = caption_ids(data, idx.numpy(), torch.rand(r.batch, generator=gen))
