@@ -213,3 +213,21 @@ def test_the_cards_denoising_loss_takes_a_transformer(name, pipes):
     prompts = {"own": [s.caption for s in ds], "empty": ["", ""]}
     losses = denoising_losses(pipes[name], [s.image for s in ds], prompts, (300, 600), seed=0)
     assert set(losses) == {"own", "empty"} and all(len(v) == 2 and all(x > 0 for x in v) for v in losses.values())
+
+
+def test_a_source_without_massive_channels_zeroes_them_per_image(pipes, tmp_path):
+    from difstudy.protocols import CachedFeatures, ExtractionConfig, toy_records
+
+    recs = toy_records(ToyWorld("test", n=2, size=64))
+    src = CachedFeatures(pipes["tiny-pixart"], ["vit-block1-out"], ExtractionConfig(t=300, cache_dir=str(tmp_path)))
+    src.prepare(recs)
+    plain = src.maps(recs[0])[0]
+    mag = plain.abs().mean((1, 2))
+    ratio = float(mag.max() / mag.median()) * 0.99  # just below the largest channel: exactly it is massive
+    dropped = src.without_massive(ratio)
+    out = dropped.maps(recs[0])[0]
+    top = int(mag.argmax())
+    assert torch.all(out[top] == 0) and torch.equal(
+        out[torch.arange(len(mag)) != top], plain[torch.arange(len(mag)) != top]
+    )
+    assert "massive channels" in dropped.label and src.drop_ratio is None and torch.equal(src.maps(recs[0])[0], plain)

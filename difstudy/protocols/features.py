@@ -131,7 +131,12 @@ class CachedFeatures:
         seed: the noise-draw seed of :func:`difstudy.extract.extract`.
         model_name: names the cache group (default: the pipeline's path).
         label: the table label of this source (default: the activations).
+
+    :meth:`without_massive` gives the same source with each map's massive channels zeroed (DiTF's
+    treatment of transformer features, :func:`difstudy.properties.massive_channels`), labelled.
     """
+
+    drop_ratio: float | None = None
 
     def __init__(
         self,
@@ -171,6 +176,18 @@ class CachedFeatures:
         other = copy.copy(self)
         other.activations, other.names, other._keys = tuple(activations), names, dict(self._keys)
         other.label = label or " ".join(activations)
+        return other
+
+    def without_massive(self, ratio: float | None = None) -> CachedFeatures:
+        """This source with the massive channels of every map zeroed: channels whose mean magnitude
+        on that image exceeds ``ratio`` (default :data:`~difstudy.properties.MASSIVE_RATIO`) times the
+        median channel's; zeroed rather than removed, so every image keeps the activation's width.
+        Found per image from its own map (no label, no other image takes part); the label says so."""
+        from ..properties import MASSIVE_RATIO
+
+        other = copy.copy(self)
+        other.drop_ratio = float(ratio or MASSIVE_RATIO)
+        other.label = f"{self.label} (massive channels > {other.drop_ratio:g}x median dropped)"
         return other
 
     def _cached(self, keys: list[str]) -> bool:
@@ -219,7 +236,13 @@ class CachedFeatures:
             raise DifstudyError(f"features of {self.label!r} were never extracted; call prepare(records) first")
         key = self._keys.get(record.image_id) or content_key(record.image)
         v = variant_key(self.extraction.variant)
-        return [self._cache.get(Key(n, self.extraction.t, v, self.seed, key)).float() for n in self.names]
+        maps = [self._cache.get(Key(n, self.extraction.t, v, self.seed, key)).float() for n in self.names]
+        if self.drop_ratio is not None:
+            from ..properties import massive_channels
+
+            for m in maps:
+                m[massive_channels(m, self.drop_ratio)] = 0.0
+        return maps
 
 
 class RandomUNetFeatures(CachedFeatures):
