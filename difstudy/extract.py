@@ -341,8 +341,11 @@ class Extractor:
         """``{Key: (C, H, W)}`` for one batch; with ``store_dtype`` on the CPU in that dtype."""
         B, T, V = len(ids), len(self.timesteps), len(self.variants)
         kw = self.model_kwargs(captions, self.noisy_latents(self.encode_images(images), images))
+        args = (
+            (kw.pop("sample"), kw.pop("timestep")) if self.family == "unet" else ()
+        )  # a U-Net's call as diffusers makes it
         with Capture(self.unet, self.names, stop=self.stop_early, catalog=self.catalog) as cap:
-            cap.run(**kw)
+            cap.run(*args, **kw)
         out: dict[Key, torch.Tensor] = {}
         vkeys = [variant_key(v) for v in self.variants]
         for name, val in cap.cache.items():

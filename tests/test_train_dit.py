@@ -35,3 +35,20 @@ def test_the_mini_dit_trains_resumes_and_exports(tmp_path):
 def test_the_caption_mask_covers_the_text_and_its_end_token():
     ids = torch.tensor([[0, 5, 6, 9, 9, 9], [0, 9, 9, 9, 9, 9]])
     assert dit.caption_mask(ids, eos_id=9).tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]]
+
+
+def test_the_committed_mini_dit_loads_on_the_mini_models_vae_and_text_encoder():
+    import json
+
+    from difstudy.extract import Extractor, module_fingerprint
+    from difstudy.models import MINI_DIT_PATH, load
+
+    pipe = load("mini-dit")
+    meta = json.loads((MINI_DIT_PATH / "difstudy_training.json").read_text())
+    assert type(pipe).__name__ == "PixArtAlphaPipeline" and pipe.transformer.config.num_layers == meta["recipe"]["depth"]
+    # the denoisers differ only in architecture: the DiT was trained on exactly these VAE and text encoder weights
+    assert module_fingerprint(pipe.vae) == meta["vae_fingerprint"]
+    assert module_fingerprint(pipe.text_encoder) == meta["text_fingerprint"]
+    ex = Extractor(pipe, "all", [50])
+    assert ex.image_size == 64 and len(ex.names) == 3 + 10 * meta["recipe"]["depth"]
+    assert ex.catalog["vit-block0-cross-map"].shape[-1] == pipe.tokenizer.model_max_length
