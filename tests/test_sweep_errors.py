@@ -138,14 +138,15 @@ def test_an_unknown_model_without_a_close_name_suggests_nothing():
         load("nosuch")
     msg = str(e.value)
     assert msg == (
-        "unknown model 'nosuch': not a built-in (mini, tiny-sd15, tiny-sd21, tiny-sdxl), an alias "
-        "(sd15, sd21, sdxl, playground-v2), a hub id (org/name) or an existing folder"
+        "unknown model 'nosuch': not a built-in (mini, mini-dit, tiny-sd15, tiny-sd21, tiny-sdxl, tiny-pixart, "
+        "tiny-sd3, tiny-flux), an alias (sd15, sd21, sdxl, playground-v2, flux-dev, flux-schnell, pixart-alpha, "
+        "pixart-sigma, sd3-medium, sd35-large), a hub id (org/name) or an existing folder"
     )
     assert "mean" not in msg and "-?" not in msg
 
 
 def test_an_unknown_model_close_to_a_known_one_suggests_it():
-    with pytest.raises(ModelNotFoundError, match=r"an existing folder; did you mean 'mini'\?$"):
+    with pytest.raises(ModelNotFoundError, match=r"an existing folder; did you mean 'mini', 'mini-dit'\?$"):
         load("mni")
     with pytest.raises(ModelNotFoundError, match=r"did you mean 'sd15', "):
         load("sd-15")

@@ -197,9 +197,10 @@ def load(name_or_path: str | os.PathLike, dtype=None, device=None):
     elif "/" in resolve_name(name) or layouts.layout_name(name):  # a hub id, an alias or a transformer layout's hub id
         pipe = _from_hub(layouts.layout(name)["hub"] if layouts.layout_name(name) else resolve_name(name), dtype)
     else:
-        hint = closest(name, list(BUILTINS) + list(ALIASES))
+        aliases = [*ALIASES, *[n for n in layouts.names() if n not in TINY_DIT_MODELS]]
+        hint = closest(name, list(BUILTINS) + aliases)
         raise ModelNotFoundError(
-            f"unknown model {name!r}: not a built-in ({', '.join(BUILTINS)}), an alias ({', '.join(ALIASES)}), "
+            f"unknown model {name!r}: not a built-in ({', '.join(BUILTINS)}), an alias ({', '.join(aliases)}), "
             "a hub id (org/name) or an existing folder"
             + (f"; did you mean {', '.join(repr(h) for h in hint[:3])}?" if hint else "")
         )
