@@ -266,3 +266,16 @@ def test_cli_missing_model_folder_message():
         [sys.executable, "-m", "difstudy", "catalog", "./no/such/folder"], capture_output=True, text=True
     )
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_loading_with_a_dtype_prints_no_deprecation_warning():
+    """diffusers deprecates ``torch_dtype``: its FutureWarning would land in every page that loads a
+    model with a dtype (the rehearsal's fp32) and fail the book check."""
+    import warnings
+
+    from difstudy.models import load
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        pipe = load("mini", dtype="fp32")
+    assert pipe.unet.dtype == torch.float32

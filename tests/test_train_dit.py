@@ -45,7 +45,9 @@ def test_the_committed_mini_dit_loads_on_the_mini_models_vae_and_text_encoder():
 
     pipe = load("mini-dit")
     meta = json.loads((MINI_DIT_PATH / "difstudy_training.json").read_text())
-    assert type(pipe).__name__ == "PixArtAlphaPipeline" and pipe.transformer.config.num_layers == meta["recipe"]["depth"]
+    assert (
+        type(pipe).__name__ == "PixArtAlphaPipeline" and pipe.transformer.config.num_layers == meta["recipe"]["depth"]
+    )
     # the denoisers differ only in architecture: the DiT was trained on exactly these VAE and text encoder weights
     assert module_fingerprint(pipe.vae) == meta["vae_fingerprint"]
     assert module_fingerprint(pipe.text_encoder) == meta["text_fingerprint"]

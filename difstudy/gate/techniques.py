@@ -184,7 +184,7 @@ def load_controlnet(name_or_path, dtype=None, device=None, unet=None, unet_finge
     fingerprint when already known). Hub ControlNets and folders without a record load unchecked."""
     from diffusers import ControlNetModel
 
-    from ..models import as_dtype, rehearsal_device, standins
+    from ..models import as_dtype, dtype_kwargs, rehearsal_device, standins
 
     cache = standins.rehearsal_cache()
     standin = standins.standin_name(CONTROLNET_ALIASES.get(str(name_or_path), str(name_or_path)), "controlnet")
@@ -197,7 +197,7 @@ def load_controlnet(name_or_path, dtype=None, device=None, unet=None, unet_finge
         cn = standins.standin_controlnet(standin, cache, dtype)
     else:
         name = str(name_or_path)
-        kw = {"torch_dtype": dtype} if dtype is not None else {}
+        kw = dtype_kwargs(dtype)
         path = MINI_CONTROLNET_PATH if name == "mini" else Path(name).expanduser()
         if name == "mini" or path.exists() or name.startswith((".", "/", "~")):
             if not path.is_dir():

@@ -48,6 +48,19 @@ _DTYPES |= {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 
 
+def dtype_kwargs(dtype) -> dict:
+    """The dtype keyword of diffusers' ``from_pretrained``: ``dtype`` where diffusers has it (it
+    deprecates ``torch_dtype``, with a warning in every output that loads a model), else
+    ``torch_dtype``; empty for None."""
+    if dtype is None:
+        return {}
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401  (diffusers that take dtype=)
+    except ImportError:
+        return {"torch_dtype": dtype}
+    return {"dtype": dtype}
+
+
 def lora_config(rank: int = 8):
     """difstudy's LoRA recipe (rank = alpha, the attention projections, peft's gaussian init): what
     ``difstudy.train.lora`` trains and what the rehearsal's random LoRA is made with."""
@@ -107,7 +120,7 @@ def _from_folder(path: Path, dtype):
             "Expected model_index.json with unet/, vae/, text_encoder/, tokenizer/, scheduler/ beside it, "
             "as written by `pipe.save_pretrained(folder)` or `huggingface-cli download ID --local-dir folder`."
         )
-    kw = {"torch_dtype": dtype} if dtype is not None else {}
+    kw = dtype_kwargs(dtype)
     try:
         with _quiet_loading():
             return DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **kw)
@@ -129,7 +142,7 @@ def _mini_dit(dtype):
             "--export difstudy/models/difstudy-mini-dit`."
         )
     base = load("mini", dtype=dtype)
-    kw = {"torch_dtype": dtype} if dtype is not None else {}
+    kw = dtype_kwargs(dtype)
     with _quiet_loading():
         transformer = PixArtTransformer2DModel.from_pretrained(MINI_DIT_PATH / "transformer", **kw)
     scheduler = DDIMScheduler.from_pretrained(MINI_DIT_PATH / "scheduler")
@@ -142,7 +155,7 @@ def _mini_dit(dtype):
 def _from_hub(repo_id: str, dtype):
     from diffusers import DiffusionPipeline
 
-    kw = {"torch_dtype": dtype} if dtype is not None else {}
+    kw = dtype_kwargs(dtype)
     try:
         with _quiet_loading():
             return DiffusionPipeline.from_pretrained(repo_id, **kw)

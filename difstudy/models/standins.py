@@ -138,9 +138,11 @@ def standin_pipeline(model: str, cache: str | Path, dtype=None):
     ``dtype``. The pipeline's ``difstudy_standin`` attribute names what it stands in for."""
     from diffusers import StableDiffusionPipeline
 
+    from . import dtype_kwargs
+
     folder = _saved(Path(cache) / f"{model}-pipeline", lambda: build_pipeline(model), "model_index.json")
     pipe = StableDiffusionPipeline.from_pretrained(
-        str(folder), torch_dtype=dtype or torch.float32, local_files_only=True, safety_checker=None
+        str(folder), **dtype_kwargs(dtype or torch.float32), local_files_only=True, safety_checker=None
     )
     pipe.difstudy_standin = model
     return pipe
@@ -149,5 +151,7 @@ def standin_pipeline(model: str, cache: str | Path, dtype=None):
 def standin_controlnet(model: str, cache: str | Path, dtype=None):
     from diffusers import ControlNetModel
 
+    from . import dtype_kwargs
+
     folder = _saved(Path(cache) / f"{model}-controlnet", lambda: build_controlnet(model), "config.json")
-    return ControlNetModel.from_pretrained(str(folder), torch_dtype=dtype or torch.float32, local_files_only=True)
+    return ControlNetModel.from_pretrained(str(folder), **dtype_kwargs(dtype or torch.float32), local_files_only=True)
