@@ -633,16 +633,17 @@ def pca_rgb(feat: torch.Tensor, n_components: int = 3, fit_on: torch.Tensor | No
 
     Fitted jointly over all images (or ``fit_on``), as in the papers' PCA pictures. With fewer
     pixel vectors (or channels) than components, e.g. two images of a 1x1 map, only as many
-    components as they allow are fitted and the rest are 0."""
+    components as they allow are fitted and the rest are 0 (one pixel vector: all 0, a flat picture)."""
     from sklearn.decomposition import PCA
 
     x = feat.float()
     n, c, h, w = x.shape
     flat = x.permute(0, 2, 3, 1).reshape(-1, c).numpy()
     ref = flat if fit_on is None else fit_on.float().permute(0, 2, 3, 1).reshape(-1, c).numpy()
-    k = min(n_components, *ref.shape)
+    k = min(n_components, ref.shape[0] - 1, ref.shape[1])  # one pixel vector has no variance to fit
     y = np.zeros((len(flat), n_components), dtype=np.float32)
-    y[:, :k] = PCA(n_components=k, random_state=0).fit(ref).transform(flat)
+    if k > 0:
+        y[:, :k] = PCA(n_components=k, random_state=0).fit(ref).transform(flat)
     lo, hi = np.percentile(y, 1, axis=0), np.percentile(y, 99, axis=0)
     y = np.clip((y - lo) / (hi - lo + 1e-8), 0, 1)
     return torch.from_numpy(y.reshape(n, h, w, n_components)).float()
