@@ -149,6 +149,7 @@ def test_controlnet_loads_and_changes_unet_output(tiny_sd15, tmp_path):
     # the loaded copy equals the saved one
     loaded = gate.load_controlnet(tmp_path / "cn")
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), live.state_dict().values()))
+    assert gate.load_controlnet(tmp_path / "cn", dtype="fp32").dtype == torch.float32  # a dtype name, as load() takes
 
 
 def test_load_controlnet_clear_errors(tmp_path):

@@ -186,10 +186,11 @@ def load_controlnet(name_or_path, dtype=None, device=None, unet=None, unet_finge
 
     from ..models import as_dtype, dtype_kwargs, rehearsal_device, standins
 
+    dtype = as_dtype(dtype)  # "fp16" / "fp32" / "bf16" as for load()
     cache = standins.rehearsal_cache()
     standin = standins.standin_name(CONTROLNET_ALIASES.get(str(name_or_path), str(name_or_path)), "controlnet")
     if cache is not None:
-        dtype, device = rehearsal_device(f"ControlNet {name_or_path}", as_dtype(dtype), device)
+        dtype, device = rehearsal_device(f"ControlNet {name_or_path}", dtype, device)
     if isinstance(name_or_path, ControlNetModel):
         cn = name_or_path
     elif cache is not None and standin:
