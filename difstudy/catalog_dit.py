@@ -57,10 +57,15 @@ def family(model: nn.Module) -> str | None:
     return FAMILIES.get(type(model).__name__)
 
 
+def patch_size(model: nn.Module) -> int:
+    """Latent cells per token side: the config's patch size, FLUX's 2x2 packing."""
+    return 2 if family(model) == "flux" else int(model.config.patch_size)
+
+
 def token_grid(model: nn.Module, latent_hw: tuple[int, int]) -> tuple[int, int]:
     """The token grid of a latent of ``latent_hw`` cells: divided by the patch size (FLUX: by its
     2x2 packing)."""
-    p = 2 if family(model) == "flux" else int(model.config.patch_size)
+    p = patch_size(model)
     if latent_hw[0] % p or latent_hw[1] % p:
         raise ValueError(f"latent size {latent_hw} is not a multiple of the patch size {p}")
     return latent_hw[0] // p, latent_hw[1] // p

@@ -30,6 +30,7 @@ import json
 import torch
 
 from .catalog_dit import family as dit_family
+from .catalog_dit import patch_size, token_grid
 from .errors import DifstudyError
 from .flow import OFFICIAL_FLUX_STEPS, flow_noise, flow_sigma, model_timestep
 
@@ -68,10 +69,10 @@ def text_len(pipe) -> int:
 def pixel_multiple(pipe, vae_factor: int) -> int:
     """Image sizes must be multiples of this: the VAE factor times the U-Net's downsamplers or the
     transformer's patch (FLUX: its 2x2 packing)."""
-    net, fam = denoiser(pipe), family(pipe)
-    if fam == "unet":
+    net = denoiser(pipe)
+    if family(pipe) == "unet":
         return vae_factor * 2 ** (len(net.config.block_out_channels) - 1)
-    return vae_factor * (2 if fam == "flux" else int(net.config.patch_size))
+    return vae_factor * patch_size(net)
 
 
 def native_size(pipe, vae_factor: int) -> int:
@@ -205,9 +206,10 @@ class Noising:
 
 def image_tokens(pipe, latent_hw: tuple[int, int]) -> int:
     """The image's token count (FLUX-dev's sigma shift depends on it)."""
-    fam, net = family(pipe), denoiser(pipe)
-    p = 2 if fam == "flux" else int(getattr(net.config, "patch_size", 1) or 1)
-    return (latent_hw[0] // p) * (latent_hw[1] // p)
+    if family(pipe) == "unet":
+        return latent_hw[0] * latent_hw[1]
+    h, w = token_grid(denoiser(pipe), latent_hw)
+    return h * w
 
 
 def pack_flux(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
