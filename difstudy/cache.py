@@ -140,7 +140,15 @@ class FeatureCache:
         self._sidecar_images: dict[str, dict[str, str]] = {}
         self._images: dict[str, str] = {}
         self._verified: set[Path] = set()
+        self._handles: dict[Path, object] = {}  # open shards, least recently read first
         self.refresh()
+
+    # an open shard is read without parsing its header again (reading one activation of one image
+    # at a time, as single-activation ranking does, opened a shard per read: 0.3 ms against 0.02)
+    OPEN_SHARDS = 64
+
+    def __getstate__(self):
+        return {**self.__dict__, "_handles": {}}  # open files do not travel to other processes
 
     # -- index -----------------------------------------------------------
     def refresh(self) -> None:
@@ -180,7 +188,7 @@ class FeatureCache:
         self._sidecar_images.pop(side_name, None)
 
     def _rebuild_index(self) -> None:
-        self._index, self._images = {}, {}
+        self._index, self._images, self._handles = {}, {}, {}
         for name in sorted(self._sidecar_keys):
             shard = self.shards_dir / name.replace(".json", ".safetensors")
             for k in self._sidecar_keys[name]:
@@ -211,6 +219,8 @@ class FeatureCache:
 
     # -- integrity -------------------------------------------------------
     def _quarantine(self, *paths: Path) -> None:
+        for p in paths:
+            self._handles.pop(p, None)
         _quarantine(self.dir, *paths)
 
     def check_shard(self, shard: Path) -> bool:
@@ -247,8 +257,14 @@ class FeatureCache:
             raise KeyError(f"{key} is not in the feature cache {self.dir}; run `difstudy extract` for it first")
         if not self.check_shard(shard):
             raise CacheError(f"{key} was in a corrupt shard ({shard.name}, now quarantined); extract it again")
-        with safe_open(shard, framework="pt") as f:
-            return f.get_tensor(key.encode())
+        return self._open(shard).get_tensor(key.encode())
+
+    def _open(self, shard: Path):
+        handle = self._handles.pop(shard, None) or safe_open(shard, framework="pt")
+        self._handles[shard] = handle
+        while len(self._handles) > self.OPEN_SHARDS:
+            self._handles.pop(next(iter(self._handles)))
+        return handle
 
     def load(self, activation: str, image_ids, t: int, variant: str, seed: int) -> torch.Tensor:
         """Stack (N, C, H, W) for several images (small N; stream for large sets)."""

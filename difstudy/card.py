@@ -84,7 +84,8 @@ def generate(pipe, prompts: list[str], steps: int = 30, guidance: float = 4.0, s
     g = torch.Generator().manual_seed(seed)
     kw = {}
     if family(pipe) == "pixart":  # no size binning (the mini sizes are not PixArt's); the tokenizer's length
-        kw = dict(use_resolution_binning=False, max_sequence_length=text_len(pipe))
+        # clean_caption needs ftfy and bs4 (PixArt's T5 caption cleaning): the toy captions need no cleaning
+        kw = dict(use_resolution_binning=False, max_sequence_length=text_len(pipe), clean_caption=False)
     out = pipe(
         prompts,
         num_inference_steps=steps,

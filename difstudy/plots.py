@@ -445,3 +445,29 @@ def plot_forest(claims: pd.DataFrame, ax=None, relative: bool = False, wrap: int
     ax.set(ylabel="", xlabel=f"{unit}; line: interval", title="Claims ledger: estimate and interval of every claim")
     ax.grid(axis="x", alpha=0.3)
     return ax
+
+
+def plot_depth_profiles(df: pd.DataFrame, measures, t: int, axes=None):
+    """Each measure (one panel) along the forward pass of several denoisers at timestep ``t``:
+    ``df`` is a table of means (:func:`difstudy.properties.summarise`) with ``model`` and
+    ``weights`` columns; x is the activation's relative depth (forward position over the
+    denoiser's activations, 0 to 1), so a U-Net and a transformer share the axis. One line per
+    model and weights (trained solid, random dashed), the values as measured (``estimator=None``)."""
+    measures = list(measures)
+    if axes is None:
+        _, axes = plt.subplots(1, len(measures), figsize=(4.2 * len(measures), 3.4), squeeze=False)
+        axes = axes[0]
+    d = df[(df["t"] == t) & df["measure"].isin(measures)].copy()
+    order = d.groupby(["model", "weights"], sort=False)["activation"].transform(lambda s: pd.factorize(s)[0])
+    size = d.groupby(["model", "weights"], sort=False)["activation"].transform("nunique")
+    d["relative depth"] = order / (size - 1).clip(lower=1)
+    for ax, m in zip(axes, measures):
+        sns.lineplot(data=d[d["measure"] == m], x="relative depth", y="value", hue="model", style="weights",
+                     estimator=None, units=None, ax=ax, linewidth=1, legend=ax is axes[-1])  # fmt: skip
+        ax.set_title(m)
+        ax.set_ylabel(m)
+        if m == "massive_ratio":
+            ax.set_yscale("log")
+    if len(axes) and axes[-1].get_legend() is not None:
+        sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.02, 1), frameon=False)
+    return axes

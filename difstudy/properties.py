@@ -41,6 +41,11 @@ from tqdm.auto import tqdm
 from .fileio import write_csv_atomic
 
 MEASURES = ("noise_share", "granularity", "locality")
+# the fourth property (issue 26, DiTF's "massive activations"), measured on request: per image the
+# largest channel magnitude over the median one (massive_ratio) and the number of channels above
+# MASSIVE_RATIO times the median (massive_count; :func:`massive_channels`)
+MASSIVE_MEASURES = ("massive_ratio", "massive_count")
+ALL_MEASURES = MEASURES + MASSIVE_MEASURES
 COLUMNS = ["activation", "kind", "stage", "level", "repeat", "t", "measure", "value", "n_images", "size"]
 IMAGE_COLUMNS = ["activation", "kind", "stage", "level", "repeat", "t", "measure", "image_id", "value", "size"]
 BLOCK_OUTPUT_KINDS = ("res-out", "vit-out", "downsampler-out", "upsampler-out")
@@ -338,8 +343,8 @@ def properties_from_cache(
 
     ``frame``: catalogue rows (``name``, ``kind``, ``stage``, ``level``,
     ``repeat``) in forward order, as :meth:`difstudy.catalog.Catalog.to_frame`.
-    ``noise_share`` uses every seed (the noise draws); ``granularity`` and
-    ``locality`` use the first seed. With ``per_image`` one row per image
+    ``noise_share`` uses every seed (the noise draws); the others (``granularity``,
+    ``locality``, :data:`MASSIVE_MEASURES`) the first. With ``per_image`` one row per image
     (:data:`IMAGE_COLUMNS`: the claims' sampling units), else each value is the
     mean over images of the per-image measure (:func:`summarise`: ``nan``
     values skipped, ``n_images`` counts the rest); ``size`` is the map's
@@ -366,6 +371,10 @@ def properties_from_cache(
                 values["noise_share"] = [noise_share(draws[:, n]) for n in range(len(ids))]
             if "granularity" in measures:
                 values["granularity"] = [granularity(f) for f in first]
+            if "massive_ratio" in measures:
+                values["massive_ratio"] = [massive_ratio(f) for f in first]
+            if "massive_count" in measures:
+                values["massive_count"] = [len(massive_channels(f)) for f in first]
             if "locality" in measures:
                 hw = tuple(first.shape[-2:])
                 values["locality"] = [
@@ -410,9 +419,9 @@ def _tidy(df: pd.DataFrame) -> pd.DataFrame:
 
 def _check_measures(measures) -> list[str]:
     measures = [measures] if isinstance(measures, str) else list(measures)
-    bad = [m for m in measures if m not in MEASURES]
+    bad = [m for m in measures if m not in ALL_MEASURES]
     if bad or not measures:
-        raise ValueError(f"unknown measures {bad or measures}; use some of {list(MEASURES)}")
+        raise ValueError(f"unknown measures {bad or measures}; use some of {list(ALL_MEASURES)}")
     return measures
 
 
@@ -636,13 +645,15 @@ def write_part(df: pd.DataFrame, path: str | os.PathLike, key: str = "measure") 
 
 # -- claims ---------------------------------------------------------------------------
 def resolution_group(df: pd.DataFrame) -> pd.Series:
-    """Resolution level of each row: ``"down0"``... ``"mid"``, ``"up0"``...; ``""`` for unet-in/-out.
+    """Resolution level of each row: ``"down0"``... ``"mid"``, ``"up0"``...; ``""`` for unet-in/-out;
+    the stage (``"transformer"``) for a transformer's activations, which all have one resolution.
 
     A downsampler's (upsampler's) output has the resolution of the next level,
     so it is counted there, not under the level in its name."""
     shift = df["kind"].isin(["downsampler-out", "upsampler-out"]).astype(int)
     lev = df["level"].astype("Int64") + shift
-    out = df["stage"].astype(str) + lev.astype(str).str.replace("<NA>", "", regex=False)
+    # a transformer's activations have no level: their group is their stage ("transformer")
+    out = df["stage"].astype(str) + lev.astype("string").fillna("").astype(str)
     out[df["stage"] == "unet"] = ""
     out[df["stage"] == "mid"] = "mid"
     return out
@@ -681,6 +692,11 @@ def group_summary(df: pd.DataFrame, measure: str, by: str = "level") -> pd.DataF
 
 __all__ = [
     "MEASURES",
+    "MASSIVE_MEASURES",
+    "ALL_MEASURES",
+    "massive_ratio",
+    "massive_channels",
+    "channel_magnitudes",
     "COLUMNS",
     "LocalityConfig",
     "noise_share",

@@ -75,6 +75,7 @@ MINIMUM = {
     "n_seg_train": 3,
     "n_seg_test": 3,
     "n_per_class": 6,
+    "per_class": 6,
 }
 SIZE_KEYS = ("image_size", "toy_size")
 # protocol configurations given as dicts (their dataclass in difstudy.protocols; "protocol" is the
@@ -86,7 +87,7 @@ GRID_CAPS = {"concat_size": IMAGE_SIZE // 4, "match_size": IMAGE_SIZE, "resoluti
 # ensemble and the 10,000-step conv head take most of a CPU rehearsal: the gate page ran over 40 min)
 TRAIN_CAPS = {"n_models": 2, "max_epochs": 4, "head_epochs": 1, "head_steps_per_epoch": 50, "epochs": 1}
 AMALGAMATION_EPOCHS = 2
-SEED_KEYS = ("seeds", "property_seeds")
+SEED_KEYS = ("seeds", "property_seeds", "probe_seeds")
 # pages whose feature claims keep fewer seeds than SEEDS: the gate page extracts about ten technique
 # sources per image and seed at the real widths and trains every probe on each (one seed: the
 # claims' intervals then run over test units only, the verdict module's 1-D path)

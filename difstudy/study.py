@@ -263,7 +263,7 @@ def run_environment(notebook: str, params: str, run_id: str):
 
 def model_fingerprint(model) -> str:
     """What ``model_fingerprint`` records: :func:`difstudy.extract.module_fingerprint` of a
-    pipeline's U-Net (anything with ``.unet``) or of a network itself; a string (a model
+    pipeline's denoiser (its U-Net or transformer) or of a network itself; a string (a model
     name) as given; ``""`` for None."""
     if model is None:
         return ""
@@ -271,7 +271,7 @@ def model_fingerprint(model) -> str:
         return model
     from .extract import module_fingerprint
 
-    net = getattr(model, "unet", model)
+    net = next((n for n in (getattr(model, "unet", None), getattr(model, "transformer", None)) if n is not None), model)
     if not (hasattr(net, "named_parameters") and hasattr(net, "config")):
         raise DifstudyError(
             f"model must be a diffusers pipeline, a network with a config, a model name or None; "

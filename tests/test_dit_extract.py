@@ -231,3 +231,9 @@ def test_a_source_without_massive_channels_zeroes_them_per_image(pipes, tmp_path
         out[torch.arange(len(mag)) != top], plain[torch.arange(len(mag)) != top]
     )
     assert "massive channels" in dropped.label and src.drop_ratio is None and torch.equal(src.maps(recs[0])[0], plain)
+    # the control drops as many channels, never the massive one, the same ones on every read
+    ctrl = src.without_massive(ratio, control=True)
+    a, b = ctrl.maps(recs[0])[0], ctrl.maps(recs[0])[0]
+    zeroed = [c for c in range(len(mag)) if torch.all(a[c] == 0) and not torch.all(plain[c] == 0)]
+    assert len(zeroed) == 1 and zeroed[0] != top and torch.equal(a, b) and torch.equal(a[top], plain[top])
+    assert "control: as many random channels" in ctrl.label

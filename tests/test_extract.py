@@ -284,6 +284,21 @@ def test_get_from_corrupt_shard_raises_cache_error(tiny_sd15, tmp_path):
     assert key not in reader and (cache.dir / "quarantine" / shard.name).exists()
 
 
+def test_reads_keep_a_bounded_set_of_open_shards(tiny_sd15, tmp_path, monkeypatch):
+    import pickle
+
+    cache, _ = _run(tiny_sd15, ToyWorld("test", n=4), cache_dir=tmp_path)
+    reader = FeatureCache(tmp_path, cache.dir.name)
+    monkeypatch.setattr(FeatureCache, "OPEN_SHARDS", 1)
+    keys = cache.keys()
+    first = {k: reader.get(k) for k in keys}
+    again = {k: reader.get(k) for k in reversed(keys)}  # shards reopened after being dropped
+    assert all(torch.equal(first[k], again[k]) for k in keys) and len(reader._handles) == 1
+    assert len({cache._index[k] for k in keys}) > 1  # more than one shard was read
+    clone = pickle.loads(pickle.dumps(reader))
+    assert clone._handles == {} and torch.equal(clone.get(keys[0]), first[keys[0]])
+
+
 def test_group_metadata_mismatch_is_an_error(tmp_path):
     FeatureCache(tmp_path, "g", dict(model="a"))
     with pytest.raises(CacheError, match="another --cache"):

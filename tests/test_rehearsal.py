@@ -133,3 +133,27 @@ def test_random_lora_of_the_recipe_loads_and_changes_the_output(tmp_path):
         load_lora(tiny_sd15, folder, "random")
         adapted = unet(x, torch.tensor([50]), encoder_hidden_states=e).sample
     assert (adapted - base).abs().max() > 1e-4
+
+
+def test_stand_ins_are_cast_without_diffusers_to_dtype_warning(tmp_path, monkeypatch):
+    """diffusers' ModelMixin.to(dtype) logs "There are modules in ... that should be kept in float32: []"
+    even for models without such modules; in a page that builds a stand-in it failed the rehearsal
+    book's check. Stand-ins and tiny models are cast with torch's Module.to (models.cast)."""
+    import torch
+    from diffusers import ModelMixin
+
+    from difstudy.models import cast, load, standins
+
+    real_to = ModelMixin.to
+
+    def no_dtype(self, *args, **kwargs):
+        assert "dtype" not in kwargs and not any(isinstance(a, torch.dtype) for a in args), "ModelMixin.to(dtype)"
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(ModelMixin, "to", no_dtype)
+    unet = load("tiny-sd15").unet
+    folder = standins._saved(tmp_path / "standin", lambda: unet, "config.json")
+    assert (folder / "config.json").exists() and next(unet.parameters()).dtype == torch.float16
+    pipe = load("tiny-sd15", dtype="fp32")
+    assert all(p.dtype == torch.float32 for p in pipe.unet.parameters())
+    assert cast(pipe.vae, torch.float16) is pipe.vae and next(pipe.vae.parameters()).dtype == torch.float16

@@ -32,6 +32,30 @@ def test_the_mini_dit_trains_resumes_and_exports(tmp_path):
     assert "_name_or_path" not in (tmp_path / "export" / "transformer" / "config.json").read_text()
 
 
+def test_a_continuation_starts_from_the_exported_weights_and_counts_its_steps_on(tmp_path):
+    import json
+
+    from diffusers import PixArtTransformer2DModel
+
+    small = ["--n-train", "40", "--depth", "1", "--batch", "4", "--ckpt-every", "1"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    dit.main([*small, "--out", str(tmp_path / "run1"), "--steps", "2", "--export", str(first)])
+    init, _ = dit.load_init(first)
+    dit.main([*small, "--out", str(tmp_path / "run2"), "--steps", "3", "--lr", "0", "--warmup", "0",
+              "--init-from", str(first), "--export", str(second)])  # fmt: skip
+    # learning rate 0: the continuation's EMA of unchanged weights is the model it continued
+    cont = PixArtTransformer2DModel.from_pretrained(second / "transformer")
+    for (name, a), b in zip(init.state_dict().items(), cont.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert _rows(second / "training_log.csv") == [1, 2, 3, 4, 5]  # the first run's rows, then steps 3-5
+    meta = json.loads((second / "difstudy_training.json").read_text())
+    assert meta["total_steps"] == 5 and meta["init_from"] == str(first) and meta["previous_run"]["total_steps"] == 2
+    with pytest.raises(ValueError, match="not this recipe's architecture.*num_layers"):
+        dit.main([*small, "--depth", "2", "--out", str(tmp_path / "run3"), "--steps", "1", "--init-from", str(first)])
+    with pytest.raises(FileNotFoundError, match="no transformer/config.json there"):
+        dit.main([*small, "--out", str(tmp_path / "run4"), "--steps", "1", "--init-from", str(tmp_path)])
+
+
 def test_the_caption_mask_covers_the_text_and_its_end_token():
     ids = torch.tensor([[0, 5, 6, 9, 9, 9], [0, 9, 9, 9, 9, 9]])
     assert dit.caption_mask(ids, eos_id=9).tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]]

@@ -79,11 +79,13 @@ def test_ci_runs_tests_then_study_then_book_check():
     assert missing([text]) == []
 
 
-def test_the_ci_rehearsal_names_notebooks_that_exist():
-    import re
-
-    from difstudy.study import notebook_names
-
+def test_ci_rehearses_every_page_and_checks_its_book():
+    """CI runs the whole rehearsal (no page list: every notebook of the book) and then checks the
+    rehearsal's book; CI_REHEARSE is only a local shortcut."""
     text = (ROOT / ".ci" / "run").read_text()
-    pages = re.search(r"--no-book \$\{CI_REHEARSE:-([a-z_ ]+)\}", text).group(1).split()
-    assert pages and set(pages) <= set(notebook_names(ROOT))
+    lines = [ln.strip() for ln in text.splitlines() if not ln.strip().startswith("#")]
+    whole = ".venv/bin/difstudy run --params full --rehearse"
+    assert whole in lines  # exactly this command: every page, with its book
+    check = 'DIFSTUDY_ROOT="$PWD/_rehearsal" .venv/bin/difstudy check-book'
+    assert check in lines and lines.index(check) > lines.index(whole)
+    assert "set -euo pipefail" in text  # a failing rehearsal or check fails CI

@@ -61,6 +61,23 @@ def dtype_kwargs(dtype) -> dict:
     return {"dtype": dtype}
 
 
+def cast(obj, dtype):
+    """``obj`` (a pipeline or a model) with its floating-point weights in ``dtype``, in place.
+    diffusers' ``ModelMixin.to(dtype)`` warns about modules to keep in float32 (a warning in every
+    output that builds a model this way) even when a model has none; the models cast here (tiny
+    and stand-in models built from configs) have none, so torch's own ``Module.to`` does it."""
+    import torch
+
+    modules = [obj] if isinstance(obj, torch.nn.Module) else list(getattr(obj, "components", {}).values())
+    for m in modules:
+        if isinstance(m, torch.nn.Module):
+            if getattr(m, "_keep_in_fp32_modules", None):
+                m.to(dtype)  # modules that should stay in float32: diffusers says so, rightly
+            else:
+                torch.nn.Module.to(m, dtype)
+    return obj
+
+
 def lora_config(rank: int = 8):
     """difstudy's LoRA recipe (rank = alpha, the attention projections, peft's gaussian init): what
     ``difstudy.train.lora`` trains and what the rehearsal's random LoRA is made with."""
@@ -204,7 +221,7 @@ def load(name_or_path: str | os.PathLike, dtype=None, device=None):
     elif name in TINY_MODELS or name in TINY_DIT_MODELS:
         pipe = build_tiny(name) if name in TINY_MODELS else build_tiny_dit(name)
         if dtype is not None:
-            pipe = pipe.to(dtype=dtype)
+            pipe = cast(pipe, dtype)
     elif Path(name).expanduser().exists() or name.startswith((".", "/", "~")):
         pipe = _from_folder(Path(name).expanduser(), dtype)
     elif "/" in resolve_name(name) or layouts.layout_name(name):  # a hub id, an alias or a transformer layout's hub id

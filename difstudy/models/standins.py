@@ -122,7 +122,9 @@ def _saved(folder: Path, build, marker: str):
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        build().to(torch.float16).save_pretrained(tmp)
+        from . import cast
+
+        cast(build(), torch.float16).save_pretrained(tmp)
         if (folder / marker).exists():  # another process finished first
             shutil.rmtree(tmp)
         else:

@@ -18,7 +18,7 @@ the adapters of :mod:`~difstudy.protocols.records`; feature sources are in
 runner (:mod:`difstudy.real`) and the model card call these functions and nothing else.
 """
 
-from .classification import classification
+from .classification import classification, correct_per_image
 from .config import (
     ClassifyConfig,
     CorrespondenceConfig,
@@ -77,6 +77,7 @@ __all__ = [
     "TaskConfig",
     "canonical",
     "classification",
+    "correct_per_image",
     "concat_maps",
     "concat_records",
     "content_key",

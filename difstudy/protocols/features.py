@@ -41,6 +41,7 @@ very different magnitudes weigh alike (a difstudy deviation, labelled as such).
 from __future__ import annotations
 
 import copy
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -137,6 +138,7 @@ class CachedFeatures:
     """
 
     drop_ratio: float | None = None
+    drop_control: bool = False
 
     def __init__(
         self,
@@ -178,16 +180,22 @@ class CachedFeatures:
         other.label = label or " ".join(activations)
         return other
 
-    def without_massive(self, ratio: float | None = None) -> CachedFeatures:
+    def without_massive(self, ratio: float | None = None, control: bool = False) -> CachedFeatures:
         """This source with the massive channels of every map zeroed: channels whose mean magnitude
         on that image exceeds ``ratio`` (default :data:`~difstudy.properties.MASSIVE_RATIO`) times the
         median channel's; zeroed rather than removed, so every image keeps the activation's width.
-        Found per image from its own map (no label, no other image takes part); the label says so."""
+        Found per image from its own map (no label, no other image takes part); the label says so.
+
+        ``control``: zero as many channels, drawn at random among the map's other channels (seeded
+        by the image, the activation and the run seed), instead: the control of "dropping the
+        massive channels helps" (any dropped channel changes a probe a little)."""
         from ..properties import MASSIVE_RATIO
 
         other = copy.copy(self)
-        other.drop_ratio = float(ratio or MASSIVE_RATIO)
-        other.label = f"{self.label} (massive channels > {other.drop_ratio:g}x median dropped)"
+        other.drop_ratio, other.drop_control = float(ratio or MASSIVE_RATIO), bool(control)
+        massive = f"massive channels > {other.drop_ratio:g}x median"
+        which = f"control: as many random channels as {massive}" if control else massive
+        other.label = f"{self.label} ({which} dropped)"
         return other
 
     def _cached(self, keys: list[str]) -> bool:
@@ -240,8 +248,13 @@ class CachedFeatures:
         if self.drop_ratio is not None:
             from ..properties import massive_channels
 
-            for m in maps:
-                m[massive_channels(m, self.drop_ratio)] = 0.0
+            for name, m in zip(self.names, maps):
+                drop = massive_channels(m, self.drop_ratio)
+                if self.drop_control and drop:
+                    rest = np.setdiff1d(np.arange(m.shape[0]), drop)
+                    rng = np.random.default_rng([zlib.crc32(f"{key}/{name}".encode()), self.seed])
+                    drop = rng.choice(rest, size=min(len(drop), len(rest)), replace=False).tolist()
+                m[drop] = 0.0
         return maps
 
 

@@ -17,6 +17,11 @@ Architecture (:func:`build_transformer`): diffusers' ``PixArtTransformer2DModel`
 tokens), cross-attention to the text encoder's 32 token states under their caption mask (as
 ``PixArtAlphaPipeline`` passes it), and 4 output channels (v-prediction, no learned variance).
 
+``--init-from FOLDER`` continues an exported mini DiT (its EMA weights) with a fresh optimiser, warmup
+and cosine schedule of ``--steps`` steps, in a new run folder: the exported log becomes the head of
+the new log, the steps are counted on from it, and the new record nests the old one under
+``previous_run`` (as ``train.mini --init-from``).
+
 Every ``--ckpt-every`` steps the state (weights, optimiser, EMA, generator, step, recipe) is saved
 atomically to ``--out/dit.pt``; a killed run resumes there (another recipe is refused). Losses go
 to ``--out/log.csv``. ``--export`` writes the transformer (safetensors), the scheduler and the
@@ -107,16 +112,51 @@ def _data(out: Path, data_from: Path | None, n: int, seed: int, tokenizer, vae) 
     return data, encode_latents(out, vae, data)
 
 
-def train(out: Path, r: DitRecipe, data: dict, lat: dict, base, log: CsvLog, device, ckpt_every: int):
+def load_init(folder: Path):
+    """The exported transformer to continue from (own memory: the export may overwrite its files)
+    and the record it was trained with."""
+    from diffusers import PixArtTransformer2DModel
+
+    if not (folder / "transformer" / "config.json").exists():
+        raise FileNotFoundError(
+            f"--init-from {folder}: no transformer/config.json there; pass an exported mini DiT folder "
+            "(e.g. difstudy/models/difstudy-mini-dit)"
+        )
+    model = PixArtTransformer2DModel.from_pretrained(folder / "transformer")
+    for t in list(model.parameters()) + list(model.buffers()):
+        t.data = t.data.clone()
+    meta = folder / "difstudy_training.json"
+    return model, (json.loads(meta.read_text()) if meta.exists() else {})
+
+
+def total_steps(meta: dict) -> int:
+    """The training steps of an exported mini DiT, its continued runs included."""
+    return int(meta.get("total_steps", meta.get("recipe", {}).get("steps", 0)))
+
+
+def train(out: Path, r: DitRecipe, data: dict, lat: dict, base, log: CsvLog, device, ckpt_every: int,
+          init=None, step_offset: int = 0):  # fmt: skip
     """Train by ``r`` on ``data`` / ``lat`` with ``base``'s (the mini pipeline's) frozen text encoder;
-    returns the EMA transformer."""
+    ``init`` (a transformer) continues from its weights, ``step_offset`` (its steps) numbers the log
+    rows by total steps. Returns the EMA transformer."""
     from diffusers.training_utils import EMAModel, compute_snr
 
     from .mini import UNetRecipe
 
     torch.manual_seed(r.seed)
     te = base.text_encoder.to(device).eval().requires_grad_(False)
-    model = build_transformer(r, te.config.hidden_size).to(device).train()
+    model = (init if init is not None else build_transformer(r, te.config.hidden_size)).to(device).train()
+    if init is not None:
+        mine = build_transformer(r, te.config.hidden_size).config
+        differ = {
+            k: (init.config[k], mine[k])
+            for k in mine
+            if not k.startswith("_")
+            and k in init.config
+            and list(np.atleast_1d(init.config[k])) != list(np.atleast_1d(mine[k]))
+        }
+        if differ:
+            raise ValueError(f"--init-from: the transformer is not this recipe's architecture (config {differ})")
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=r.lr, weight_decay=1e-2)
     ema = EMAModel(params, decay=r.ema_decay, use_ema_warmup=True, power=0.75)
@@ -132,7 +172,7 @@ def train(out: Path, r: DitRecipe, data: dict, lat: dict, base, log: CsvLog, dev
         ema.load_state_dict(st["ema"])
         gen.set_state(st["gen"])
         step = st["step"]
-        log.resumed("dit", step)
+        log.resumed("dit", step_offset + step)
     keep = data["backgrounds"] != r.holdout_background if r.holdout_background else np.ones(len(lat["mean"]), bool)
     pools = class_pools(data, keep)
     scaling, eos = float(base.vae.config.scaling_factor), int(base.tokenizer.eos_token_id)
@@ -166,7 +206,7 @@ def train(out: Path, r: DitRecipe, data: dict, lat: dict, base, log: CsvLog, dev
         ema.step(params)
         step += 1
         bar.update(1)
-        log("dit", step, loss.item(), opt.param_groups[0]["lr"], time.time() - t0)
+        log("dit", step_offset + step, loss.item(), opt.param_groups[0]["lr"], time.time() - t0)
         if step % ckpt_every == 0 or step == r.steps:
             state = dict(model=model.state_dict(), opt=opt.state_dict(), ema=ema.state_dict())
             atomic_save(dict(state, gen=gen.get_state(), step=step, recipe=asdict(r)), ckpt)
@@ -206,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ckpt-every", type=int, default=200)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument(
+        "--init-from", type=Path, default=None,
+        help="continue an exported mini DiT folder (its weights; fresh optimiser, warmup and cosine of --steps)",
+    )  # fmt: skip
     return ap
 
 
@@ -222,9 +266,13 @@ def main(argv=None) -> None:
         steps=a.steps, batch=a.batch, lr=a.lr, warmup=a.warmup, seed=a.seed, depth=a.depth, heads=a.heads,
         head_dim=a.head_dim, snr_gamma=a.snr_gamma, holdout_background=a.holdout_background or None,
     )  # fmt: skip
+    init, prior = load_init(a.init_from) if a.init_from else (None, {})
+    offset = total_steps(prior)
     data, lat = _data(a.out, a.data_from, a.n_train, a.seed, base.tokenizer, base.vae)
+    if a.init_from and (a.init_from / "training_log.csv").exists() and not (a.out / "log.csv").exists():
+        shutil.copyfile(a.init_from / "training_log.csv", a.out / "log.csv")  # the head of this run's log
     log = CsvLog(a.out / "log.csv")
-    model = train(a.out, recipe, data, lat, base, log, device, a.ckpt_every)
+    model = train(a.out, recipe, data, lat, base, log, device, a.ckpt_every, init=init, step_offset=offset)
     log.close()
     if a.export:
         from ..extract import module_fingerprint
@@ -232,7 +280,10 @@ def main(argv=None) -> None:
         meta = dict(recipe=asdict(recipe), out=str(a.out), device=str(device), n_train=a.n_train,
                     parameters=sum(p.numel() for p in model.parameters()),
                     vae_fingerprint=module_fingerprint(base.vae), text_fingerprint=module_fingerprint(base.text_encoder),
-                    wall_seconds_this_invocation=round(time.time() - t_start, 1))  # fmt: skip
+                    wall_seconds_this_invocation=round(time.time() - t_start, 1),
+                    init_from=str(a.init_from) if a.init_from else None, total_steps=offset + recipe.steps)  # fmt: skip
+        if prior:
+            meta["previous_run"] = prior
         export(a.export, model, meta)
         shutil.copyfile(a.out / "log.csv", a.export / "training_log.csv")
         print(f"exported the mini DiT to {a.export}")
