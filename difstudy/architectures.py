@@ -246,11 +246,24 @@ def images_with_massive(source, records, ratio: float) -> int:
     return sum(any(massive_channels(m, ratio) for m in source.maps(r)) for r in records)
 
 
-def correct_by_seed(make_source, train, test, seeds: Sequence[int]) -> dict[int, pd.Series]:
-    """Per probe seed, :func:`difstudy.protocols.correct_per_image` of ``make_source(seed)``."""
-    from .protocols import correct_per_image
+def correct_by_seed(
+    pipe, names: Sequence[str], extraction, train, test, seeds: Sequence[int], model_name: str,
+    drop: str | None = None, ratio: float | None = None,
+) -> dict[int, pd.Series]:  # fmt: skip
+    """Per probe seed, :func:`difstudy.protocols.correct_per_image` of ``names`` of ``pipe`` (cache
+    group ``model_name``); ``drop``: ``"massive"`` zeroes each map's channels above ``ratio`` times
+    the median, ``"control"`` as many random ones (:meth:`~difstudy.protocols.CachedFeatures.without_massive`)."""
+    from .protocols import CachedFeatures, correct_per_image
 
-    return {int(s): correct_per_image(make_source(s), train, test, seed=int(s)) for s in seeds}
+    if drop not in (None, "massive", "control"):
+        raise ValueError(f"drop must be None, 'massive' or 'control', got {drop!r}")
+    out = {}
+    for s in seeds:
+        src = CachedFeatures(pipe, list(names), extraction, seed=int(s), model_name=model_name)
+        if drop is not None:
+            src = src.without_massive(ratio, control=drop == "control")
+        out[int(s)] = correct_per_image(src, train, test, seed=int(s))
+    return out
 
 
 __all__ = [

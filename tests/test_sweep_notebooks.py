@@ -119,6 +119,25 @@ SWEEPS = {
         {"seeds": [[0], [1]]},
         1,
     ),
+    "unet_vs_dit": Case(
+        {
+            "n_images": 2,
+            "seeds": [0, 1],
+            "n_train": 20,
+            "n_val": 10,
+            "n_val_images": 20,
+            "n_test": 20,
+            "n_pairs": 4,
+            "n_seg_train": 2,
+            "n_seg_test": 2,
+            "probe_seeds": [0],
+            "per_class": 2,
+            "sample_steps": 2,
+            **SMALL_PART_SEG,
+        },
+        {"timesteps": [[50], [300]]},
+        0,
+    ),  # fmt: skip
     "mini_model_card": Case(
         # 6 samples per class are shown; 10 VAE reconstructions
         {"n_val": 10, "n_per_class": 6, "sample_steps": 2, "n_train": 20, "n_test": 20, "n_pairs": 4},
@@ -299,7 +318,9 @@ def check_values(name, values, per_point: dict[str, pd.DataFrame]):
     """The value the grid gave each point reached the notebook: the point's own results.csv (as
     the notebook wrote it; the collected table carries the grid's value in any case) measured it."""
     for v, df in zip(values, per_point.values()):
-        if name in PROPERTY_PAGES:
+        if name == "unet_vs_dit":  # the property means of both denoisers
+            assert set(df["t"]) == set(v) and set(df["model"]) == {"mini", "mini-dit"}
+        elif name in PROPERTY_PAGES:
             assert set(df["measure"]) == {PROPERTY_PAGES[name]}
             assert df["activation"].nunique() == 197  # the mini model's whole catalogue
             assert set(df["t"]) == set(v)
