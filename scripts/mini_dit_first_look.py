@@ -1,4 +1,4 @@
-"""A first look at the mini DiT between training runs (issue 26; its model card comes with the chapter):
+"""A first look at the mini DiT after a training run (issue 26; its card is in the chapter "U-Net or transformer?"):
 judge recognition of 200 samples by the mini card's protocol, the prompt effect, the components.
 
     .venv/bin/python scripts/mini_dit_first_look.py > difstudy/models/difstudy-mini-dit/evaluate.log
