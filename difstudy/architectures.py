@@ -138,7 +138,7 @@ def best_of_kinds(scores: pd.DataFrame, kinds: dict[str, str], which: Sequence[s
 
 def _units(correct: dict[int, pd.Series]) -> pd.DataFrame:
     """Per-seed correctness Series (image id -> 0/1) as an images x seeds table."""
-    return pd.concat({s: c for s, c in correct.items()}, axis=1)
+    return pd.concat(correct, axis=1)
 
 
 def probe_claim(claim: str, measure: str, a: dict, b: dict, ctrl_a: dict, ctrl_b: dict, **extra) -> dict:

@@ -260,7 +260,9 @@ class FeatureCache:
         return self._open(shard).get_tensor(key.encode())
 
     def _open(self, shard: Path):
-        handle = self._handles.pop(shard, None) or safe_open(shard, framework="pt")
+        handle = self._handles.pop(shard, None)
+        if handle is None:
+            handle = safe_open(shard, framework="pt")
         self._handles[shard] = handle
         while len(self._handles) > self.OPEN_SHARDS:
             self._handles.pop(next(iter(self._handles)))
