@@ -33,10 +33,13 @@ The claims (:func:`claims`):
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from .gate.claims import MIN_FEATURE_GAIN
 from .properties import _at_t
@@ -68,25 +71,87 @@ def kind_of(pipe) -> dict[str, str]:
     return pipeline_catalog(pipe).to_frame().set_index("name")["kind"].to_dict()
 
 
+def training_flops_per_sample(pipe, timestep: int = 500) -> float:
+    """FLOPs of one training sample through the denoiser, forward and backward, at the model's native
+    size with the empty caption (torch's ``FlopCounterMode``; attention through the math kernel, so
+    that its matrix products are counted: the CPU flash kernel is not in torch's FLOP registry). The
+    frozen VAE and text encoder are not counted: the two mini denoisers share them. The count does
+    not depend on the timestep or the caption; the pipeline's weights and gradients are left as they were."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .denoisers import Noising, denoiser, embed_prompt, model_kwargs, native_size
+    from .models import vae_scale_factor
+
+    net = denoiser(pipe)
+    device, dtype = net.device, net.dtype
+    factor = vae_scale_factor(pipe)
+    size = native_size(pipe, factor)
+    with torch.no_grad():
+        tokens, extra = embed_prompt(pipe, "", device)
+    z = torch.zeros(1, net.config.in_channels, size // factor, size // factor, device=device, dtype=dtype)
+    kw = model_kwargs(
+        pipe, Noising(pipe), z, torch.tensor([timestep], device=device), tokens[None].to(dtype),
+        None if extra is None else extra[None], size, 1.0,
+    )  # fmt: skip
+    params = [p for p in net.parameters()]
+    before = [(p.requires_grad, p.grad) for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+            p.grad = None
+        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            net(**kw).sample.float().pow(2).mean().backward()
+    finally:
+        for p, (req, grad) in zip(params, before):
+            p.requires_grad_(req)
+            p.grad = grad
+    return float(counter.get_total_flops())
+
+
+def denoiser_cpu_hours(log: pd.DataFrame) -> float:
+    """CPU hours of the denoiser's training alone: the log's cumulative ``cpu_seconds`` at its end
+    minus that at the end of the VAE stage (the mini U-Net's log begins with the VAE it shares)."""
+    vae = log.loc[log["stage"] == "vae", "cpu_seconds"]
+    return float(log["cpu_seconds"].max() - (vae.max() if len(vae) else 0.0)) / 3600
+
+
+def _training_batch(folder: Path) -> int | None:
+    record = folder / "difstudy_training.json"
+    if not record.exists():
+        return None
+    meta = json.loads(record.read_text())
+    return meta.get("batch") or meta.get("recipe", {}).get("batch")
+
+
 def denoiser_table(pipes: dict) -> pd.DataFrame:
     """One row per denoiser: class, parameters, activations (all and image-space features),
-    training steps and CPU hours (from the committed training log), VAE and text-encoder fingerprints."""
+    training steps, training compute in FLOPs (``training_flops_per_sample`` x batch x steps; the
+    field's hardware-free unit) and in CPU hours (from the committed training log: the same FLOPs cost
+    a convolution far more CPU time than a matrix product; all stages, and the denoiser's stage alone),
+    VAE and text-encoder fingerprints."""
     from .card import training_cpu_hours, training_curves
     from .denoisers import denoiser, pipeline_catalog
     from .extract import module_fingerprint
     from .models import MINI_DIT_PATH, MINI_PATH
 
-    logs = {"mini": MINI_PATH / "training_log.csv", "mini-dit": MINI_DIT_PATH / "training_log.csv"}
+    folders = {"mini": MINI_PATH, "mini-dit": MINI_DIT_PATH}
     rows = []
     for name, pipe in pipes.items():
         net = denoiser(pipe)
-        log = training_curves(logs[name]) if name in logs and logs[name].exists() else None
+        log_path = folders[name] / "training_log.csv" if name in folders else None
+        log = training_curves(log_path) if log_path is not None and log_path.exists() else None
         steps = int(log.loc[log["stage"] != "vae", "step"].max()) if log is not None else None
+        batch = _training_batch(folders[name]) if name in folders else None
+        per_sample = training_flops_per_sample(pipe)
         rows.append(dict(
             model=name, denoiser=type(net).__name__,
             parameters_M=round(sum(p.numel() for p in net.parameters()) / 1e6, 2),
             activations=len(pipeline_catalog(pipe).to_frame()), features=len(feature_activations(pipe)),
-            training_steps=steps, training_cpu_hours=round(training_cpu_hours(log), 2) if log is not None else None,
+            training_steps=steps, training_batch=batch, gflop_per_training_sample=round(per_sample / 1e9, 3),
+            training_pflop=round(per_sample * batch * steps / 1e15, 3) if steps and batch else None,
+            training_cpu_hours=round(training_cpu_hours(log), 2) if log is not None else None,
+            denoiser_cpu_hours=round(denoiser_cpu_hours(log), 2) if log is not None else None,
             vae=module_fingerprint(pipe.vae), text_encoder=module_fingerprint(pipe.text_encoder),
         ))  # fmt: skip
     return pd.DataFrame(rows).set_index("model")

@@ -138,6 +138,31 @@ def test_the_denoiser_table_shows_the_shared_components():
     )
     assert t.loc["mini-dit", "denoiser"] == "PixArtTransformer2DModel" and t.loc["mini-dit", "training_steps"] >= 2000
     assert t.loc["mini-dit", "features"] == t.loc["mini-dit", "activations"] - 16  # 8 blocks x 2 attention maps
+    for m in ("mini", "mini-dit"):  # compute: FLOPs per sample x batch x steps, and the denoiser's CPU hours
+        row = t.loc[m]
+        assert row["training_pflop"] == pytest.approx(
+            row["gflop_per_training_sample"] * 1e9 * row["training_batch"] * row["training_steps"] / 1e15, rel=1e-3
+        )
+        assert 0 < row["denoiser_cpu_hours"] <= row["training_cpu_hours"]
+    assert t.loc["mini", "denoiser_cpu_hours"] < t.loc["mini", "training_cpu_hours"]  # its log begins with the VAE
+
+
+def test_training_flops_of_the_transformer_follow_the_6nd_rule_with_its_attention():
+    """A transformer's training FLOPs per sample are about 6 x (block parameters) x (image tokens);
+    the mini DiT's attention products add about 6% (counted only through the math kernel: torch's
+    registry has no CPU flash kernel), so without them the count falls below the bound. The
+    pipeline's parameters keep their gradient state."""
+    from difstudy.denoisers import denoiser
+    from difstudy.models import load
+
+    pipe = load("mini-dit")
+    net = denoiser(pipe)
+    before = [(p.requires_grad, p.grad) for p in net.parameters()]
+    flops = A.training_flops_per_sample(pipe)
+    tokens = (16 // net.config.patch_size) ** 2
+    six_nd = 6 * sum(p.numel() for p in net.transformer_blocks.parameters()) * tokens
+    assert 0.97 < flops / six_nd < 1.1
+    assert [(p.requires_grad, p.grad) for p in net.parameters()] == before
 
 
 def test_the_dit_samples_without_a_caption_cleaning_warning(capfd):
