@@ -66,26 +66,32 @@ def test_the_check_catches_a_missing_script_or_subcommand():
     ]
 
 
-def test_ci_runs_tests_then_study_then_book_check():
+def test_ci_runs_tests_then_study_and_rehearsal_then_book_checks():
     text = (ROOT / ".ci" / "run").read_text()
-    steps = (
-        "bash scripts/test.sh",
-        "bash scripts/study.sh",
-        "difstudy check-book",
-        "difstudy run --params full --rehearse",
-    )
-    order = [text.index(s) for s in steps]
-    assert order == sorted(order)
+    code = "\n".join(ln for ln in text.splitlines() if not ln.strip().startswith("#"))
+    shortcut = code.index('if [ -n "${CI_REHEARSE:-}" ]')
+    whole = code[code.index("else\n", shortcut) :]  # CI's own path (CI_REHEARSE unset)
+    steps = ("bash scripts/study.sh", "difstudy run --params full --rehearse >", "difstudy check-book")
+    order = [whole.index(s) for s in steps]
+    assert code.index("bash scripts/test.sh") < code.index("bash scripts/study.sh") and order == sorted(order)
     assert missing([text]) == []
 
 
 def test_ci_rehearses_every_page_and_checks_its_book():
-    """CI runs the whole rehearsal (no page list: every notebook of the book) and then checks the
-    rehearsal's book; CI_REHEARSE is only a local shortcut."""
+    """CI runs the whole rehearsal (no page list: every notebook of the book) beside the study, one
+    torch thread each, waits for both, fails when either fails, and then checks both books;
+    CI_REHEARSE is only a local shortcut."""
     text = (ROOT / ".ci" / "run").read_text()
     lines = [ln.strip() for ln in text.splitlines() if not ln.strip().startswith("#")]
-    whole = ".venv/bin/difstudy run --params full --rehearse"
-    assert whole in lines  # exactly this command: every page, with its book
+    one = "OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "
+    study = one + 'bash scripts/study.sh >"$logs/study.log" 2>&1 &'
+    whole = one + '.venv/bin/difstudy run --params full --rehearse >"$logs/rehearsal.log" 2>&1 &'
+    assert study in lines and whole in lines  # exactly these commands: every page, with its book
+    waits = ['wait "$study_pid" || study_rc=$?', 'wait "$rehearsal_pid" || rehearsal_rc=$?']
+    assert all(w in lines and lines.index(w) > lines.index(whole) for w in waits)
+    fail = 'if [ "$study_rc" != 0 ] || [ "$rehearsal_rc" != 0 ]; then'
+    assert fail in lines and lines[lines.index(fail) + 2] == "exit 1"
     check = 'DIFSTUDY_ROOT="$PWD/_rehearsal" .venv/bin/difstudy check-book'
-    assert check in lines and lines.index(check) > lines.index(whole)
+    assert check in lines and lines.index(check) > lines.index(fail)
+    assert ".venv/bin/difstudy check-book" in lines[lines.index(fail) :]  # the study's own book check
     assert "set -euo pipefail" in text  # a failing rehearsal or check fails CI

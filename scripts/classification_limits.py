@@ -1,0 +1,102 @@
+"""Is the mini model's classification limited by its features or by the card's probe? (issue 22)
+
+The card scores classification as a linear probe on globally average-pooled features of one
+activation, 300 labels (30 a class). This script keeps the features and varies the probe, for the
+trained U-Net, random weights (seed 0) and pixels, on the same images and noise (t = 50):
+
+- pooling: the card's mean over space, max over space, mean and max, a 2x2 grid of means;
+- labels: 300 (the card's) and 3,000;
+- probe: the card's linear probe, and scikit-learn's MLP (one hidden layer of 256) on the same inputs.
+
+A probe limit shows as a large gain for the trained features that random weights and pixels do
+not share; a feature limit as all probes staying near the card's number. The last lines print
+what the judge calls the generated samples of the classes the card says are rarely recognised.
+
+    .venv/bin/python scripts/classification_limits.py [--activation NAME] > runs/classification_limits.log
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.neural_network import MLPClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from difstudy import card
+from difstudy.data.toyworld import ToyWorld
+from difstudy.judge import load_judge
+from difstudy.models import load
+from difstudy.probes import linear_probe
+from difstudy.protocols import (
+    CachedFeatures,
+    ExtractionConfig,
+    PixelFeatures,
+    RandomUNetFeatures,
+    concat_records,
+    toy_records,
+)
+
+POOLINGS = {
+    "mean (card)": lambda m: m.mean((1, 2)),
+    "max": lambda m: m.amax((1, 2)),
+    "mean+max": lambda m: torch.cat([m.mean((1, 2)), m.amax((1, 2))]),
+    "2x2 grid of means": lambda m: torch.nn.functional.adaptive_avg_pool2d(m[None], 2).flatten(),
+}
+
+
+def features(source, records, pool) -> np.ndarray:
+    return np.stack([torch.cat([pool(m.float()) for m in source.maps(r)]).numpy() for r in records])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--activation", default="up-level0-upsampler-out", help="the card's best (default)")
+    ap.add_argument("--n-test", type=int, default=300)
+    ap.add_argument("--labels", type=int, nargs="+", default=[300, 3000])
+    ap.add_argument("--t", type=int, default=50)
+    ap.add_argument("--weak", nargs="*", default=["dog", "bird", "mushroom"], help="classes whose samples to inspect")
+    a = ap.parse_args()
+    t0 = time.time()
+    pipe = load("mini")
+    train_all = toy_records(ToyWorld("train", n=max(a.labels)))
+    test = toy_records(ToyWorld("test", n=a.n_test))
+    ex = ExtractionConfig(t=a.t, cache_dir="cache/features")
+    sources = {
+        "trained": CachedFeatures(pipe, [a.activation], ex, seed=0),
+        "random": RandomUNetFeatures(pipe, [a.activation], ex, seed=0),
+        "pixels": PixelFeatures(),
+    }
+    rows = []
+    for weights, source in sources.items():
+        source.prepare(concat_records(train_all, test))
+        for pooling, pool in POOLINGS.items():
+            X_all, Xt = features(source, train_all, pool), features(source, test, pool)
+            y_all = np.array([r.label for r in train_all])
+            yt = np.array([r.label for r in test])
+            for n in a.labels:
+                if pooling != "mean (card)" and n != a.labels[0]:
+                    continue  # labels are varied for the card's pooling only
+                X, y = X_all[:n], y_all[:n]
+                lin = linear_probe(X, y, Xt, yt, seed=0, num_classes=10).accuracy
+                mlp = make_pipeline(StandardScaler(), MLPClassifier((256,), max_iter=500, random_state=0))
+                acc_mlp = float((mlp.fit(X, y).predict(Xt) == yt).mean())
+                rows.append(dict(weights=weights, pooling=pooling, labels=n, dims=X.shape[1], linear=lin, mlp=acc_mlp))
+                print(rows[-1], f"{time.time() - t0:.0f} s", flush=True)
+    table = pd.DataFrame(rows).set_index(["pooling", "labels", "weights"]).sort_index()
+    print(f"\nactivation {a.activation}, t = {a.t}, {a.n_test} test images; accuracy")
+    print(table.round(3).to_string())
+    judge, _ = load_judge()
+    gen, _ = card.sample_recognition(pipe, judge, per_class=20, steps=30, guidance=4.0)
+    weak = gen[gen["cls"].isin(a.weak)]
+    print("\nwhat the judge calls the samples of the weak classes (20 each):")
+    print(pd.crosstab(weak["cls"], weak["predicted"]).to_string())
+    print(f"{time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
