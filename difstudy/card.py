@@ -299,6 +299,44 @@ def card_summary(
     )
 
 
+LIMITS_FILE = "classification_limits.csv"
+
+
+def classification_limits(pipe, folder: str | Path) -> tuple[pd.DataFrame | None, str]:
+    """The probe-against-feature measurement of ``scripts/classification_limits.py`` saved beside
+    the weights in ``folder``, when it was measured on the U-Net ``pipe`` holds (its fingerprint),
+    and a sentence that says what it shows (or why there is no table: not measured, or measured on
+    other weights). Accuracy per pooling x labels x weights, the card's linear probe and an MLP."""
+    from .extract import module_fingerprint
+
+    path = Path(folder) / LIMITS_FILE
+    if not path.exists():
+        return None, f"not measured for these weights (no {path.name}; run scripts/classification_limits.py)"
+    df = pd.read_csv(path)
+    need = {"pooling", "labels", "weights", "linear", "mlp", "unet_fingerprint", "activation"}
+    if missing := need - set(df.columns):
+        raise ValueError(f"{path}: columns {sorted(missing)} are missing; rerun scripts/classification_limits.py")
+    fp = module_fingerprint(pipe.unet)
+    if set(df["unet_fingerprint"].astype(str)) != {fp}:
+        return None, (
+            f"{path.name} was measured on other weights ({', '.join(sorted(set(df['unet_fingerprint'].astype(str))))},"
+            f" these are {fp}); rerun scripts/classification_limits.py"
+        )
+    long = df.melt(id_vars=["pooling", "labels", "weights"], value_vars=["linear", "mlp"], var_name="probe")
+    card_row = long[(long["pooling"] == "mean (card)") & (long["labels"] == long["labels"].min())]
+    base = float(card_row.loc[(card_row["weights"] == "trained") & (card_row["probe"] == "linear"), "value"].iloc[0])
+    best = long[long["weights"] == "trained"].sort_values("value").iloc[-1]
+    others = long[long["weights"] != "trained"].groupby("weights")["value"].max()
+    text = (
+        f"{df['activation'].iloc[0]}: the card's probe (linear, mean pooling, {int(long['labels'].min())} labels)"
+        f" {base:.3f}; the best probe on the same features {float(best['value']):.3f} ({best['probe']},"
+        f" {best['pooling']}, {int(best['labels'])} labels), {100 * (float(best['value']) - base):+.1f} points;"
+        f" the best any probe reaches on " + ", ".join(f"{w} {v:.3f}" for w, v in others.items())
+    )
+    table = df.pivot_table(index=["pooling", "labels"], columns="weights", values=["linear", "mlp"])
+    return table, text
+
+
 def goals(summary: dict) -> pd.DataFrame:
     """Each quality goal of the mini model with its measured number and met / missed."""
     s = summary

@@ -13,12 +13,17 @@ not share; a feature limit as all probes staying near the card's number. The las
 what the judge calls the generated samples of the classes the card says are rarely recognised.
 
     .venv/bin/python scripts/classification_limits.py [--activation NAME] > runs/classification_limits.log
+
+The table is written beside the weights (``difstudy/models/difstudy-mini/classification_limits.csv``,
+with the U-Net's fingerprint); the model card shows it when the fingerprint is that of the weights
+it loads (:func:`difstudy.card.classification_limits`).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -29,8 +34,9 @@ from sklearn.preprocessing import StandardScaler
 
 from difstudy import card
 from difstudy.data.toyworld import ToyWorld
+from difstudy.extract import module_fingerprint
 from difstudy.judge import load_judge
-from difstudy.models import load
+from difstudy.models import MINI_PATH, load
 from difstudy.probes import linear_probe
 from difstudy.protocols import (
     CachedFeatures,
@@ -59,36 +65,56 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=300)
     ap.add_argument("--labels", type=int, nargs="+", default=[300, 3000])
     ap.add_argument("--t", type=int, default=50)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--weak", nargs="*", default=["dog", "bird", "mushroom"], help="classes whose samples to inspect")
+    ap.add_argument("--out", type=Path, default=MINI_PATH / "classification_limits.csv")
     a = ap.parse_args()
     t0 = time.time()
     pipe = load("mini")
     train_all = toy_records(ToyWorld("train", n=max(a.labels)))
     test = toy_records(ToyWorld("test", n=a.n_test))
     ex = ExtractionConfig(t=a.t, cache_dir="cache/features")
-    sources = {
-        "trained": CachedFeatures(pipe, [a.activation], ex, seed=0),
-        "random": RandomUNetFeatures(pipe, [a.activation], ex, seed=0),
-        "pixels": PixelFeatures(),
-    }
+    y_all, yt = np.array([r.label for r in train_all]), np.array([r.label for r in test])
     rows = []
-    for weights, source in sources.items():
-        source.prepare(concat_records(train_all, test))
-        for pooling, pool in POOLINGS.items():
-            X_all, Xt = features(source, train_all, pool), features(source, test, pool)
-            y_all = np.array([r.label for r in train_all])
-            yt = np.array([r.label for r in test])
-            for n in a.labels:
-                if pooling != "mean (card)" and n != a.labels[0]:
-                    continue  # labels are varied for the card's pooling only
-                X, y = X_all[:n], y_all[:n]
-                lin = linear_probe(X, y, Xt, yt, seed=0, num_classes=10).accuracy
-                mlp = make_pipeline(StandardScaler(), MLPClassifier((256,), max_iter=500, random_state=0))
-                acc_mlp = float((mlp.fit(X, y).predict(Xt) == yt).mean())
-                rows.append(dict(weights=weights, pooling=pooling, labels=n, dims=X.shape[1], linear=lin, mlp=acc_mlp))
-                print(rows[-1], f"{time.time() - t0:.0f} s", flush=True)
-    table = pd.DataFrame(rows).set_index(["pooling", "labels", "weights"]).sort_index()
-    print(f"\nactivation {a.activation}, t = {a.t}, {a.n_test} test images; accuracy")
+    for seed in a.seeds:  # as the card: the noise draw, random weights and probe initialisation per seed
+        sources = {
+            "trained": CachedFeatures(pipe, [a.activation], ex, seed=seed),
+            "random": RandomUNetFeatures(pipe, [a.activation], ex, seed=seed),
+            "pixels": PixelFeatures(),
+        }
+        for weights, source in sources.items():
+            source = source.for_seed(seed)
+            source.prepare(concat_records(train_all, test))
+            for pooling, pool in POOLINGS.items():
+                X_all, Xt = features(source, train_all, pool), features(source, test, pool)
+                for n in a.labels:
+                    if pooling != "mean (card)" and n != a.labels[0]:
+                        continue  # labels are varied for the card's pooling only
+                    X, y = X_all[:n], y_all[:n]
+                    lin = linear_probe(X, y, Xt, yt, seed=seed, num_classes=10).accuracy
+                    mlp = make_pipeline(StandardScaler(), MLPClassifier((256,), max_iter=500, random_state=seed))
+                    acc_mlp = float((mlp.fit(X, y).predict(Xt) == yt).mean())
+                    rows.append(dict(weights=weights, pooling=pooling, labels=n, dims=X.shape[1], seed=seed,
+                                     linear=lin, mlp=acc_mlp))  # fmt: skip
+                    print(rows[-1], f"{time.time() - t0:.0f} s", flush=True)
+    per_seed = pd.DataFrame(rows)
+    keys = ["pooling", "labels", "weights", "dims"]
+    table = (
+        per_seed.groupby(keys)[["linear", "mlp"]]
+        .mean()
+        .join(per_seed.groupby(keys)[["linear", "mlp"]].std().add_suffix("_sd"))
+    )
+    table = table.reset_index(level="dims")
+    meta = dict(
+        activation=a.activation,
+        t=a.t,
+        n_test=a.n_test,
+        seeds=len(a.seeds),
+        unet_fingerprint=module_fingerprint(pipe.unet),
+    )
+    table.reset_index().assign(**meta).to_csv(a.out, index=False)
+    print(f"-> {a.out}")
+    print(f"\nactivation {a.activation}, t = {a.t}, {a.n_test} test images; accuracy, mean (sd) over seeds {a.seeds}")
     print(table.round(3).to_string())
     judge, _ = load_judge()
     gen, _ = card.sample_recognition(pipe, judge, per_class=20, steps=30, guidance=4.0)

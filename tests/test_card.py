@@ -32,3 +32,39 @@ def test_recognition_summary_per_class_and_the_goals_it_feeds():
     worst = g.loc[f"... the least recognised class ({CLASS_NAMES[3]})"]
     assert worst["measured"] == pytest.approx(0.1) and worst["verdict"] == "missed"
     assert g.loc["... its 95% interval's lower bound", "verdict"] == "met"  # 0.55 of 200: lower bound about 0.48
+
+
+def test_classification_limits_are_shown_only_for_the_weights_they_were_measured_on(tmp_path):
+    """The probe-against-feature table beside the weights: read when its fingerprint is the loaded
+    U-Net's, with a sentence naming the card's probe, the best probe and the controls; refused
+    (None and the reason) when it is missing or measured on other weights; a damaged file is a
+    clear error."""
+    from difstudy.extract import module_fingerprint
+    from difstudy.models import load
+
+    pipe = load("tiny-sd15")
+    table, text = card.classification_limits(pipe, tmp_path)
+    assert table is None and "not measured" in text
+    rows = [
+        dict(pooling=p, labels=n, weights=w, linear=lin, mlp=mlp)
+        for p, n, w, lin, mlp in [
+            ("mean (card)", 300, "trained", 0.33, 0.34), ("mean (card)", 3000, "trained", 0.36, 0.48),
+            ("max", 300, "trained", 0.39, 0.37), ("mean (card)", 300, "random", 0.12, 0.14),
+            ("mean (card)", 3000, "random", 0.11, 0.15), ("max", 300, "random", 0.09, 0.12),
+            ("mean (card)", 300, "pixels", 0.11, 0.10), ("mean (card)", 3000, "pixels", 0.09, 0.10),
+            ("max", 300, "pixels", 0.11, 0.11),
+        ]
+    ]  # fmt: skip
+    df = pd.DataFrame(rows).assign(activation="up-level0-upsampler-out", unet_fingerprint="other")
+    df.to_csv(tmp_path / card.LIMITS_FILE, index=False)
+    table, text = card.classification_limits(pipe, tmp_path)
+    assert table is None and "other weights" in text
+    df.assign(unet_fingerprint=module_fingerprint(pipe.unet)).to_csv(tmp_path / card.LIMITS_FILE, index=False)
+    table, text = card.classification_limits(pipe, tmp_path)
+    assert table.loc[("mean (card)", 3000), ("mlp", "trained")] == pytest.approx(0.48)
+    assert "card's probe (linear, mean pooling, 300 labels) 0.330" in text
+    assert "best probe on the same features 0.480 (mlp, mean (card), 3000 labels), +15.0 points" in text
+    assert "pixels 0.110, random 0.150" in text
+    df.drop(columns="mlp").to_csv(tmp_path / card.LIMITS_FILE, index=False)
+    with pytest.raises(ValueError, match="mlp"):
+        card.classification_limits(pipe, tmp_path)
