@@ -75,6 +75,25 @@ def judge_accuracy(judge, n_test: int = 500) -> float:
 
 
 @torch.no_grad()
+def recognition_through_vae(pipe, judge, n_test: int = 500, batch: int = 100) -> pd.DataFrame:
+    """Per class, the share of ``n_test`` real test images the judge recognises, as they are and
+    through the VAE (posterior-mean reconstruction): a sample is decoded by the same VAE, so the
+    second row is about the most of a class's samples the judge can recognise (the judge learnt on
+    real images; detail the VAE loses is lost to every sample)."""
+    samples = list(ToyWorld("test", n=n_test))
+    images, labels = stack(samples), np.array([s.label for s in samples])
+    rec = np.concatenate([reconstructions(pipe, images[i : i + batch]) for i in range(0, len(images), batch)])
+    df = pd.DataFrame(
+        {
+            "cls": [CLASS_NAMES[i] for i in labels],
+            "real test images": predict(judge, images) == labels,
+            "their VAE reconstructions": predict(judge, rec) == labels,
+        }
+    )
+    return df.groupby("cls")[["real test images", "their VAE reconstructions"]].mean().T.reindex(columns=CLASS_NAMES)
+
+
+@torch.no_grad()
 def generate(pipe, prompts: list[str], steps: int = 30, guidance: float = 4.0, seed: int = 0) -> np.ndarray:
     """(N, H, W, 3) uint8 samples, one per prompt, with the pipeline's own
     sampler (the mini model's DDIM) and classifier-free guidance."""

@@ -68,3 +68,19 @@ def test_classification_limits_are_shown_only_for_the_weights_they_were_measured
     df.drop(columns="mlp").to_csv(tmp_path / card.LIMITS_FILE, index=False)
     with pytest.raises(ValueError, match="mlp"):
         card.classification_limits(pipe, tmp_path)
+
+
+def test_recognition_through_the_vae_is_the_judge_on_reconstructions(monkeypatch):
+    """The sample ceiling: per class, the judge on real test images and on their VAE reconstructions;
+    with a lossless "VAE" the two rows are equal; the mini VAE changes them."""
+    from difstudy.judge import load_judge
+    from difstudy.models import load
+
+    pipe, (judge, _) = load("mini"), load_judge()
+    table = card.recognition_through_vae(pipe, judge, n_test=60, batch=25)
+    assert list(table.columns) == list(CLASS_NAMES) and table.shape == (2, len(CLASS_NAMES))
+    assert ((table >= 0) & (table <= 1)).all().all()
+    monkeypatch.setattr(card, "reconstructions", lambda pipe, images: images)
+    lossless = card.recognition_through_vae(pipe, judge, n_test=60, batch=25)
+    assert lossless.iloc[0].equals(lossless.iloc[1]) and lossless.iloc[0].equals(table.iloc[0])
+    assert not table.iloc[1].equals(table.iloc[0])  # the mini VAE loses detail the judge needs
