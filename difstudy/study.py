@@ -615,6 +615,14 @@ def write_claims(rows, out_dir: str | os.PathLike, name: str = "claims.csv", mod
     return write_csv_atomic(df, Path(out_dir) / name)
 
 
+def read_claims(path: str | os.PathLike) -> pd.DataFrame:
+    """A claims file as :func:`write_claims` wrote it: the provenance columns read as text (a
+    commit such as ``6867189`` or ``0123abc``, or a fingerprint such as ``12e4567`` would otherwise
+    become a number and lose its zeros or its meaning), validated by :func:`claims_frame`."""
+    df = pd.read_csv(path, dtype={c: str for c in PROVENANCE_COLUMNS})
+    return claims_frame(df)
+
+
 def notebook_values(name: str, params: str, root: Path = ROOT) -> dict:
     """The parameters notebook ``name`` runs with: its parameters cell's defaults, then ``params``."""
     import nbformat
@@ -669,7 +677,7 @@ def collect_claims(
                 continue
             shown = path.relative_to(root) if path.is_relative_to(root) else path
             try:
-                df = claims_frame(pd.read_csv(path))
+                df = read_claims(path)
             except (DifstudyError, pd.errors.EmptyDataError, pd.errors.ParserError) as e:
                 raise DifstudyError(f"{shown}: {e}; rerun the notebook that writes it ({', '.join(writers)})") from None
             if "run_id" not in df.columns or "notebook" not in df.columns:

@@ -94,6 +94,18 @@ def ledger(project):
 
 
 # -- provenance --------------------------------------------------------------------------------
+def test_provenance_that_looks_like_a_number_is_read_back_as_written(tmp_path, monkeypatch):
+    """A short commit hash can be all digits (``6867189``: a fresh CI clone failed on it) or start
+    with a zero, and a fingerprint can read as a float (``12e4567``): read_claims keeps them text."""
+    monkeypatch.setattr(study, "git_commit", lambda root=None: "0123456")
+    with study.run_environment("gate", "ci", "20250101-000000-abcdef"):
+        path = study.write_claims(rows("a"), tmp_path / "gate", model="12e4567")
+    assert "0123456" in path.read_text() and pd.read_csv(path)["commit"][0] == 123456  # what pandas alone does
+    df = study.read_claims(path)
+    assert df["commit"][0] == "0123456" and df["model_fingerprint"][0] == "12e4567"
+    assert df["estimate"].dtype.kind == "f"  # numbers stay numbers
+
+
 def test_write_claims_stamps_every_row_with_its_provenance(tmp_path):
     import torch
 
@@ -102,7 +114,7 @@ def test_write_claims_stamps_every_row_with_its_provenance(tmp_path):
     unet = types.SimpleNamespace(unet=net)  # a pipeline: its U-Net's weights fingerprint is recorded
     with study.run_environment("gate", "ci", "20250101-000000-abcdef"):
         path = study.write_claims(rows("a", "b"), tmp_path / "gate", model=unet)
-    df = pd.read_csv(path, keep_default_na=False)
+    df = study.read_claims(path)
     assert list(df.columns[: len(V.CLAIM_COLUMNS)]) == list(V.CLAIM_COLUMNS)
     assert list(df.columns[-len(study.PROVENANCE_COLUMNS) :]) == list(study.PROVENANCE_COLUMNS)
     assert (df["notebook"] == "gate").all() and (df["params"] == "ci").all()
