@@ -8,10 +8,9 @@ and then builds the Jupyter Book (``_config.yml``, ``book/_toc.yml``) into
 anything again.
 
 **Which notebooks, in which order.** The table of contents is the list: every
-``book/_generated/<name>`` entry of ``book/_toc.yml`` is the notebook
-``notebooks/<name>.ipynb``, executed in the order the book shows it (so the
-claims ledger and the performance page, placed last, see the results of the
-notebooks before them). Registering a notebook = the notebook, its
+``book/_generated/<name>`` entry of ``book/_toc.yml`` is the notebook ``notebooks/<name>.ipynb``,
+executed in the order the book shows it (so the claims ledger and the performance page, placed last,
+see the results of the notebooks before them). Registering a notebook = the notebook, its
 ``<name>.ci.yaml`` and ``<name>.full.yaml``, and one toc line.
 
 **What an executed page shows.** After papermill, :func:`present` removes the
@@ -20,10 +19,9 @@ page and puts one small table of the parameters the notebook actually ran with
 in their place; cells that start with imports show their output with the code
 folded (``hide-input``).
 
-**Failures** raise :class:`~difstudy.errors.DifstudyError` naming the
-notebook, the cell (counted from 1 in the stored notebook), the line that
-raised and the error; the executed copy with the traceback is kept as
-``book/_generated/.<name>.failed.ipynb``. A failed run never replaces the last
+**Failures** raise :class:`~difstudy.errors.DifstudyError` naming the notebook, the cell (counted
+from 1 in the stored notebook), the line that raised and the error; the executed copy with the
+traceback is kept as ``book/_generated/.<name>.failed.ipynb``. A failed run never replaces the last
 good executed copy.
 
 **Times.** Each notebook's wall time is printed at the end of a run and kept in
@@ -69,7 +67,7 @@ claims ledger:
   current run only: for each notebook of the toc, the ``claims*.csv`` files
   directly in its ``out_dir`` (never ``results/sweeps`` or other folders). A
   file whose rows carry another run id (an earlier run, a hand run) is refused
-  with an error naming it, never silently mixed in.
+  with an error naming it, never silently mixed in; :func:`read_claims` reads a claims file back.
 
 ``difstudy probe --params ci`` runs the benchmark tables without a notebook
 and writes ``results.csv`` (tidy) and ``table.md``.
@@ -616,11 +614,8 @@ def write_claims(rows, out_dir: str | os.PathLike, name: str = "claims.csv", mod
 
 
 def read_claims(path: str | os.PathLike) -> pd.DataFrame:
-    """A claims file as :func:`write_claims` wrote it: the provenance columns read as text (a
-    commit such as ``6867189`` or ``0123abc``, or a fingerprint such as ``12e4567`` would otherwise
-    become a number and lose its zeros or its meaning), validated by :func:`claims_frame`."""
-    df = pd.read_csv(path, dtype={c: str for c in PROVENANCE_COLUMNS})
-    return claims_frame(df)
+    """A claims file, validated, its provenance read as text (commit ``6867189``, fingerprint ``12e4567``)."""
+    return claims_frame(pd.read_csv(path, dtype=dict.fromkeys(PROVENANCE_COLUMNS, str)))
 
 
 def notebook_values(name: str, params: str, root: Path = ROOT) -> dict:
