@@ -344,13 +344,18 @@ def classification_limits(pipe, folder: str | Path) -> tuple[pd.DataFrame | None
     long = df.melt(id_vars=["pooling", "labels", "weights"], value_vars=["linear", "mlp"], var_name="probe")
     card_row = long[(long["pooling"] == "mean (card)") & (long["labels"] == long["labels"].min())]
     base = float(card_row.loc[(card_row["weights"] == "trained") & (card_row["probe"] == "linear"), "value"].iloc[0])
-    best = long[long["weights"] == "trained"].sort_values("value").iloc[-1]
+    trained, n_card = long[long["weights"] == "trained"], int(long["labels"].min())
+
+    def best(rows: pd.DataFrame) -> str:
+        b = rows.sort_values("value", kind="stable").iloc[-1]
+        return f"{float(b['value']):.3f} ({b['probe']}, {b['pooling']}, {int(b['labels'])} labels)"
+
     others = long[long["weights"] != "trained"].groupby("weights")["value"].max()
     text = (
-        f"{df['activation'].iloc[0]}: the card's probe (linear, mean pooling, {int(long['labels'].min())} labels)"
-        f" {base:.3f}; the best probe on the same features {float(best['value']):.3f} ({best['probe']},"
-        f" {best['pooling']}, {int(best['labels'])} labels), {100 * (float(best['value']) - base):+.1f} points;"
-        f" the best any probe reaches on " + ", ".join(f"{w} {v:.3f}" for w, v in others.items())
+        f"{df['activation'].iloc[0]}: the card's probe (linear, mean pooling, {n_card} labels) {base:.3f}; the best"
+        f" probe on the same features with {n_card} labels {best(trained[trained['labels'] == n_card])}, with any"
+        f" number of labels {best(trained)}; the best any probe reaches on "
+        + ", ".join(f"{w} {v:.3f}" for w, v in others.items())
     )
     table = df.pivot_table(index=["pooling", "labels"], columns="weights", values=["linear", "mlp"])
     return table, text
