@@ -94,7 +94,7 @@ def training_flops_per_sample(pipe, timestep: int = 500) -> float:
         pipe, Noising(pipe), z, torch.tensor([timestep], device=device), tokens[None].to(dtype),
         None if extra is None else extra[None], size, 1.0,
     )  # fmt: skip
-    params = [p for p in net.parameters()]
+    params = list(net.parameters())
     before = [(p.requires_grad, p.grad) for p in params]
     try:
         for p in params:
@@ -107,13 +107,6 @@ def training_flops_per_sample(pipe, timestep: int = 500) -> float:
             p.requires_grad_(req)
             p.grad = grad
     return float(counter.get_total_flops())
-
-
-def denoiser_cpu_hours(log: pd.DataFrame) -> float:
-    """CPU hours of the denoiser's training alone: the log's cumulative ``cpu_seconds`` at its end
-    minus that at the end of the VAE stage (the mini U-Net's log begins with the VAE it shares)."""
-    vae = log.loc[log["stage"] == "vae", "cpu_seconds"]
-    return float(log["cpu_seconds"].max() - (vae.max() if len(vae) else 0.0)) / 3600
 
 
 def _training_batch(folder: Path) -> int | None:
@@ -130,7 +123,7 @@ def denoiser_table(pipes: dict) -> pd.DataFrame:
     field's hardware-free unit) and in CPU hours (from the committed training log: the same FLOPs cost
     a convolution far more CPU time than a matrix product; all stages, and the denoiser's stage alone),
     VAE and text-encoder fingerprints."""
-    from .card import training_cpu_hours, training_curves
+    from .card import denoiser_cpu_hours, training_cpu_hours, training_curves
     from .denoisers import denoiser, pipeline_catalog
     from .extract import module_fingerprint
     from .models import MINI_DIT_PATH, MINI_PATH

@@ -44,6 +44,13 @@ def training_cpu_hours(log: pd.DataFrame) -> float:
     return float(log["cpu_seconds"].max()) / 3600
 
 
+def denoiser_cpu_hours(log: pd.DataFrame) -> float:
+    """CPU hours of the denoiser's training alone: the log's cumulative ``cpu_seconds`` at its end
+    minus that at the end of the VAE stage (the mini U-Net's log begins with the VAE it shares)."""
+    vae = log.loc[log["stage"] == "vae", "cpu_seconds"]
+    return float(log["cpu_seconds"].max() - (vae.max() if len(vae) else 0.0)) / 3600
+
+
 @torch.no_grad()
 def vae_psnr(pipe, world: ToyWorld, batch: int = 50) -> pd.DataFrame:
     """PSNR (dB, on 8-bit images) of VAE reconstructions (posterior mean) per image."""
@@ -331,14 +338,14 @@ def classification_limits(pipe, folder: str | Path) -> tuple[pd.DataFrame | None
     path = Path(folder) / LIMITS_FILE
     if not path.exists():
         return None, f"not measured for these weights (no {path.name}; run scripts/classification_limits.py)"
-    df = pd.read_csv(path)
+    df = pd.read_csv(path, dtype={"unet_fingerprint": str})  # hex text that may look like a number
     need = {"pooling", "labels", "weights", "linear", "mlp", "unet_fingerprint", "activation"}
     if missing := need - set(df.columns):
         raise ValueError(f"{path}: columns {sorted(missing)} are missing; rerun scripts/classification_limits.py")
-    fp = module_fingerprint(pipe.unet)
-    if set(df["unet_fingerprint"].astype(str)) != {fp}:
+    fp, measured_on = module_fingerprint(pipe.unet), set(df["unet_fingerprint"].fillna(""))
+    if measured_on != {fp}:
         return None, (
-            f"{path.name} was measured on other weights ({', '.join(sorted(set(df['unet_fingerprint'].astype(str))))},"
+            f"{path.name} was measured on other weights ({', '.join(sorted(measured_on))},"
             f" these are {fp}); rerun scripts/classification_limits.py"
         )
     long = df.melt(id_vars=["pooling", "labels", "weights"], value_vars=["linear", "mlp"], var_name="probe")

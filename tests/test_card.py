@@ -65,6 +65,12 @@ def test_classification_limits_are_shown_only_for_the_weights_they_were_measured
     assert "card's probe (linear, mean pooling, 300 labels) 0.330" in text
     assert "with 300 labels 0.390 (linear, max, 300 labels), with any number of labels 0.480 (mlp, mean (card)" in text
     assert "pixels 0.110, random 0.150" in text
+    import difstudy.extract
+
+    with pytest.MonkeyPatch.context() as mp:  # a fingerprint that pandas alone would read as a number
+        mp.setattr(difstudy.extract, "module_fingerprint", lambda module: "0123456789ab")
+        df.assign(unet_fingerprint="0123456789ab").to_csv(tmp_path / card.LIMITS_FILE, index=False)
+        assert card.classification_limits(pipe, tmp_path)[0] is not None
     df.drop(columns="mlp").to_csv(tmp_path / card.LIMITS_FILE, index=False)
     with pytest.raises(ValueError, match="mlp"):
         card.classification_limits(pipe, tmp_path)
