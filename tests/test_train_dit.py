@@ -78,3 +78,35 @@ def test_the_committed_mini_dit_loads_on_the_mini_models_vae_and_text_encoder():
     ex = Extractor(pipe, "all", [50])
     assert ex.image_size == 64 and len(ex.names) == 3 + 10 * meta["recipe"]["depth"]
     assert ex.catalog["vit-block0-cross-map"].shape[-1] == pipe.tokenizer.model_max_length
+
+
+def test_the_object_weighted_loss_weighs_the_objects_cells_and_keeps_its_scale():
+    from difstudy.train.common import object_weighted_mse
+
+    pred, target = torch.zeros(2, 4, 2, 2), torch.zeros(2, 4, 2, 2)
+    target[0, :, 0, 0] = 2.0  # image 0: error 4 on one cell, the object's
+    target[1, :, 1, 1] = 2.0  # image 1: error 4 on one cell, background
+    fg = torch.zeros(2, 2, 2)
+    fg[:, 0, 0] = 1.0
+    assert object_weighted_mse(pred, target).tolist() == [1.0, 1.0]  # the plain mean
+    w = object_weighted_mse(pred, target, fg.numpy(), fg_weight=3.0)
+    # weights 4, 1, 1, 1 (sum 7): the object's error counts 4/7, the background cell's 1/7
+    assert torch.allclose(w, torch.tensor([4 * 4 / 7, 4 * 1 / 7]))
+    same = torch.full((2, 4, 2, 2), 2.0)  # the same error everywhere: the weighting keeps the loss's scale
+    assert torch.allclose(object_weighted_mse(pred, same, fg.numpy(), 3.0), object_weighted_mse(pred, same))
+    with pytest.raises(ValueError, match="needs the object masks"):
+        object_weighted_mse(pred, target, None, 3.0)
+
+
+def test_the_dit_trains_with_the_object_weighted_loss_and_records_it(tmp_path):
+    import json
+
+    import numpy as np
+
+    out = tmp_path / "run"
+    dit.main(["--out", str(out), "--n-train", "40", "--depth", "1", "--batch", "4", "--steps", "1",
+              "--fg-weight", "2", "--export", str(tmp_path / "export")])  # fmt: skip
+    assert "foreground" in np.load(out / "data.npz").files
+    assert json.loads((tmp_path / "export" / "difstudy_training.json").read_text())["recipe"]["fg_weight"] == 2
+    with pytest.raises(ValueError, match="another recipe.*fg_weight: checkpoint 2.0, now 0.0"):
+        dit.main(["--out", str(out), "--n-train", "40", "--depth", "1", "--batch", "4", "--steps", "2"])

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..diffusion import denoising_losses as denoising_losses  # re-exported: moved below the training layer
@@ -249,3 +250,19 @@ def training_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {name}: torch sees no CUDA device here ({torch.__version__}); use --device cpu")
     return dev
+
+
+def object_weighted_mse(
+    pred: torch.Tensor, target: torch.Tensor, foreground=None, fg_weight: float = 0.0
+) -> torch.Tensor:
+    """Per-sample MSE of ``(B, C, h, w)`` predictions; with ``fg_weight`` W the latent cells covered
+    by the object (``foreground``, ``(B, h, w)`` coverage in [0, 1]) weigh 1 + W times, normalised
+    by the total weight so that the loss's scale does not depend on the object's size (``--fg-weight``
+    of :mod:`difstudy.train.mini` and :mod:`difstudy.train.dit`; 0: the plain mean)."""
+    err = F.mse_loss(pred.float(), target.float(), reduction="none")
+    if not fg_weight:
+        return err.mean((1, 2, 3))
+    if foreground is None:
+        raise ValueError("fg_weight needs the object masks (foreground); render the data with need_foreground")
+    cells = 1 + fg_weight * torch.as_tensor(np.asarray(foreground, np.float32), device=err.device)[:, None]
+    return (err * cells).sum((1, 2, 3)) / (cells.sum((1, 2, 3)) * err.shape[1])

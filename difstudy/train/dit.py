@@ -9,7 +9,8 @@ objective: the same 20,000 rendered toy-world images (``--data-from`` reuses a `
 folder's ``data.npz`` / ``latents.npz``; otherwise they are rendered and encoded here), the
 checkered background held out, class-balanced draws, captions fine (60%) / generic (30%) / empty
 (10%), the mini scheduler's DDPM noising, v-prediction with Min-SNR-gamma 1 weighting
-(:class:`difstudy.train.mini.UNetRecipe`'s loss), AdamW, warmup + cosine learning rate, gradient
+(:class:`difstudy.train.mini.UNetRecipe`'s loss; ``--fg-weight`` weighs the object's latent cells
+as ``train.mini --fg-weight`` does), AdamW, warmup + cosine learning rate, gradient
 clipping at 1 and EMA (what gets exported).
 
 Architecture (:func:`build_transformer`): diffusers' ``PixArtTransformer2DModel`` with AdaLN-single,
@@ -41,7 +42,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..models import mini
@@ -55,6 +55,7 @@ from .common import (
     cosine_lr,
     diffusion_target,
     drop_local_paths,
+    object_weighted_mse,
     training_device,
 )
 
@@ -75,6 +76,7 @@ class DitRecipe:
     snr_gamma: float = 1.0
     holdout_background: str | None = "checkered"
     ema_decay: float = 0.999
+    fg_weight: float = 0.0
 
     def check_resume(self, saved: dict | None) -> None:
         check_recipe(saved, asdict(self), "mini DiT")
@@ -100,7 +102,9 @@ def caption_mask(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
     return (torch.arange(ids.shape[1])[None] <= first_eos).long()
 
 
-def _data(out: Path, data_from: Path | None, n: int, seed: int, tokenizer, vae) -> tuple[dict, dict]:
+def _data(
+    out: Path, data_from: Path | None, n: int, seed: int, tokenizer, vae, need_foreground: bool = False
+) -> tuple[dict, dict]:
     from .mini import encode_latents, make_data
 
     out.mkdir(parents=True, exist_ok=True)
@@ -108,7 +112,7 @@ def _data(out: Path, data_from: Path | None, n: int, seed: int, tokenizer, vae) 
         src = data_from / name if data_from else None
         if src is not None and src.exists() and not (out / name).exists():
             os.link(src, out / name) if src.stat().st_dev == out.stat().st_dev else shutil.copyfile(src, out / name)
-    data = make_data(out, n, seed, tokenizer)
+    data = make_data(out, n, seed, tokenizer, need_foreground=need_foreground)
     return data, encode_latents(out, vae, data)
 
 
@@ -197,7 +201,8 @@ def train(out: Path, r: DitRecipe, data: dict, lat: dict, base, log: CsvLog, dev
         zt = sched.add_noise(z0, noise, t)
         pred = model(zt, encoder_hidden_states=text, timestep=t, encoder_attention_mask=mask,
                      added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample  # fmt: skip
-        per = F.mse_loss(pred.float(), diffusion_target(sched, z0, noise, t).float(), reduction="none").mean((1, 2, 3))
+        fg = data["foreground"][idx.numpy()] if r.fg_weight else None  # object cells weigh 1 + fg_weight
+        per = object_weighted_mse(pred, diffusion_target(sched, z0, noise, t), fg, r.fg_weight)
         loss = (weights(compute_snr(sched, t.cpu()).to(device), sched.config.prediction_type) * per).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -241,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--heads", type=int, default=d.heads)
     ap.add_argument("--head-dim", type=int, default=d.head_dim)
     ap.add_argument("--snr-gamma", type=float, default=d.snr_gamma)
+    ap.add_argument(
+        "--fg-weight", type=float, default=d.fg_weight,
+        help="latent cells covered by the object weigh 1 + this in the loss (as train.mini's; 0: off)",
+    )  # fmt: skip
     ap.add_argument("--holdout-background", default=d.holdout_background)
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--ckpt-every", type=int, default=200)
@@ -265,10 +274,11 @@ def main(argv=None) -> None:
     recipe = DitRecipe(
         steps=a.steps, batch=a.batch, lr=a.lr, warmup=a.warmup, seed=a.seed, depth=a.depth, heads=a.heads,
         head_dim=a.head_dim, snr_gamma=a.snr_gamma, holdout_background=a.holdout_background or None,
+        fg_weight=a.fg_weight,
     )  # fmt: skip
     init, prior = load_init(a.init_from) if a.init_from else (None, {})
     offset = total_steps(prior)
-    data, lat = _data(a.out, a.data_from, a.n_train, a.seed, base.tokenizer, base.vae)
+    data, lat = _data(a.out, a.data_from, a.n_train, a.seed, base.tokenizer, base.vae, bool(a.fg_weight))
     if a.init_from and (a.init_from / "training_log.csv").exists() and not (a.out / "log.csv").exists():
         shutil.copyfile(a.init_from / "training_log.csv", a.out / "log.csv")  # the head of this run's log
     log = CsvLog(a.out / "log.csv")

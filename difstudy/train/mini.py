@@ -72,6 +72,7 @@ from .common import (
     cosine_lr,
     diffusion_target,
     drop_local_paths,
+    object_weighted_mse,
     to_tensor,
 )
 
@@ -301,12 +302,8 @@ def train_unet(
         zt = sched.add_noise(z0, noise, t)
         pred = unet(zt, t, te(ids).last_hidden_state).sample
         target = diffusion_target(sched, z0, noise, t)
-        err = F.mse_loss(pred, target, reduction="none")
-        if r.fg_weight:  # latent cells covered by the object count 1 + fg_weight times
-            cells = 1 + r.fg_weight * torch.from_numpy(data["foreground"][idx.numpy()].astype(np.float32))[:, None]
-            per = (err * cells).sum((1, 2, 3)) / (cells.sum((1, 2, 3)) * err.shape[1])
-        else:
-            per = err.mean((1, 2, 3))
+        fg = data["foreground"][idx.numpy()] if r.fg_weight else None  # object cells weigh 1 + fg_weight
+        per = object_weighted_mse(pred, target, fg, r.fg_weight)
         loss = (r.loss_weights(compute_snr(sched, t), sched.config.prediction_type) * per).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
