@@ -175,6 +175,27 @@ def recognition_summary(df: pd.DataFrame) -> dict:
     return dict(recognised=k / n, n=n, ci95_low=lo, ci95_high=hi, per_class=per_class)
 
 
+def curve_per_class(curve: pd.DataFrame) -> pd.DataFrame:
+    """Share recognised per class at each step of a recognition curve that recorded it
+    (``recognition_curve.csv``'s ``per_class`` column, written by ``difstudy.train.evaluate``):
+    one row per such step, one column per class in ``CLASS_NAMES`` order, then ``all``."""
+    import ast
+
+    if "per_class" not in curve:
+        return pd.DataFrame(columns=[*CLASS_NAMES, "all"])
+    rows = {}
+    for _, r in curve.dropna(subset=["per_class"]).iterrows():
+        try:
+            shares = ast.literal_eval(str(r["per_class"]))
+        except (ValueError, SyntaxError) as e:
+            raise ValueError(
+                f"recognition_curve.csv, step {r['step']}: per_class is not a class -> share mapping "
+                f"({e}); rerun python -m difstudy.train.evaluate --only-steps {r['step']} to rewrite it"
+            ) from None
+        rows[int(r["step"])] = {**{c: shares.get(c) for c in CLASS_NAMES}, "all": float(r["recognised"])}
+    return pd.DataFrame.from_dict(rows, orient="index", columns=[*CLASS_NAMES, "all"]).rename_axis("step")
+
+
 def describe(pipe) -> pd.DataFrame:
     """Components of a pipeline with their class and parameter count."""
     rows = []

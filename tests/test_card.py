@@ -34,6 +34,22 @@ def test_recognition_summary_per_class_and_the_goals_it_feeds():
     assert g.loc["... its 95% interval's lower bound", "verdict"] == "met"  # 0.55 of 200: lower bound about 0.48
 
 
+def test_the_curves_per_class_rows_come_back_as_a_table_through_a_csv(tmp_path):
+    from difstudy.train.evaluate import merge_curve
+
+    old = pd.DataFrame([dict(step=100, recognised=0.2, n=200, ci95_low=0.15, ci95_high=0.26)])  # before per_class
+    r = card.recognition_summary(_judged({c: 0.5 for c in CLASS_NAMES} | {CLASS_NAMES[0]: 0.0}))
+    new = pd.DataFrame([dict(step=200, **r)])
+    merge_curve(old, new).to_csv(tmp_path / "curve.csv", index=False)  # as train.evaluate writes it
+    table = card.curve_per_class(pd.read_csv(tmp_path / "curve.csv"))
+    assert list(table.index) == [200] and list(table.columns) == [*CLASS_NAMES, "all"]
+    assert table.loc[200, CLASS_NAMES[0]] == 0.0 and table.loc[200, "all"] == pytest.approx(r["recognised"])
+    assert card.curve_per_class(old).empty  # no per_class column: an empty table, no error
+    bad = pd.DataFrame([dict(step=300, recognised=0.5, per_class="{'bird': 0.1,")])
+    with pytest.raises(ValueError, match="step 300: per_class is not.*--only-steps 300"):
+        card.curve_per_class(bad)
+
+
 def test_classification_limits_are_shown_only_for_the_weights_they_were_measured_on(tmp_path):
     """The probe-against-feature table beside the weights: read when its fingerprint is the loaded
     U-Net's, with a sentence naming the card's probe, the best probe and the controls; refused
