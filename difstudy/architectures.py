@@ -33,7 +33,6 @@ The claims (:func:`claims`):
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,6 +41,7 @@ import pandas as pd
 import torch
 
 from .gate.claims import MIN_FEATURE_GAIN
+from .models import training_record
 from .properties import _at_t
 from .property_claims import MIN_LOCALITY_GAP, MIN_NOISE_GAP, _controlled
 from .verdicts import controlled_row, paired
@@ -110,10 +110,7 @@ def training_flops_per_sample(pipe, timestep: int = 500) -> float:
 
 
 def _training_batch(folder: Path) -> int | None:
-    record = folder / "difstudy_training.json"
-    if not record.exists():
-        return None
-    meta = json.loads(record.read_text())
+    meta = training_record(folder) or {}
     return meta.get("batch") or meta.get("recipe", {}).get("batch")
 
 

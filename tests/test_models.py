@@ -279,3 +279,20 @@ def test_loading_with_a_dtype_prints_no_deprecation_warning():
         warnings.simplefilter("error", FutureWarning)
         pipe = load("mini", dtype="fp32")
     assert pipe.unet.dtype == torch.float32
+
+
+def test_training_records_are_written_whole_and_a_damaged_one_is_named(tmp_path):
+    from difstudy.errors import DifstudyError
+    from difstudy.models import TRAINING_RECORD, training_record, write_training_record
+
+    assert training_record(tmp_path) is None and training_record(tmp_path / "absent") is None
+    f = write_training_record(tmp_path, {"batch": 32, "recipe": {"steps": 5}})
+    assert f == tmp_path / TRAINING_RECORD and training_record(tmp_path)["recipe"] == {"steps": 5}
+    assert training_record(f) == training_record(tmp_path)  # a file in the folder finds it too
+    assert [p.name for p in tmp_path.iterdir()] == [TRAINING_RECORD]  # no temporary file left
+    f.write_text('{"batch": 3')
+    with pytest.raises(DifstudyError, match=f"{TRAINING_RECORD}.*not readable JSON.*restore or delete"):
+        training_record(tmp_path)
+    f.write_text("[1, 2]")
+    with pytest.raises(DifstudyError, match="holds list, expected a JSON object"):
+        training_record(tmp_path)

@@ -28,6 +28,8 @@ import torch
 
 from ..errors import DifstudyError, ModelNotFoundError
 from ..extract import prompt_for
+from ..models import TRAINING_RECORD as TRAINING_RECORD  # re-exported: adapters' records
+from ..models import training_record as training_record
 from .scores import edge_map, resize_uint8
 
 MODELS_DIR = Path(__file__).parent.parent / "models"
@@ -417,7 +419,6 @@ def technique_status(techniques: Sequence[Technique]) -> pd.DataFrame:
 
 
 # -- adapters know their base U-Net --------------------------------------------------
-TRAINING_RECORD = "difstudy_training.json"
 _RECORD_NOT_OPTIONS = ("wall_seconds_this_invocation", "final_loss_mean_last_100", "target_modules", "trained_on")
 
 
@@ -474,26 +475,6 @@ def base_record(unet) -> dict:
         for dt in (torch.float16, torch.bfloat16):
             by_dtype[_dtype_name(dt)] = base_fingerprint(unet, dt)
     return dict(base_fingerprint=by_dtype[own], base_dtype=own, base_fingerprint_by_dtype=by_dtype)
-
-
-def training_record(path) -> dict | None:
-    """The ``difstudy_training.json`` beside an adapter (``path``: its folder, or a weights file in
-    it) as a dict; None when there is none (public hub adapters, users' own)."""
-    import json
-
-    p = Path(str(path)).expanduser()
-    if not p.exists():
-        return None
-    f = (p if p.is_dir() else p.parent) / TRAINING_RECORD
-    if not f.is_file():
-        return None
-    try:
-        record = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise DifstudyError(f"training record {str(f)!r} is not readable JSON ({e}); restore or delete it") from None
-    if not isinstance(record, dict):
-        raise DifstudyError(f"training record {str(f)!r} holds {type(record).__name__}, expected a JSON object")
-    return record
 
 
 def recorded_command(kind: str, record: dict) -> str:

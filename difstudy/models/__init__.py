@@ -29,7 +29,7 @@ import torch
 
 from .. import costs
 from ..denoisers import denoiser
-from ..errors import ModelNotFoundError, closest
+from ..errors import DifstudyError, ModelNotFoundError, closest
 from . import layouts, standins
 from .tiny import TINY_MODELS, build_tiny
 from .tiny_dit import TINY_DIT_MODELS, build_tiny_dit
@@ -46,6 +46,42 @@ BUILTINS = ("mini", "mini-dit", *TINY_MODELS, *TINY_DIT_MODELS)
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
 _DTYPES |= {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+TRAINING_RECORD = "difstudy_training.json"
+
+
+def training_record(path) -> dict | None:
+    """The ``difstudy_training.json`` that difstudy's training scripts write beside a model or an
+    adapter (``path``: its folder, or a weights file in it) as a dict; None when there is none
+    (public hub models and adapters, users' own). A damaged record is an error naming the file."""
+    import json
+
+    p = Path(str(path)).expanduser()
+    if not p.exists():
+        return None
+    f = (p if p.is_dir() else p.parent) / TRAINING_RECORD
+    if not f.is_file():
+        return None
+    try:
+        record = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DifstudyError(f"training record {str(f)!r} is not readable JSON ({e}); restore or delete it") from None
+    if not isinstance(record, dict):
+        raise DifstudyError(f"training record {str(f)!r} holds {type(record).__name__}, expected a JSON object")
+    return record
+
+
+def write_training_record(folder: str | os.PathLike, record: dict) -> Path:
+    """Write ``record`` as ``folder/difstudy_training.json`` (indented JSON, atomically: a reader
+    never sees half a record); returns its path."""
+    import json
+
+    f = Path(folder) / TRAINING_RECORD
+    tmp = f.with_name(f".{TRAINING_RECORD}.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, f)
+    return f
 
 
 def dtype_kwargs(dtype) -> dict:

@@ -30,7 +30,6 @@ Every ``--ckpt-every`` steps the state (weights, optimiser, RNG, step) is writte
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
 from pathlib import Path
@@ -163,7 +162,7 @@ def main(argv=None) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     from ..gate.techniques import base_record
-    from ..models import load
+    from ..models import load, write_training_record
 
     t_start = time.time()
     pipe = load(a.model)
@@ -195,7 +194,7 @@ def main(argv=None) -> None:
         meta["wall_seconds_this_invocation"] = round(time.time() - t_start, 1)
         meta["final_loss_mean_last_100"] = float(np.mean(_last_losses(a.out / "log.csv", 100)))
         meta.update(base)
-        (a.export / "difstudy_training.json").write_text(json.dumps(meta, indent=2) + "\n")
+        write_training_record(a.export, meta)
         print(f"exported ControlNet to {a.export}")
 
 

@@ -33,7 +33,6 @@ model's VAE, tokenizer and text encoder, so they are stored once.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import time
@@ -44,7 +43,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..models import mini
+from ..models import mini, training_record, write_training_record
 from .common import (
     CsvLog,
     atomic_save,
@@ -129,8 +128,7 @@ def load_init(folder: Path):
     model = PixArtTransformer2DModel.from_pretrained(folder / "transformer")
     for t in list(model.parameters()) + list(model.buffers()):
         t.data = t.data.clone()
-    meta = folder / "difstudy_training.json"
-    return model, (json.loads(meta.read_text()) if meta.exists() else {})
+    return model, training_record(folder) or {}
 
 
 def total_steps(meta: dict) -> int:
@@ -226,7 +224,7 @@ def export(folder: Path, model, meta: dict) -> None:
     model.save_pretrained(folder / "transformer", safe_serialization=True)
     mini.build_sampling_scheduler().save_pretrained(folder / "scheduler")
     drop_local_paths(folder)
-    (folder / "difstudy_training.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_training_record(folder, meta)
 
 
 def build_parser() -> argparse.ArgumentParser:

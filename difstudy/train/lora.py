@@ -28,7 +28,6 @@ every ``--ckpt-every`` steps, so a killed run resumes; losses go to ``--out/log.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..models import LORA_TARGET_MODULES as TARGET_MODULES
-from ..models import lora_config
+from ..models import lora_config, write_training_record
 from .common import (
     CsvLog,
     atomic_save,
@@ -181,7 +180,7 @@ def main(argv=None) -> None:
         meta["target_modules"] = list(TARGET_MODULES)
         meta["wall_seconds_this_invocation"] = round(time.time() - t_start, 1)
         meta.update(base)
-        (a.export / "difstudy_training.json").write_text(json.dumps(meta, indent=2) + "\n")
+        write_training_record(a.export, meta)
         print(f"exported LoRA to {a.export}")
 
 

@@ -46,7 +46,6 @@ go to ``--out/log.csv`` (stage, step, loss, lr, seconds).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import shutil
@@ -61,7 +60,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data.toyworld import BACKGROUNDS, ToyWorld, vocabulary
-from ..models import mini
+from ..models import mini, training_record, write_training_record
 from .common import (
     CsvLog,
     atomic_save,
@@ -354,8 +353,7 @@ def _load_init(folder: Path):
     for module in (pipe.unet, pipe.text_encoder, pipe.vae):  # own memory: export may overwrite these files
         for t in list(module.parameters()) + list(module.buffers()):
             t.data = t.data.clone()
-    meta = folder / "difstudy_training.json"
-    return pipe, (json.loads(meta.read_text()) if meta.exists() else {})
+    return pipe, training_record(folder) or {}
 
 
 def _seed_log(folder: Path, out: Path) -> None:
@@ -383,7 +381,7 @@ def export(folder: Path, vae, unet, te, tokenizer, scaling: float, meta: dict) -
     folder.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(folder, safe_serialization=True)
     drop_local_paths(folder)
-    (folder / "difstudy_training.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_training_record(folder, meta)
 
 
 def build_parser() -> argparse.ArgumentParser:
