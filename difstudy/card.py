@@ -349,11 +349,15 @@ def card_summary(
 LIMITS_FILE = "classification_limits.csv"
 
 
-def classification_limits(pipe, folder: str | Path) -> tuple[pd.DataFrame | None, str]:
+def classification_limits(
+    pipe, folder: str | Path, best_activation: str | None = None
+) -> tuple[pd.DataFrame | None, str]:
     """The probe-against-feature measurement of ``scripts/classification_limits.py`` saved beside
     the weights in ``folder``, when it was measured on the U-Net ``pipe`` holds (its fingerprint),
     and a sentence that says what it shows (or why there is no table: not measured, or measured on
-    other weights). Accuracy per pooling x labels x weights, the card's linear probe and an MLP."""
+    other weights). Accuracy per pooling x labels x weights, the card's linear probe and an MLP.
+    ``best_activation`` (the card's best for classification): a table measured on another
+    activation is still shown, and the sentence says so and how to measure the best one."""
     from .extract import module_fingerprint
 
     path = Path(folder) / LIMITS_FILE
@@ -385,6 +389,11 @@ def classification_limits(pipe, folder: str | Path) -> tuple[pd.DataFrame | None
         f" number of labels {best(trained)}; the best any probe reaches on "
         + ", ".join(f"{w} {v:.3f}" for w, v in others.items())
     )
+    if best_activation is not None and best_activation != df["activation"].iloc[0]:
+        text += (
+            f". Measured on {df['activation'].iloc[0]}, not on this card's best activation ({best_activation}):"
+            f" run scripts/classification_limits.py --activation {best_activation}"
+        )
     table = df.pivot_table(index=["pooling", "labels"], columns="weights", values=["linear", "mlp"])
     return table, text
 

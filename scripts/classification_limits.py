@@ -22,6 +22,7 @@ it loads (:func:`difstudy.card.classification_limits`).
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -59,13 +60,25 @@ def features(source, records, pool) -> np.ndarray:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--activation", default="up-level0-upsampler-out", help="the card's best (default)")
+    ap.add_argument(
+        "--activation",
+        default=None,
+        help="default: the card's best (cls_best_activation of results/mini_model_card/card.json), else "
+        "up-level0-upsampler-out",
+    )
     ap.add_argument("--n-test", type=int, default=300)
     ap.add_argument("--labels", type=int, nargs="+", default=[300, 3000])
     ap.add_argument("--t", type=int, default=50)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=MINI_PATH / "classification_limits.csv")
     a = ap.parse_args()
+    card_json = Path("results/mini_model_card/card.json")
+    if a.activation is None:
+        a.activation = (
+            json.loads(card_json.read_text())["cls_best_activation"]
+            if card_json.exists()
+            else "up-level0-upsampler-out"
+        )
     t0 = time.time()
     pipe = load("mini")
     train_all = toy_records(ToyWorld("train", n=max(a.labels)))

@@ -80,7 +80,14 @@ def test_classification_limits_are_shown_only_for_the_weights_they_were_measured
     assert table.loc[("mean (card)", 3000), ("mlp", "trained")] == pytest.approx(0.48)
     assert "card's probe (linear, mean pooling, 300 labels) 0.330" in text
     assert "with 300 labels 0.390 (linear, max, 300 labels), with any number of labels 0.480 (mlp, mean (card)" in text
-    assert "pixels 0.110, random 0.150" in text
+    assert "pixels 0.110, random 0.150" in text and "not on this card's best" not in text
+    text = card.classification_limits(pipe, tmp_path, best_activation="up-level0-upsampler-out")[1]
+    assert "not on this card's best" not in text
+    text = card.classification_limits(pipe, tmp_path, best_activation="up-level1-repeat2-res-out")[1]
+    assert text.endswith(
+        "Measured on up-level0-upsampler-out, not on this card's best activation (up-level1-repeat2-res-out):"
+        " run scripts/classification_limits.py --activation up-level1-repeat2-res-out"
+    )
     import difstudy.extract
 
     with pytest.MonkeyPatch.context() as mp:  # a fingerprint that pandas alone would read as a number
