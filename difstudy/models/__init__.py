@@ -77,11 +77,9 @@ def write_training_record(folder: str | os.PathLike, record: dict) -> Path:
     never sees half a record); returns its path."""
     import json
 
-    f = Path(folder) / TRAINING_RECORD
-    tmp = f.with_name(f".{TRAINING_RECORD}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, f)
-    return f
+    from ..fileio import write_text_atomic
+
+    return write_text_atomic(Path(folder) / TRAINING_RECORD, json.dumps(record, indent=2) + "\n")
 
 
 def dtype_kwargs(dtype) -> dict:
