@@ -349,15 +349,9 @@ def card_summary(
 LIMITS_FILE = "classification_limits.csv"
 
 
-def classification_limits(
-    pipe, folder: str | Path, best_activation: str | None = None
-) -> tuple[pd.DataFrame | None, str]:
-    """The probe-against-feature measurement of ``scripts/classification_limits.py`` saved beside
-    the weights in ``folder``, when it was measured on the U-Net ``pipe`` holds (its fingerprint),
-    and a sentence that says what it shows (or why there is no table: not measured, or measured on
-    other weights). Accuracy per pooling x labels x weights, the card's linear probe and an MLP.
-    ``best_activation`` (the card's best for classification): a table measured on another
-    activation is still shown, and the sentence says so and how to measure the best one."""
+def _limits_frame(pipe, folder: str | Path) -> tuple[pd.DataFrame | None, str]:
+    """The limits table saved beside the weights in ``folder``, checked (its columns, and that it
+    was measured on the U-Net ``pipe`` holds); else None and the sentence that says why not."""
     from .extract import module_fingerprint
 
     path = Path(folder) / LIMITS_FILE
@@ -373,25 +367,57 @@ def classification_limits(
             f"{path.name} was measured on other weights ({', '.join(sorted(measured_on))},"
             f" these are {fp}); rerun scripts/classification_limits.py"
         )
+    return df, ""
+
+
+def limits_numbers(df: pd.DataFrame) -> dict:
+    """The limits table's headline numbers: the card's probe (linear, mean pooling, fewest labels),
+    the best probe on the trained features with that many labels and with any number, each as
+    ``(accuracy, "probe, pooling, N labels")``, and the best any probe reaches per control."""
     long = df.melt(id_vars=["pooling", "labels", "weights"], value_vars=["linear", "mlp"], var_name="probe")
-    card_row = long[(long["pooling"] == "mean (card)") & (long["labels"] == long["labels"].min())]
+    n_card = int(long["labels"].min())
+    card_row = long[(long["pooling"] == "mean (card)") & (long["labels"] == n_card)]
     base = float(card_row.loc[(card_row["weights"] == "trained") & (card_row["probe"] == "linear"), "value"].iloc[0])
-    trained, n_card = long[long["weights"] == "trained"], int(long["labels"].min())
+    trained = long[long["weights"] == "trained"]
 
-    def best(rows: pd.DataFrame) -> str:
+    def best(rows: pd.DataFrame) -> tuple[float, str]:
         b = rows.sort_values("value", kind="stable").iloc[-1]
-        return f"{float(b['value']):.3f} ({b['probe']}, {b['pooling']}, {int(b['labels'])} labels)"
+        return float(b["value"]), f"{b['probe']}, {b['pooling']}, {int(b['labels'])} labels"
 
-    others = long[long["weights"] != "trained"].groupby("weights")["value"].max()
-    text = (
-        f"{df['activation'].iloc[0]}: the card's probe (linear, mean pooling, {n_card} labels) {base:.3f}; the best"
-        f" probe on the same features with {n_card} labels {best(trained[trained['labels'] == n_card])}, with any"
-        f" number of labels {best(trained)}; the best any probe reaches on "
-        + ", ".join(f"{w} {v:.3f}" for w, v in others.items())
+    controls = long[long["weights"] != "trained"].groupby("weights")["value"].max()
+    return dict(
+        activation=str(df["activation"].iloc[0]),
+        n_card=n_card,
+        card=base,
+        best_card_labels=best(trained[trained["labels"] == n_card]),
+        best_any=best(trained),
+        controls={str(w): float(v) for w, v in controls.items()},
     )
-    if best_activation is not None and best_activation != df["activation"].iloc[0]:
+
+
+def classification_limits(
+    pipe, folder: str | Path, best_activation: str | None = None
+) -> tuple[pd.DataFrame | None, str]:
+    """The probe-against-feature measurement of ``scripts/classification_limits.py`` saved beside
+    the weights in ``folder``, when it was measured on the U-Net ``pipe`` holds (its fingerprint),
+    and a sentence that says what it shows (or why there is no table: not measured, or measured on
+    other weights). Accuracy per pooling x labels x weights, the card's linear probe and an MLP.
+    ``best_activation`` (the card's best for classification): a table measured on another
+    activation is still shown, and the sentence says so and how to measure the best one."""
+    df, why = _limits_frame(pipe, folder)
+    if df is None:
+        return None, why
+    n = limits_numbers(df)
+    k = n["n_card"]
+    text = (
+        f"{n['activation']}: the card's probe (linear, mean pooling, {k} labels) {n['card']:.3f}; the best"
+        f" probe on the same features with {k} labels {n['best_card_labels'][0]:.3f} ({n['best_card_labels'][1]}),"
+        f" with any number of labels {n['best_any'][0]:.3f} ({n['best_any'][1]}); the best any probe reaches on "
+        + ", ".join(f"{w} {v:.3f}" for w, v in n["controls"].items())
+    )
+    if best_activation is not None and best_activation != n["activation"]:
         text += (
-            f". Measured on {df['activation'].iloc[0]}, not on this card's best activation ({best_activation}):"
+            f". Measured on {n['activation']}, not on this card's best activation ({best_activation}):"
             f" run scripts/classification_limits.py --activation {best_activation}"
         )
     table = df.pivot_table(index=["pooling", "labels"], columns="weights", values=["linear", "mlp"])

@@ -4,6 +4,7 @@ import shlex
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -158,11 +159,13 @@ def test_training_smoke_loss_goes_down_and_resumes(tmp_path):
         + ["--snapshot-every", "3", "--threads", "1", "--init-from", str(tmp_path / "export")]
         + ["--export", str(cont / "export"), "--noise-offset", "0.1", "--fg-weight", "4", "--pooled-text"]
         + ["--pooled-text-gain", "0.1"]
-        + ["--only-backgrounds", "plain,gradient"]
+        + ["--only-backgrounds", "plain,gradient", "--class-weights", "dog=4", "--freeze-text-encoder"]
     )
     after = load(str(cont / "export"))
     vae_a, vae_b = before.vae.state_dict(), after.vae.state_dict()
     assert all(torch.equal(vae_a[k], vae_b[k]) for k in vae_a)
+    te_a, te_b = before.text_encoder.state_dict(), after.text_encoder.state_dict()
+    assert all(torch.equal(te_a[k], te_b[k]) for k in te_a)  # --freeze-text-encoder kept it
     moved = [not torch.equal(p, q) for p, q in zip(before.unet.parameters(), after.unet.parameters())]
     assert any(moved)
     head = list(csv.DictReader(open(tmp_path / "export" / "training_log.csv")))
@@ -177,6 +180,8 @@ def test_training_smoke_loss_goes_down_and_resumes(tmp_path):
     assert meta["total_unet_steps"] == 46 and meta["previous_run"]["unet_steps"] == 40
     assert meta["noise_offset"] == 0.1 and meta["previous_run"]["noise_offset"] == 0.0 and meta["fg_weight"] == 4
     assert meta["only_backgrounds"] == "plain,gradient" and meta["pooled_text_gain"] == 0.1
+    assert meta["class_weights"] == "dog=4" and meta["freeze_text_encoder"] is True
+    assert meta["previous_run"]["freeze_text_encoder"] is False
     # the record replays as the chain of commands that made it, each parsing back to its run's options
     commands = train_mini.reproduce_commands(meta)
     assert len(commands) == 2 and "--init-from" not in commands[0] and "--vae-steps" not in commands[1]
@@ -220,6 +225,35 @@ def test_training_smoke_loss_goes_down_and_resumes(tmp_path):
     assert [(int(r["step"]), int(r["n"])) for r in curve] == [(40, 999), (43, 20), (46, 10)]
     with pytest.raises(ValueError, match=r"no snapshot at step\(s\) \[44\].*it has \[43, 46\]"):
         evaluate.main(["--run", str(cont), "--model", str(model), "--only-steps", "44"])
+
+
+def test_class_weights_parse_and_steer_the_class_draw():
+    from difstudy.train.common import balanced_draw, class_draw_weights, class_pools, parse_class_weights
+
+    assert parse_class_weights("") is None
+    assert parse_class_weights("dog=4, bird=0.5") == (("dog", 4.0), ("bird", 0.5))
+    for bad, match in (
+        ("dgo=4", "'dgo=4'.*a class of bird"),
+        ("dog", "expected <class>=<weight>"),
+        ("dog=0", "positive"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            parse_class_weights(bad)
+    for bad in ("dog=x", "dog=nan", "dog=inf"):
+        with pytest.raises(ValueError, match="positive number"):
+            parse_class_weights(bad)
+    labels = np.repeat(np.arange(10), 5)
+    keep = labels != 1  # fish held out: its pool is absent, the weights follow the pools present
+    data = dict(labels=labels)
+    pools = class_pools(data, keep)
+    weights = class_draw_weights(data, keep, parse_class_weights("dog=9,fish=100"))
+    assert len(weights) == len(pools) == 9 and weights[4] == 9.0 and sum(weights) == 17.0
+    assert class_draw_weights(data, keep, None) is None
+    idx = balanced_draw(pools, 4000, torch.Generator().manual_seed(0), weights).numpy()
+    share = np.bincount(labels[idx], minlength=10) / len(idx)
+    assert share[1] == 0 and abs(share[5] - 9 / 17) < 0.03 and abs(share[0] - 1 / 17) < 0.02
+    uniform = balanced_draw(pools, 4000, torch.Generator().manual_seed(0)).numpy()
+    assert abs(np.bincount(labels[uniform], minlength=10)[5] / 4000 - 1 / 9) < 0.02
 
 
 def test_make_data_reuses_an_older_file_unless_the_masks_are_needed(tmp_path):

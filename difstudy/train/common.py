@@ -238,9 +238,49 @@ def class_pools(data: dict, keep: np.ndarray) -> list[torch.Tensor]:
     return [ix for ix in pools if len(ix)]
 
 
-def balanced_draw(pools: list[torch.Tensor], batch: int, gen: torch.Generator) -> torch.Tensor:
-    """``batch`` image indices: a class drawn uniformly, then an image of it."""
-    cls = torch.randint(0, len(pools), (batch,), generator=gen)
+def parse_class_weights(text: str) -> tuple[tuple[str, float], ...] | None:
+    """``--class-weights`` of the training scripts: ``"dog=4,bird=2"`` -> ``(("dog", 4.0), ("bird", 2.0))``
+    (a class not named keeps weight 1; ``""``: None, the uniform draw). Raises ValueError naming the
+    bad entry (an unknown class, a weight that is not a positive number)."""
+    from ..data.toyworld import CLASS_NAMES
+
+    out = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        name, sep, value = item.partition("=")
+        if not sep or name.strip() not in CLASS_NAMES:
+            raise ValueError(f"{item!r}: expected <class>=<weight> with a class of {', '.join(CLASS_NAMES)}")
+        try:
+            w = float(value)
+        except ValueError:
+            w = float("nan")
+        if not w > 0 or not math.isfinite(w):
+            raise ValueError(f"{item!r}: the weight must be a positive number")
+        out.append((name.strip(), w))
+    return tuple(out) or None
+
+
+def class_draw_weights(data: dict, keep: np.ndarray, class_weights) -> list[float] | None:
+    """The draw weight of each pool :func:`class_pools` returns (the classes present, in order)
+    from ``class_weights`` (:func:`parse_class_weights`); None keeps the uniform draw."""
+    if not class_weights:
+        return None
+    from ..data.toyworld import CLASS_NAMES
+
+    named = dict(class_weights)
+    labels = data["labels"]
+    present = [c for c in range(int(labels.max()) + 1) if (keep & (labels == c)).any()]
+    return [named.get(CLASS_NAMES[c], 1.0) for c in present]
+
+
+def balanced_draw(pools: list[torch.Tensor], batch: int, gen: torch.Generator, weights=None) -> torch.Tensor:
+    """``batch`` image indices: a class drawn uniformly (or in proportion to ``weights``, one per
+    pool), then an image of it."""
+    if weights is None:
+        cls = torch.randint(0, len(pools), (batch,), generator=gen)
+    else:
+        cls = torch.multinomial(torch.as_tensor(weights, dtype=torch.float64), batch, replacement=True, generator=gen)
     return torch.stack([pools[c][torch.randint(0, len(pools[c]), (1,), generator=gen)][0] for c in cls])
 
 

@@ -67,11 +67,13 @@ from .common import (
     balanced_draw,
     caption_ids,
     check_recipe,
+    class_draw_weights,
     class_pools,
     cosine_lr,
     diffusion_target,
     drop_local_paths,
     object_weighted_mse,
+    parse_class_weights,
     to_tensor,
 )
 
@@ -224,6 +226,8 @@ class UNetRecipe:
     pooled_text: bool = False
     pooled_text_gain: float = 0.0
     only_backgrounds: tuple[str, ...] | None = None
+    class_weights: tuple[tuple[str, float], ...] | None = None
+    freeze_text_encoder: bool = False
 
     def loss_weights(self, snr: torch.Tensor, prediction_type: str) -> torch.Tensor:
         """Per-sample weights of the MSE: Min-SNR-gamma (Hang et al. 2023; for v-prediction
@@ -261,7 +265,9 @@ def train_unet(
     else:
         tokenizer = mini.build_tokenizer(vocabulary())
         unet, te = mini.build_unet(r.pooled_text), mini.build_text_encoder(tokenizer)
-    params = list(unet.parameters()) + list(te.parameters())
+    if r.freeze_text_encoder:  # the text encoder stays as it is (the mini DiT reads the same one)
+        te.requires_grad_(False).eval()
+    params = list(unet.parameters()) + ([] if r.freeze_text_encoder else list(te.parameters()))
     opt = torch.optim.AdamW(params, lr=r.lr, weight_decay=1e-2)
     ema = EMAModel(params, decay=0.999, use_ema_warmup=True, power=0.75)
     sched = mini.build_noise_scheduler()
@@ -283,14 +289,14 @@ def train_unet(
         keep = data["backgrounds"] != r.holdout_background
     if r.only_backgrounds:  # an easy-first curriculum: train on these background kinds only
         keep &= np.isin(data["backgrounds"], list(r.only_backgrounds))
-    pools = class_pools(data, keep)
+    pools, draw_weights = class_pools(data, keep), class_draw_weights(data, keep, r.class_weights)
     scaling = float(lat["scaling"])
     t0 = time.time()
     bar = tqdm(total=r.steps, initial=step, desc="unet", mininterval=10)
     while step < r.steps:
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, r.steps, r.lr, warmup=200)
-        idx = balanced_draw(pools, r.batch, gen)  # class-balanced draws
+        idx = balanced_draw(pools, r.batch, gen, draw_weights)  # class-balanced (or --class-weights) draws
         mean, std = torch.from_numpy(lat["mean"][idx.numpy()]), torch.from_numpy(lat["std"][idx.numpy()])
         z0 = (mean + std * torch.randn(mean.shape, generator=gen)) * scaling
         ids = caption_ids(data, idx.numpy(), torch.rand(r.batch, generator=gen))
@@ -433,6 +439,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=UNetRecipe.holdout_background,
         help="background kind the U-Net never sees ('' none)",
     )
+    ap.add_argument(
+        "--class-weights",
+        default="",
+        help="draw these classes more (or less) often than the others, e.g. 'dog=4' ('' uniform over classes)",
+    )
+    ap.add_argument(
+        "--freeze-text-encoder",
+        action="store_true",
+        help="train the U-Net only, keeping the text encoder (with --init-from: the mini DiT reads the same one)",
+    )
     ap.add_argument("--snapshot-every", type=int, default=1000, help="save EMA weights every N U-Net steps (0: off)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ckpt-every", type=int, default=200)
@@ -512,6 +528,10 @@ def main(argv=None) -> None:
     unknown = [b for b in only_backgrounds if b not in BACKGROUNDS]
     if unknown:
         ap.error(f"--only-backgrounds: unknown background kind(s) {unknown}; choose from {', '.join(BACKGROUNDS)}")
+    try:
+        class_weights = parse_class_weights(a.class_weights)
+    except ValueError as e:
+        ap.error(f"--class-weights: {e}")
     if a.threads:
         torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
@@ -543,6 +563,8 @@ def main(argv=None) -> None:
         pooled_text=a.pooled_text,
         pooled_text_gain=a.pooled_text_gain,
         only_backgrounds=only_backgrounds or None,
+        class_weights=class_weights,
+        freeze_text_encoder=a.freeze_text_encoder,
     )
     unet, te, tokenizer = train_unet(
         a.out, data, lat, recipe, log, a.ckpt_every, snapshot_every=a.snapshot_every, init=init, step_offset=offset
