@@ -388,11 +388,19 @@ def limits_numbers(df: pd.DataFrame) -> dict:
     return dict(
         activation=str(df["activation"].iloc[0]),
         n_card=n_card,
+        n_max=int(long["labels"].max()),
         card=base,
         best_card_labels=best(trained[trained["labels"] == n_card]),
         best_any=best(trained),
         controls={str(w): float(v) for w, v in controls.items()},
     )
+
+
+def measured_limits(pipe, folder: str | Path) -> dict | None:
+    """:func:`limits_numbers` of the limits table beside the weights in ``folder``, or None where it
+    is missing or was measured on other weights than ``pipe``'s U-Net."""
+    df, _ = _limits_frame(pipe, folder)
+    return None if df is None else limits_numbers(df)
 
 
 def classification_limits(
@@ -422,6 +430,47 @@ def classification_limits(
         )
     table = df.pivot_table(index=["pooling", "labels"], columns="weights", values=["linear", "mlp"])
     return table, text
+
+
+def classification_decision(summary: dict, limits: dict | None) -> dict | None:
+    """The classification goal (best trained activation >= 0.50 at 300 labels) when it is missed:
+    the measured reason from the limits table's numbers (:func:`limits_numbers`, None where it is
+    not measured for these weights) and the decision that follows. None when the goal is met.
+
+    Three cases: a probe on the same features reaches 0.50 (the card's probe is the limit: the
+    model stays); the features hold class information the controls lack by the card's 15-point
+    margin but no probe reaches 0.50, even with the most labels measured (the model's size is the
+    limit: the next model is wider); neither (the features fall short: the model is retrained)."""
+    acc = summary["cls_acc_trained"]
+    if acc >= 0.5:
+        return None
+    row = dict(goal="best trained activation, classification >= 0.50", measured=acc)
+    if limits is None:
+        return row | dict(
+            reason="not measured on these weights (run scripts/classification_limits.py)",
+            decision="measure the limits table before deciding",
+        )
+    best, how = limits["best_any"]
+    control = max(limits["controls"].values())
+    row["reason"] = (
+        f"on {limits['activation']}: the card's probe {limits['card']:.3f}; the best probe on the same features"
+        f" {best:.3f} ({how}); the best any probe reaches on random weights or pixels {control:.3f}"
+    )
+    if best >= 0.5:
+        row["decision"] = (
+            "the card's probe, not the features, is the limit: the model is kept, the card keeps the study's"
+            " probe, and classification is read by its margins over the controls"
+        )
+    elif best - control >= 0.15:
+        row["decision"] = (
+            f"the features hold class information the controls lack ({100 * (best - control):.0f} points above"
+            f" them), but no probe reaches 0.50 on them, even with {limits['n_max']:,} labels: the goal is out of reach"
+            " at this size. This model is kept for the study, whose classification claims rest on the margins"
+            " over random weights and pixels; 0.50 is the goal of the next, wider U-Net"
+        )
+    else:
+        row["decision"] = "the features themselves fall short of the controls' margin: the model is retrained"
+    return row
 
 
 def goals(summary: dict) -> pd.DataFrame:

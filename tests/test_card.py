@@ -75,9 +75,13 @@ def test_classification_limits_are_shown_only_for_the_weights_they_were_measured
     df.to_csv(tmp_path / card.LIMITS_FILE, index=False)
     table, text = card.classification_limits(pipe, tmp_path)
     assert table is None and "other weights" in text
+    assert card.measured_limits(pipe, tmp_path) is None
     df.assign(unet_fingerprint=module_fingerprint(pipe.unet)).to_csv(tmp_path / card.LIMITS_FILE, index=False)
     table, text = card.classification_limits(pipe, tmp_path)
     assert table.loc[("mean (card)", 3000), ("mlp", "trained")] == pytest.approx(0.48)
+    numbers = card.measured_limits(pipe, tmp_path)
+    assert (numbers["n_card"], numbers["n_max"], numbers["card"]) == (300, 3000, 0.33)
+    assert numbers["best_any"] == (0.48, "mlp, mean (card), 3000 labels") and numbers["controls"]["random"] == 0.15
     assert "card's probe (linear, mean pooling, 300 labels) 0.330" in text
     assert "with 300 labels 0.390 (linear, max, 300 labels), with any number of labels 0.480 (mlp, mean (card)" in text
     assert "pixels 0.110, random 0.150" in text and "not on this card's best" not in text
@@ -113,3 +117,22 @@ def test_recognition_through_the_vae_is_the_judge_on_reconstructions(monkeypatch
     lossless = card.recognition_through_vae(pipe, judge, n_test=60, batch=25)
     assert lossless.iloc[0].equals(lossless.iloc[1]) and lossless.iloc[0].equals(table.iloc[0])
     assert not table.iloc[1].equals(table.iloc[0])  # the mini VAE loses detail the judge needs
+
+
+def test_a_missed_classification_goal_gets_its_measured_reason_and_decision():
+    limits = dict(
+        activation="down-level3-repeat1-res-out", n_card=300, n_max=3000, card=0.31,
+        best_card_labels=(0.36, "mlp, 2x2 grid of means, 300 labels"), best_any=(0.46, "mlp, mean (card), 3000 labels"),
+        controls={"pixels": 0.11, "random": 0.15},
+    )  # fmt: skip
+    assert card.classification_decision(dict(cls_acc_trained=0.5), limits) is None  # met: nothing to decide
+    d = card.classification_decision(dict(cls_acc_trained=0.32), limits)
+    assert d["measured"] == 0.32 and "0.460 (mlp, mean (card), 3000 labels)" in d["reason"]
+    assert "random weights or pixels 0.150" in d["reason"] and "down-level3-repeat1-res-out" in d["reason"]
+    assert "31 points above" in d["decision"] and "3,000 labels" in d["decision"] and "wider U-Net" in d["decision"]
+    probe = card.classification_decision(dict(cls_acc_trained=0.32), limits | dict(best_any=(0.52, "mlp")))
+    assert "the card's probe, not the features, is the limit" in probe["decision"]
+    weak = card.classification_decision(dict(cls_acc_trained=0.2), limits | dict(best_any=(0.25, "mlp")))
+    assert "retrained" in weak["decision"]
+    unmeasured = card.classification_decision(dict(cls_acc_trained=0.32), None)
+    assert "scripts/classification_limits.py" in unmeasured["reason"]

@@ -105,8 +105,12 @@ def test_the_dit_trains_with_the_object_weighted_loss_and_records_it(tmp_path):
 
     out = tmp_path / "run"
     dit.main(["--out", str(out), "--n-train", "40", "--depth", "1", "--batch", "4", "--steps", "1",
-              "--fg-weight", "2", "--export", str(tmp_path / "export")])  # fmt: skip
+              "--fg-weight", "2", "--class-weights", "dog=4", "--export", str(tmp_path / "export")])  # fmt: skip
     assert "foreground" in np.load(out / "data.npz").files
-    assert json.loads((tmp_path / "export" / "difstudy_training.json").read_text())["recipe"]["fg_weight"] == 2
+    recipe = json.loads((tmp_path / "export" / "difstudy_training.json").read_text())["recipe"]
+    assert recipe["fg_weight"] == 2 and recipe["class_weights"] == [["dog", 4.0]]
     with pytest.raises(ValueError, match="another recipe.*fg_weight: checkpoint 2.0, now 0.0"):
-        dit.main(["--out", str(out), "--n-train", "40", "--depth", "1", "--batch", "4", "--steps", "2"])
+        dit.main(["--out", str(out), "--n-train", "40", "--depth", "1", "--batch", "4", "--steps", "2",
+                  "--class-weights", "dog=4"])  # fmt: skip
+    with pytest.raises(SystemExit):  # an unknown class is refused before anything is loaded
+        dit.main(["--out", str(out), "--class-weights", "cat=2"])

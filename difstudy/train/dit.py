@@ -50,11 +50,13 @@ from .common import (
     balanced_draw,
     caption_ids,
     check_recipe,
+    class_draw_weights,
     class_pools,
     cosine_lr,
     diffusion_target,
     drop_local_paths,
     object_weighted_mse,
+    parse_class_weights,
     training_device,
 )
 
@@ -76,6 +78,7 @@ class DitRecipe:
     holdout_background: str | None = "checkered"
     ema_decay: float = 0.999
     fg_weight: float = 0.0
+    class_weights: tuple[tuple[str, float], ...] | None = None
 
     def check_resume(self, saved: dict | None) -> None:
         check_recipe(saved, asdict(self), "mini DiT")
@@ -176,7 +179,7 @@ def train(out: Path, r: DitRecipe, data: dict, lat: dict, base, log: CsvLog, dev
         step = st["step"]
         log.resumed("dit", step_offset + step)
     keep = data["backgrounds"] != r.holdout_background if r.holdout_background else np.ones(len(lat["mean"]), bool)
-    pools = class_pools(data, keep)
+    pools, draw_weights = class_pools(data, keep), class_draw_weights(data, keep, r.class_weights)
     scaling, eos = float(base.vae.config.scaling_factor), int(base.tokenizer.eos_token_id)
     print(
         f"mini DiT: {sum(p.numel() for p in params) / 1e6:.2f} M parameters, {r.steps} steps of {r.batch} on {device}"
@@ -186,7 +189,7 @@ def train(out: Path, r: DitRecipe, data: dict, lat: dict, base, log: CsvLog, dev
     while step < r.steps:
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, r.steps, r.lr, warmup=r.warmup)
-        idx = balanced_draw(pools, r.batch, gen)  # class-balanced draws
+        idx = balanced_draw(pools, r.batch, gen, draw_weights)  # class-balanced (or --class-weights) draws
         mean, std = torch.from_numpy(lat["mean"][idx.numpy()]), torch.from_numpy(lat["std"][idx.numpy()])
         z0 = (mean + std * torch.randn(mean.shape, generator=gen)) * scaling
         ids = caption_ids(data, idx.numpy(), torch.rand(r.batch, generator=gen))
@@ -248,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--fg-weight", type=float, default=d.fg_weight,
         help="latent cells covered by the object weigh 1 + this in the loss (as train.mini's; 0: off)",
     )  # fmt: skip
+    ap.add_argument(
+        "--class-weights", default="",
+        help="draw these classes more (or less) often, e.g. 'dog=4' (as train.mini's; '' uniform over classes)",
+    )  # fmt: skip
     ap.add_argument("--holdout-background", default=d.holdout_background)
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--ckpt-every", type=int, default=200)
@@ -263,7 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     from ..models import load
 
-    a = build_parser().parse_args(argv)
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    try:
+        class_weights = parse_class_weights(a.class_weights)
+    except ValueError as e:
+        ap.error(f"--class-weights: {e}")
     device = training_device(a.device)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -272,7 +284,7 @@ def main(argv=None) -> None:
     recipe = DitRecipe(
         steps=a.steps, batch=a.batch, lr=a.lr, warmup=a.warmup, seed=a.seed, depth=a.depth, heads=a.heads,
         head_dim=a.head_dim, snr_gamma=a.snr_gamma, holdout_background=a.holdout_background or None,
-        fg_weight=a.fg_weight,
+        fg_weight=a.fg_weight, class_weights=class_weights,
     )  # fmt: skip
     init, prior = load_init(a.init_from) if a.init_from else (None, {})
     offset = total_steps(prior)
