@@ -458,8 +458,9 @@ def classification_decision(summary: dict, limits: dict | None) -> dict | None:
     )
     if best >= 0.5:
         row["decision"] = (
-            "the card's probe, not the features, is the limit: the model is kept, the card keeps the study's"
-            " probe, and classification is read by its margins over the controls"
+            f"a probe reaches 0.50 on the same features ({how}): the card's protocol (a linear probe on the"
+            f" spatial mean, {limits['n_card']:,} labels), not the features, is the limit. The model is kept, the"
+            " card keeps the study's protocol, and classification is read by its margins over the controls"
         )
     elif best - control >= 0.15:
         row["decision"] = (

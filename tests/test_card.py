@@ -131,7 +131,8 @@ def test_a_missed_classification_goal_gets_its_measured_reason_and_decision():
     assert "random weights or pixels 0.150" in d["reason"] and "down-level3-repeat1-res-out" in d["reason"]
     assert "31 points above" in d["decision"] and "3,000 labels" in d["decision"] and "wider U-Net" in d["decision"]
     probe = card.classification_decision(dict(cls_acc_trained=0.32), limits | dict(best_any=(0.52, "mlp")))
-    assert "the card's probe, not the features, is the limit" in probe["decision"]
+    assert probe["decision"].startswith("a probe reaches 0.50 on the same features (mlp): the card's protocol")
+    assert "300 labels), not the features, is the limit" in probe["decision"]
     weak = card.classification_decision(dict(cls_acc_trained=0.2), limits | dict(best_any=(0.25, "mlp")))
     assert "retrained" in weak["decision"]
     unmeasured = card.classification_decision(dict(cls_acc_trained=0.32), None)
