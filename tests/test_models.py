@@ -246,9 +246,9 @@ def test_class_weights_parse_and_steer_the_class_draw():
     keep = labels != 1  # fish held out: its pool is absent, the weights follow the pools present
     data = dict(labels=labels)
     pools = class_pools(data, keep)
-    weights = class_draw_weights(data, keep, parse_class_weights("dog=9,fish=100"))
+    weights = class_draw_weights(data, pools, parse_class_weights("dog=9,fish=100"))
     assert len(weights) == len(pools) == 9 and weights[4] == 9.0 and sum(weights) == 17.0
-    assert class_draw_weights(data, keep, None) is None
+    assert class_draw_weights(data, pools, None) is None
     idx = balanced_draw(pools, 4000, torch.Generator().manual_seed(0), weights).numpy()
     share = np.bincount(labels[idx], minlength=10) / len(idx)
     assert share[1] == 0 and abs(share[5] - 9 / 17) < 0.03 and abs(share[0] - 1 / 17) < 0.02

@@ -261,17 +261,16 @@ def parse_class_weights(text: str) -> tuple[tuple[str, float], ...] | None:
     return tuple(out) or None
 
 
-def class_draw_weights(data: dict, keep: np.ndarray, class_weights) -> list[float] | None:
-    """The draw weight of each pool :func:`class_pools` returns (the classes present, in order)
-    from ``class_weights`` (:func:`parse_class_weights`); None keeps the uniform draw."""
+def class_draw_weights(data: dict, pools: list[torch.Tensor], class_weights) -> list[float] | None:
+    """The draw weight of each of :func:`class_pools`' ``pools`` (read from the class of its first
+    image, so the weights follow the pools) from ``class_weights`` (:func:`parse_class_weights`);
+    None keeps the uniform draw."""
     if not class_weights:
         return None
     from ..data.toyworld import CLASS_NAMES
 
     named = dict(class_weights)
-    labels = data["labels"]
-    present = [c for c in range(int(labels.max()) + 1) if (keep & (labels == c)).any()]
-    return [named.get(CLASS_NAMES[c], 1.0) for c in present]
+    return [named.get(CLASS_NAMES[int(data["labels"][int(ix[0])])], 1.0) for ix in pools]
 
 
 def balanced_draw(pools: list[torch.Tensor], batch: int, gen: torch.Generator, weights=None) -> torch.Tensor:

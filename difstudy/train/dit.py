@@ -179,7 +179,8 @@ def train(out: Path, r: DitRecipe, data: dict, lat: dict, base, log: CsvLog, dev
         step = st["step"]
         log.resumed("dit", step_offset + step)
     keep = data["backgrounds"] != r.holdout_background if r.holdout_background else np.ones(len(lat["mean"]), bool)
-    pools, draw_weights = class_pools(data, keep), class_draw_weights(data, keep, r.class_weights)
+    pools = class_pools(data, keep)
+    draw_weights = class_draw_weights(data, pools, r.class_weights)
     scaling, eos = float(base.vae.config.scaling_factor), int(base.tokenizer.eos_token_id)
     print(
         f"mini DiT: {sum(p.numel() for p in params) / 1e6:.2f} M parameters, {r.steps} steps of {r.batch} on {device}"

@@ -289,7 +289,8 @@ def train_unet(
         keep = data["backgrounds"] != r.holdout_background
     if r.only_backgrounds:  # an easy-first curriculum: train on these background kinds only
         keep &= np.isin(data["backgrounds"], list(r.only_backgrounds))
-    pools, draw_weights = class_pools(data, keep), class_draw_weights(data, keep, r.class_weights)
+    pools = class_pools(data, keep)
+    draw_weights = class_draw_weights(data, pools, r.class_weights)
     scaling = float(lat["scaling"])
     t0 = time.time()
     bar = tqdm(total=r.steps, initial=step, desc="unet", mininterval=10)
